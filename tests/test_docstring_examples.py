@@ -1,0 +1,29 @@
+"""The docstring examples of the public quantization API run and print what they claim."""
+
+import doctest
+import importlib
+
+import pytest
+
+MODULES = [
+    "tvm_ternary.quant.ternary",
+    "tvm_ternary.quant.intscales",
+    "tvm_ternary.quant.activations",
+    "tvm_ternary.quant.packing",
+    "tvm_ternary.quant.reference",
+]
+
+
+@pytest.mark.parametrize("name", MODULES)
+def test_examples(name):
+    result = doctest.testmod(importlib.import_module(name))
+    assert result.attempted > 0 and result.failed == 0
+
+
+def test_quant_core_does_not_import_tvm():
+    import subprocess
+    import sys
+
+    code = "import sys, tvm_ternary.quant; print('tvm' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

@@ -1,0 +1,164 @@
+"""numpy reference semantics: integer conv/dense, requantize edges, ternary conv vs float conv."""
+
+import numpy as np
+import pytest
+
+from tvm_ternary.quant import quantize_weights, ternarize, to_integer_scales
+from tvm_ternary.quant import reference as ref
+
+
+def naive_conv(x, w, stride, pad, dil, groups):
+    """Direct seven-loop convolution in Python integers: independent of the reference's im2col."""
+    n, c, h, wd = x.shape
+    k, cg, r, s = w.shape
+    oh = (h + 2 * pad - dil * (r - 1) - 1) // stride + 1
+    ow = (wd + 2 * pad - dil * (s - 1) - 1) // stride + 1
+    out = np.zeros((n, k, oh, ow), np.int64)
+    kg = k // groups
+    for b in range(n):
+        for o in range(k):
+            g = o // kg
+            for y in range(oh):
+                for xx in range(ow):
+                    acc = 0
+                    for ci in range(cg):
+                        for i in range(r):
+                            for j in range(s):
+                                iy, ix = y * stride - pad + i * dil, xx * stride - pad + j * dil
+                                if 0 <= iy < h and 0 <= ix < wd:
+                                    acc += int(x[b, g * cg + ci, iy, ix]) * int(w[o, ci, i, j])
+                    out[b, o, y, xx] = acc
+    return out
+
+
+@pytest.mark.parametrize(
+    "c,k,ksize,stride,pad,dil,groups",
+    [
+        (4, 8, 3, 1, 1, 1, 1),
+        (3, 5, 7, 2, 3, 1, 1),
+        (6, 4, 1, 1, 0, 1, 1),
+        (8, 8, 3, 2, 1, 1, 2),
+        (6, 6, 3, 1, 1, 1, 6),  # depthwise
+        (4, 4, 3, 1, 2, 2, 1),  # dilation
+    ],
+)
+@pytest.mark.parametrize("signed", [False, True])
+def test_conv2d_int_matches_direct_loops(c, k, ksize, stride, pad, dil, groups, signed):
+    rng = np.random.default_rng(c * 31 + k)
+    lo, hi = (-128, 128) if signed else (0, 256)
+    x = rng.integers(lo, hi, size=(2, c, 9, 8)).astype(np.int8 if signed else np.uint8)
+    w = rng.integers(-127, 128, size=(k, c // groups, ksize, ksize)).astype(np.int8)
+    got = ref.conv2d_int(x, w, stride=stride, padding=pad, dilation=dil, groups=groups)
+    assert got.dtype == np.int32
+    np.testing.assert_array_equal(got, naive_conv(x, w, stride, pad, dil, groups))
+
+
+def test_dense_int():
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, size=(3, 40)).astype(np.uint8)
+    w = rng.integers(-127, 128, size=(7, 40)).astype(np.int8)
+    np.testing.assert_array_equal(ref.dense_int(x, w), x.astype(np.int64) @ w.astype(np.int64).T)
+
+
+@pytest.mark.parametrize("n", [1, 2, 4, 8, 16])
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_integer_conv_equals_float_conv_of_dequantized_weights(n, bits):
+    """acc * s_x * s_k must equal a float conv of the dequantized weights and activations.
+    Tolerance: float32 dequantized weights carry ~1e-7 relative rounding each."""
+    rng = np.random.default_rng(n + bits)
+    wf = rng.normal(size=(8, 16, 3, 3)).astype(np.float32)
+    iw = to_integer_scales(quantize_weights(wf, bits=bits, group_size=n))
+    x = rng.integers(0, 256, size=(1, 16, 6, 6)).astype(np.uint8)
+    s_x = 0.02
+    acc = ref.conv2d_int(x, iw.decode_int8(), padding=1)
+    got = ref.dequantize(acc, scale=s_x * iw.channel_scales)
+    # Float reference: the same im2col on float64 of the dequantized operands.
+    xf = x.astype(np.float64) * s_x
+    wdq = iw.dequantize().astype(np.float64)
+    expect = naive_float_conv(xf, wdq)
+    np.testing.assert_allclose(got, expect, rtol=1e-5, atol=1e-5 * np.abs(expect).max())
+
+
+def naive_float_conv(x, w):
+    n, c, h, wd = x.shape
+    xp = np.pad(x, ((0, 0), (0, 0), (1, 1), (1, 1)))
+    out = np.zeros((n, w.shape[0], h, wd))
+    for i in range(3):
+        for j in range(3):
+            out += np.einsum("kc,nchw->nkhw", w[:, :, i, j], xp[:, :, i : i + h, j : j + wd])
+    return out
+
+
+def test_decode_weights_rejects_overflow():
+    with pytest.raises(ValueError, match="int8 range"):
+        ref.decode_weights(np.full((1, 4, 1, 1), 7, np.int8), np.full((1, 1, 1, 1), 19, np.uint8), group_size=4)
+
+
+# --- requantize: a hand-written table at the rounding and saturation edges ---------------
+HALF = (np.array([2**30]), np.array([31]))  # multiplier/shift for exactly 0.5
+
+
+@pytest.mark.parametrize(
+    "acc,signed,bits,relu,expected",
+    [
+        (1, False, 8, False, 0),  # 0.5 -> 0 (even)
+        (3, False, 8, False, 2),  # 1.5 -> 2 (even)
+        (5, False, 8, False, 2),  # 2.5 -> 2
+        (7, False, 8, False, 4),  # 3.5 -> 4
+        (-3, True, 8, False, -2),  # -1.5 -> -2
+        (-5, True, 8, False, -2),  # -2.5 -> -2
+        (510, False, 8, False, 255),  # 255 fits
+        (512, False, 8, False, 255),  # 256 saturates
+        (-2, False, 8, False, 0),  # unsigned floor at 0
+        (254, True, 8, False, 127),
+        (256, True, 8, False, 127),  # 128 saturates
+        (-256, True, 8, False, -128),
+        (-258, True, 8, False, -128),  # -129 saturates
+        (-20, True, 8, True, 0),  # ReLU
+        (30, False, 4, False, 15),  # u4 saturates at 15
+        (29, False, 4, False, 14),  # 14.5 -> 14
+        (14, True, 4, False, 7),
+        (16, True, 4, False, 7),  # s4 saturates at 7
+        (-17, True, 4, False, -8),  # -8.5 -> -8
+        (-18, True, 4, False, -8),  # -9 saturates
+    ],
+)
+def test_requantize_table(acc, signed, bits, relu, expected):
+    got = ref.requantize(np.array([acc], np.int32), multiplier=HALF[0], shift=HALF[1],
+                         bits=bits, signed=signed, relu=relu, channel_axis=0)
+    assert got.dtype == (np.int8 if signed else np.uint8)
+    assert int(got[0]) == expected
+
+
+def test_requantize_residual_enters_before_rounding():
+    # 0.5 * 3 + 0.5 * 0 = 1.5 -> 2; 0.5 * 1 + 0.5 * 2 = 1.5 -> 2; 0.5*1 + 0.5*(-1) = 0
+    acc = np.array([[3], [1], [1]], np.int32)
+    res = np.array([[0], [2], [-1]], np.int8)
+    got = ref.requantize(acc, multiplier=HALF[0], shift=HALF[1], residual=res,
+                         residual_multiplier=HALF[0], signed=True)
+    assert got.ravel().tolist() == [2, 2, 0]
+
+
+@pytest.mark.parametrize("real", [1e-6, 0.001234, 0.37, 0.5, 0.9999999, 1.0, 3.75, 1000.0])
+def test_quantize_multiplier(real):
+    m, s = ref.quantize_multiplier(np.array([real]))
+    assert 2**30 <= int(m[0]) < 2**31
+    assert int(m[0]) * 2.0 ** -int(s[0]) == pytest.approx(real, rel=2**-30)
+
+
+def test_rounding_rshift_matches_float_half_even():
+    v = np.arange(-1000, 1000, dtype=np.int64)
+    for shift in (1, 2, 3, 7):
+        np.testing.assert_array_equal(ref.rounding_rshift(v, shift), np.rint(v / 2.0**shift).astype(np.int64))
+
+
+def test_integer_bias():
+    b = ref.integer_bias(np.array([0.5, -1.0, 0.0]), input_scale=0.5, channel_scales=np.array([0.5, 0.25, 0.0]))
+    assert b.tolist() == [2, -8, 0]
+
+
+def test_ternary_conv_stays_in_int32():
+    """Worst case: 255 * 127 * C*R*S terms; 512x3x3 still fits int32 comfortably."""
+    x = np.full((1, 512, 3, 3), 255, np.uint8)
+    w = np.full((1, 512, 3, 3), 127, np.int8)
+    assert int(ref.conv2d_int(x, w)[0, 0, 0, 0]) == 255 * 127 * 512 * 9
