@@ -11,6 +11,7 @@ MODULES = [
     "tvm_ternary.quant.activations",
     "tvm_ternary.quant.packing",
     "tvm_ternary.quant.reference",
+    "tvm_ternary.quant.data_aware",
 ]
 
 
