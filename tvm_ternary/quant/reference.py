@@ -52,34 +52,47 @@ def conv2d_output_shape(in_hw, kernel_hw, *, stride=1, padding=0, dilation=1) ->
     return h, w
 
 
-def conv2d_int(x, w, *, stride=1, padding=0, dilation=1, groups=1, pad_value=0) -> np.ndarray:
-    """Integer conv2d: ``x`` [N, C, H, W], ``w`` [K, C/groups, R, S] -> int32 [N, K, OH, OW]."""
-    x = np.asarray(x)
-    w = np.asarray(w)
+def im2col(x, *, kernel_hw, stride=1, padding=0, dilation=1, pad_value=0, dtype=np.float64):
+    """Patches ``[N, C, R, S, OH, OW]`` of ``x`` [N, C, H, W] (padded with ``pad_value``)."""
     n, c, h, wd = x.shape
-    k, cg, r, s = w.shape
-    if c != cg * groups or k % groups:
-        raise ValueError(f"channels do not fit groups={groups}: x {x.shape}, w {w.shape}")
+    r, s = kernel_hw
     (sh, sw), (dh, dw) = _pair(stride, "stride"), _pair(dilation, "dilation")
     top, left, bottom, right = _pads(padding)
     oh, ow = conv2d_output_shape((h, wd), (r, s), stride=stride, padding=padding, dilation=dilation)
     if oh <= 0 or ow <= 0:
         raise ValueError(f"kernel {r}x{s} does not fit input {h}x{wd} with this padding")
-    xp = np.full((n, c, h + top + bottom, wd + left + right), pad_value, dtype=np.float64)
+    xp = np.full((n, c, h + top + bottom, wd + left + right), pad_value, dtype=dtype)
     xp[:, :, top : top + h, left : left + wd] = x
-    # cols[n, c, r, s, oh, ow]
-    cols = np.empty((n, c, r, s, oh, ow), dtype=np.float64)
+    cols = np.empty((n, c, r, s, oh, ow), dtype=dtype)
     for i in range(r):
         for j in range(s):
             cols[:, :, i, j] = xp[:, :, i * dh : i * dh + sh * (oh - 1) + 1 : sh,
                                   j * dw : j * dw + sw * (ow - 1) + 1 : sw]
+    return cols
+
+
+def grouped_conv(cols: np.ndarray, w: np.ndarray, groups: int) -> np.ndarray:
+    """Contract patches ``[N, C, R, S, OH, OW]`` with ``w`` [K, C/groups, R, S] -> [N, K, OH, OW]."""
+    n, c, r, s, oh, ow = cols.shape
+    k, cg = w.shape[:2]
+    if c != cg * groups or k % groups:
+        raise ValueError(f"channels do not fit groups={groups}: input has {c}, weight {w.shape}")
     kg = k // groups
-    out = np.empty((n, k, oh * ow), dtype=np.float64)
+    out = np.empty((n, k, oh * ow), dtype=cols.dtype)
     for g in range(groups):
         xg = cols[:, g * cg : (g + 1) * cg].reshape(n, cg * r * s, oh * ow)
-        wg = w[g * kg : (g + 1) * kg].reshape(kg, cg * r * s).astype(np.float64)
-        out[:, g * kg : (g + 1) * kg] = np.einsum("kc,ncp->nkp", wg, xg, optimize=True)
-    return _to_int32(out).reshape(n, k, oh, ow)
+        wg = w[g * kg : (g + 1) * kg].reshape(kg, cg * r * s).astype(cols.dtype)
+        out[:, g * kg : (g + 1) * kg] = np.matmul(wg[None], xg)
+    return out.reshape(n, k, oh, ow)
+
+
+def conv2d_int(x, w, *, stride=1, padding=0, dilation=1, groups=1, pad_value=0) -> np.ndarray:
+    """Integer conv2d: ``x`` [N, C, H, W], ``w`` [K, C/groups, R, S] -> int32 [N, K, OH, OW]."""
+    x = np.asarray(x)
+    w = np.asarray(w)
+    cols = im2col(x, kernel_hw=w.shape[2:], stride=stride, padding=padding, dilation=dilation,
+                  pad_value=pad_value, dtype=np.float64)
+    return _to_int32(grouped_conv(cols, w, groups))
 
 
 def dense_int(x, w) -> np.ndarray:

@@ -99,7 +99,12 @@ def _twn(members: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]
 
 
 def is_already_ternary(members: np.ndarray, mask: np.ndarray) -> bool:
-    """True when every group holds at most one nonzero magnitude ({-a, 0, +a} per group)."""
+    """True when every group holds at most one nonzero magnitude ({-a, 0, +a} per group).
+
+    Groups of one weight are trivially ternary and tell nothing about the model: False then.
+    """
+    if members.shape[1] < 2:
+        return False
     mag = np.where(mask, np.abs(members), 0.0)
     nonzero = mag > 0
     top = mag.max(axis=1, keepdims=True)

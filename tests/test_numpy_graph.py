@@ -1,0 +1,93 @@
+"""The numpy executor against onnxruntime (the independent reference executor).
+
+Tolerance: both run float32 convolutions with different summation orders; 1e-4 relative to
+the output's magnitude covers that on these depths.
+"""
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from tvm_ternary.errors import UserError
+from tvm_ternary.numpy_graph import NumpyGraph
+from tvm_ternary.passes.onnx_normalize import normalize_onnx
+
+ort = pytest.importorskip("onnxruntime")
+MODELS = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "imagenet" / "models"
+
+
+def run_ort(model, x):
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return sess.run(None, {sess.get_inputs()[0].name: x})[0]
+
+
+@pytest.mark.parametrize("name", ["squeezenet1.1.onnx", "mobilenet_v2_wint8.onnx"])
+def test_real_models_match_onnxruntime(name):
+    prep = normalize_onnx(onnx.load(MODELS / name))
+    x = (np.random.default_rng(0).normal(size=prep.input_shape) * 50).astype(np.float32)
+    got = NumpyGraph(prep.model).run(x)
+    want = run_ort(prep.model, x)
+    assert got.shape == want.shape
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-4 * np.abs(want).max())
+
+
+def one_node_model(node, x_shape, inits=(), out_shape=None):
+    graph = helper.make_graph(
+        [node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, x_shape)],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, out_shape)],
+        [numpy_helper.from_array(v, k) for k, v in inits],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+
+
+rng = np.random.default_rng(1)
+CASES = [
+    (helper.make_node("MaxPool", ["x"], ["y"], kernel_shape=[3, 3], strides=[2, 2], ceil_mode=1), (1, 4, 13, 13), []),
+    (helper.make_node("MaxPool", ["x"], ["y"], kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1]), (1, 4, 14, 14), []),
+    (helper.make_node("AveragePool", ["x"], ["y"], kernel_shape=[3, 3], strides=[1, 1], pads=[1, 1, 1, 1]), (1, 4, 7, 7), []),
+    (helper.make_node("AveragePool", ["x"], ["y"], kernel_shape=[3, 3], pads=[1, 1, 1, 1], count_include_pad=1), (1, 2, 5, 5), []),
+    (helper.make_node("Conv", ["x", "w", "b"], ["y"], strides=[2, 2], pads=[3, 3, 3, 3]), (1, 3, 17, 17),
+     [("w", rng.normal(size=(8, 3, 7, 7)).astype(np.float32)), ("b", rng.normal(size=8).astype(np.float32))]),
+    (helper.make_node("Conv", ["x", "w"], ["y"], group=4, auto_pad="SAME_UPPER"), (1, 4, 9, 9),
+     [("w", rng.normal(size=(4, 1, 3, 3)).astype(np.float32))]),
+    (helper.make_node("Conv", ["x", "w"], ["y"], dilations=[2, 2], pads=[2, 2, 2, 2]), (1, 4, 9, 9),
+     [("w", rng.normal(size=(6, 4, 3, 3)).astype(np.float32))]),
+    (helper.make_node("Gemm", ["x", "w", "b"], ["y"], transB=1), (2, 10),
+     [("w", rng.normal(size=(5, 10)).astype(np.float32)), ("b", rng.normal(size=5).astype(np.float32))]),
+    (helper.make_node("Clip", ["x", "lo", "hi"], ["y"]), (3, 4),
+     [("lo", np.array(0, np.float32)), ("hi", np.array(6, np.float32))]),
+    (helper.make_node("BatchNormalization", ["x", "s", "bb", "m", "v"], ["y"]), (1, 3, 4, 4),
+     [("s", rng.random(3).astype(np.float32)), ("bb", rng.random(3).astype(np.float32)),
+      ("m", rng.random(3).astype(np.float32)), ("v", rng.random(3).astype(np.float32) + 0.5)]),
+]
+
+
+@pytest.mark.parametrize("node,x_shape,inits", CASES, ids=[c[0].op_type + str(i) for i, c in enumerate(CASES)])
+def test_ops_match_onnxruntime(node, x_shape, inits):
+    model = one_node_model(node, x_shape, inits)
+    x = rng.normal(size=x_shape).astype(np.float32) * 3
+    np.testing.assert_allclose(NumpyGraph(model).run(x), run_ort(model, x), rtol=1e-5, atol=1e-5)
+
+
+def test_unsupported_op_is_named():
+    model = one_node_model(helper.make_node("LRN", ["x"], ["y"], size=3), (1, 4, 5, 5))
+    with pytest.raises(UserError, match="LRN"):
+        NumpyGraph(model)
+
+
+def test_hook_replaces_and_keep_returns_tensors():
+    w = np.ones((2, 3, 1, 1), np.float32)
+    model = one_node_model(helper.make_node("Conv", ["x", "w"], ["y"]), (1, 3, 2, 2), [("w", w)])
+    graph = NumpyGraph(model)
+    seen = []
+
+    def hook(node, inputs):
+        seen.append(node.op_type)
+        return np.zeros((1, 2, 2, 2), np.float32)
+
+    assert graph.run(np.ones((1, 3, 2, 2), np.float32), hook=hook).sum() == 0 and seen == ["Conv"]
+    kept = graph.run(np.ones((1, 3, 2, 2), np.float32), keep={"y"})
+    assert kept["y"][0, :, 0, 0].tolist() == [3.0, 3.0]
