@@ -184,6 +184,28 @@ class NumpyGraph:
         self.input_names = [i.name for i in graph.input if i.name not in self.constants]
         self.output_names = [o.name for o in graph.output]
 
+    def evaluate(self, node: onnx.NodeProto, inputs: list) -> np.ndarray:
+        """Run one node on its input arrays (trailing optional inputs may be None)."""
+        inputs = list(inputs)
+        while inputs and inputs[-1] is None:
+            inputs.pop()
+        if node.op_type == "Softmax":
+            out = _softmax(node, *inputs, opset=self.opset)
+        else:
+            out = OPS[node.op_type](node, *inputs)
+        out = np.asarray(out)
+        return out if out.dtype.kind in "iub" else out.astype(np.float32, copy=False)
+
+    def last_uses(self) -> dict[str, int]:
+        """Index of the last node that reads each tensor (graph outputs: never freed)."""
+        last = {}
+        for i, node in enumerate(self.nodes):
+            for name in node.input:
+                last[name] = i
+        for name in self.output_names:
+            last[name] = len(self.nodes)
+        return last
+
     def run(self, x: np.ndarray, *, hook: LayerHook | None = None, keep: set[str] | None = None):
         """Run on the one graph input ``x``; return the first output, or with ``keep`` a dict
         of the output and every kept tensor by name."""
@@ -192,18 +214,16 @@ class NumpyGraph:
         env = dict(self.constants)
         env[self.input_names[0]] = np.asarray(x, dtype=np.float32)
         kept = {}
-        for node in self.nodes:
+        last = self.last_uses()
+        for i, node in enumerate(self.nodes):
             inputs = [env[name] if name else None for name in node.input]
-            while inputs and inputs[-1] is None:
-                inputs.pop()
             out = hook(node, inputs) if hook is not None and node.op_type in WEIGHTED_OPS else None
-            if out is None and node.op_type == "Softmax":
-                out = _softmax(node, *inputs, opset=self.opset)
-            elif out is None:
-                out = OPS[node.op_type](node, *inputs)
-            env[node.output[0]] = np.asarray(out, dtype=out.dtype if out.dtype.kind in "iub" else np.float32)
+            env[node.output[0]] = self.evaluate(node, inputs) if out is None else out
             if keep and node.output[0] in keep:
                 kept[node.output[0]] = env[node.output[0]]
+            for name in node.input:  # free what no later node reads (keeps memory at one frontier)
+                if last.get(name) == i and name not in self.constants:
+                    env.pop(name, None)
         result = env[self.output_names[0]]
         if keep is not None:
             kept[self.output_names[0]] = result

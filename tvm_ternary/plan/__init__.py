@@ -1,0 +1,12 @@
+"""Quantization planning in numpy: policy, calibration, per-layer quantization, simulation.
+
+The plan is what the Relax passes apply and what the numpy reference pipeline runs.
+"""
+
+from .build import QuantPlan, make_plan, simulate
+from .config import LayerDecision, QuantConfig, decide
+from .graph import FusedLayer, GraphAnalysis, analyse
+from .layer import LayerPlan
+
+__all__ = ["FusedLayer", "GraphAnalysis", "LayerDecision", "LayerPlan", "QuantConfig", "QuantPlan",
+           "analyse", "decide", "make_plan", "simulate"]

@@ -1,0 +1,257 @@
+"""Make a quantization plan for a float ONNX CNN, and simulate the quantized network in numpy.
+
+``make_plan`` decides each layer's precision (:mod:`.config`), calibrates activation scales on
+the float network, then walks the network once with two environments in lockstep: the float
+network (targets) and the quantized network built so far (inputs). Each layer is quantized
+when the walk reaches it, so a data-aware fit sees the error of every layer before it.
+
+``simulate`` runs a finished plan: the numpy reference of the compiled library (integer layers
+bit-exact; float ops between them as numpy computes them).
+
+Example::
+
+    >>> plan = make_plan(prep.model, calib_images, config=QuantConfig(group_size=4))  # doctest: +SKIP
+    >>> logits = simulate(plan, images)  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+
+from ..numpy_graph import NumpyGraph, conv_geometry
+from ..quant import (
+    ActivationQuant,
+    quantize_weights,
+    relative_error,
+    ternarize,
+    to_integer_scales,
+)
+from ..quant import reference as ref
+from ..quant.data_aware import LayerStatistics, fit_layer
+from .calibrate import TensorStats, collect_stats
+from .config import LayerDecision, QuantConfig, decide
+from .graph import FusedLayer, GraphAnalysis, analyse, node_key
+from .layer import LayerPlan, requantize_params
+
+FIT_ROWS = 32_768  # im2col rows sampled per layer for the data-aware statistics
+INPUT_ACT_BITS = 8  # the image entering the first layer is always 8-bit
+
+
+@dataclass(frozen=True, eq=False)
+class QuantPlan:
+    config: QuantConfig
+    model: onnx.ModelProto  # the normalized float32 model the plan refers to
+    analysis: GraphAnalysis
+    layers: dict[str, LayerPlan]  # by layer name, quantized layers only
+    decisions: dict[str, LayerDecision]  # every conv/dense layer, float ones included
+    seconds: float
+
+    def coverage(self) -> list[dict]:
+        rows = []
+        for fused in self.analysis.layers:
+            d = self.decisions[fused.name]
+            kind = {0: "float", 2: "ternary", 4: "int4", 8: "int8"}[d.bits]
+            lp = self.layers.get(fused.name)
+            rows.append({
+                "layer": fused.name, "op": fused.weight.op_type, "weights": kind,
+                "reason": d.reason, "macs": fused.weight.macs,
+                "fused": "+".join(["bias"] + (["residual"] if fused.residual else []) + (["relu"] if fused.relu else [])),
+                "already_ternary": bool(lp and lp.weights.bits == 2 and lp.weights.lossless),
+                "weight_error": None if lp is None else round(lp.weight_error, 4),
+                "output_error": None if lp is None or lp.output_error is None else round(lp.output_error, 4),
+            })
+        return rows
+
+
+def _decisions(analysis: GraphAnalysis, config: QuantConfig) -> dict[str, LayerDecision]:
+    layers = analysis.layers
+    out = {}
+    for i, fused in enumerate(layers):
+        w = fused.weight
+        out[fused.name] = decide(
+            name=fused.name, op_type=w.op_type, depthwise=w.is_depthwise,
+            is_first=w.reads_model_input, is_last=i == len(layers) - 1,
+            in_channels=w.in_channels_per_group, config=config)
+    return out
+
+
+def _tensor_quants(analysis, stats, quantized: list[FusedLayer], config, input_name) -> dict[str, ActivationQuant]:
+    """One activation format per integer tensor; tensors of a shared-scale group share it."""
+    merged: dict[str, TensorStats] = {}
+    for name, st in stats.items():
+        rep = analysis.group_of(name)
+        merged[rep] = merged[rep].merged(st) if rep in merged else st
+    method = config.act_calibration_method
+    out = {}
+    for name in stats:
+        rep = analysis.group_of(name)
+        bits = INPUT_ACT_BITS if name == input_name else config.act_bits
+        out[name] = merged[rep].quant(bits=bits, method=method)
+    return out
+
+
+def _quantize_weights(fused: FusedLayer, bits: int, config: QuantConfig, stats: LayerStatistics | None):
+    w = fused.weight.weight
+    n = min(config.group_size, w.shape[1])
+    if config.method == "data-aware" and stats is not None:
+        fit = fit_layer(w, stats=stats, group_size=n, grouping=config.grouping, bits=bits)
+        return fit.weights, fit.bias, fit.output_error
+    if bits == 2:
+        qw = ternarize(w, group_size=n, method=config.method if config.method != "data-aware" else "exact",
+                       grouping=config.grouping)
+    else:
+        qw = quantize_weights(w, bits=bits, group_size=n, grouping=config.grouping)
+    bias = fused.weight.bias if fused.weight.bias is not None else np.zeros(w.shape[0], np.float32)
+    return qw, bias, None
+
+
+def _targets(fused: FusedLayer, y: np.ndarray) -> np.ndarray:
+    """Float layer outputs as rows [P, K] in the same (n, oh, ow) order as the patches."""
+    if fused.weight.op_type == "dense":
+        return y.reshape(y.shape[0], -1)
+    return y.transpose(0, 2, 3, 1).reshape(-1, y.shape[1])
+
+
+class _Walk:
+    """Runs the float and the quantized network node by node over one batch."""
+
+    def __init__(self, graph: NumpyGraph, analysis: GraphAnalysis, quantized: set[str]):
+        self.graph = graph
+        self.fused_at_root = {l.root: l for l in analysis.layers if l.name in quantized}
+        self.skipped = {n for l in self.fused_at_root.values() for n in l.skipped}
+        last = {}
+        for i, node in enumerate(graph.nodes):
+            key = node_key(node)
+            if key in self.skipped:
+                continue
+            fused = self.fused_at_root.get(key)
+            reads = [fused.input] + ([fused.residual] if fused.residual else []) if fused else list(node.input)
+            for name in reads:
+                last[name] = i
+        for name in graph.output_names:
+            last[name] = len(graph.nodes)
+        self.last = last
+
+    def free(self, env: dict, i: int, node) -> None:
+        """Drop tensors no later node reads (memory stays at one frontier of the network)."""
+        fused = self.fused_at_root.get(node_key(node))
+        reads = list(node.input) + ([fused.input, fused.residual] if fused else [])
+        for name in reads:
+            if name and self.last.get(name, -1) <= i and name not in self.graph.constants:
+                env.pop(name, None)
+
+
+def make_plan(model: onnx.ModelProto, images: np.ndarray, *, config: QuantConfig,
+              fit_images: int = 64, progress: bool = True, seed: int = 0) -> QuantPlan:
+    """Plan the quantization of a normalized float32 ONNX ``model`` with calibration ``images``."""
+    start = time.perf_counter()
+    graph = NumpyGraph(model)
+    analysis = analyse(model)
+    decisions = _decisions(analysis, config)
+    quantized = [l for l in analysis.layers if decisions[l.name].bits]
+    input_name = graph.input_names[0]
+    wanted = {t for l in quantized for t in (l.input, l.output, l.residual) if t}
+    wanted |= {t for t in analysis.scale_groups if any(analysis.group_of(t) == analysis.group_of(w) for w in wanted)}
+    stats = collect_stats(graph, images, tensors=wanted, progress=progress, seed=seed)
+    quants = _tensor_quants(analysis, stats, quantized, config, input_name)
+
+    rng = np.random.default_rng(seed)
+    layers: dict[str, LayerPlan] = {}
+    last_layer = analysis.layers[-1].name
+
+    def fit(fused: FusedLayer, x_q: np.ndarray, float_env: dict) -> LayerPlan:
+        node = next(n for n in graph.nodes if node_key(n) == fused.name)
+        w = fused.weight.weight
+        geometry = {} if fused.weight.op_type == "dense" else conv_geometry(node, x_q.shape[2:], w.shape[2:])
+        in_q = quants[fused.input]
+        x_deq = np.rint(np.asarray(x_q, np.float64) / in_q.scale).clip(in_q.qmin, in_q.qmax) * in_q.scale
+        layer_stats = None
+        if config.method == "data-aware" and geometry.get("groups", 1) == 1:
+            x_rows = _patches(fused, x_deq.astype(np.float32), geometry)
+            y_rows = _targets(fused, float_env[node.output[0]])
+            sel = rng.choice(len(x_rows), min(len(x_rows), FIT_ROWS), replace=False)
+            layer_stats = LayerStatistics.empty(in_features=x_rows.shape[1], out_features=y_rows.shape[1])
+            for chunk in np.array_split(sel, max(1, len(sel) // 4096)):
+                layer_stats.accumulate(x_rows[chunk], y_rows[chunk])
+        bits = decisions[fused.name].bits
+        qw, bias, out_err = _quantize_weights(fused, bits, config, layer_stats)
+        iw = to_integer_scales(qw, code_bits=config.code_bits)
+        bias_int = ref.integer_bias(bias, input_scale=in_q.scale, channel_scales=iw.channel_scales)
+        dequant = (np.float64(in_q.scale) * iw.channel_scales.astype(np.float64)).astype(np.float32)
+        terminal = fused.name == last_layer and fused.residual is None
+        out_q = None if terminal else quants[fused.output]
+        res_q = quants[fused.residual] if fused.residual else None
+        mult = shift = res_mult = None
+        if out_q is not None:
+            mult, shift, res_mult = requantize_params(
+                dequant_scale=dequant, out_scale=out_q.scale,
+                residual_scale=None if res_q is None else res_q.scale)
+        return LayerPlan(
+            fused=fused, decision=decisions[fused.name], weights=iw, bias_int=bias_int,
+            geometry=geometry, input_quant=in_q, output_quant=out_q, residual_quant=res_q,
+            multiplier=mult, shift=shift, residual_multiplier=res_mult, dequant_scale=dequant,
+            weight_error=relative_error(w, iw.dequantize()), output_error=out_err)
+
+    _run(graph, analysis, layers, images[:fit_images], quantized={l.name for l in quantized},
+         fit=fit, progress=progress)
+    return QuantPlan(config=config, model=model, analysis=analysis, layers=layers,
+                     decisions=decisions, seconds=time.perf_counter() - start)
+
+
+def _patches(fused: FusedLayer, x: np.ndarray, geometry: dict) -> np.ndarray:
+    """im2col rows [P, D], D in C-major (c, r, s) order like ``weight.reshape(K, -1)``."""
+    if fused.weight.op_type == "dense":
+        return x.reshape(x.shape[0], -1)
+    w = fused.weight.weight
+    cols = ref.im2col(x, kernel_hw=w.shape[2:], stride=geometry["stride"], padding=geometry["padding"],
+                      dilation=geometry["dilation"], dtype=np.float32)
+    n, c, r, s, oh, ow = cols.shape
+    return cols.transpose(0, 4, 5, 1, 2, 3).reshape(n * oh * ow, c * r * s)
+
+
+def _run(graph, analysis, layers, x, *, quantized, fit=None, progress=False, keep_int=None):
+    """Walk the network once. With ``fit``, quantize each layer on reaching it (planning) and
+    keep the float network alongside; else run the plan in ``layers``."""
+    total = len(quantized)
+    walk = _Walk(graph, analysis, quantized)
+    float_env = dict(graph.constants) if fit is not None else None
+    env = dict(graph.constants)
+    name_in = graph.input_names[0]
+    env[name_in] = np.asarray(x, np.float32)
+    if float_env is not None:
+        float_env[name_in] = env[name_in]
+    done = 0
+    for i, node in enumerate(graph.nodes):
+        key = node_key(node)
+        if float_env is not None:
+            float_env[node.output[0]] = graph.evaluate(node, [float_env.get(n) if n else None for n in node.input])
+        if key in walk.skipped:
+            continue
+        fused = walk.fused_at_root.get(key)
+        if fused is None:
+            env[node.output[0]] = graph.evaluate(node, [env[n] if n else None for n in node.input])
+        else:
+            if fit is not None:
+                layers[fused.name] = fit(fused, env[fused.input], float_env)
+                done += 1
+                if progress:
+                    print(f"\rquantizing layers: {done}/{total}", end="" if done < total else "\n",
+                          file=sys.stderr, flush=True)
+            residual = env[fused.residual] if fused.residual else None
+            y, y_int = layers[fused.name].run(env[fused.input], residual)
+            env[fused.output] = y
+            if keep_int is not None:
+                keep_int[fused.name] = y_int
+        walk.free(env, i, node)
+    return env[graph.output_names[0]]
+
+
+def simulate(plan: QuantPlan, x: np.ndarray, *, keep_int: dict | None = None) -> np.ndarray:
+    """Run the quantized network in numpy (the reference of the compiled library)."""
+    graph = NumpyGraph(plan.model)
+    return _run(graph, plan.analysis, plan.layers, x, quantized=set(plan.layers), keep_int=keep_int)

@@ -1,0 +1,93 @@
+"""Quantization configuration and the per-layer policy (numpy/onnx only).
+
+Defaults follow the papers: the first conv and the last dense (classifier) layer keep 8-bit
+weights, depthwise convs keep 8-bit (FGQ's groups run across input channels, and a depthwise
+filter has one), everything else gets ``weight_bits``. Any layer can be overridden by name or
+by op type (``conv``, ``dense``, ``depthwise``).
+
+Example::
+
+    >>> cfg = QuantConfig(weight_bits=2, group_size=4, overrides=(("fire9/expand3x3_1", 8),))
+    >>> cfg.act_calibration_method
+    'minmax'
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..quant import CALIBRATION_METHODS, GROUPINGS
+
+METHODS = ("data-aware", "exact", "twn")
+WEIGHT_BITS = (2, 4, 8)
+ACT_BITS = (8, 4)
+PRECISE_BITS = 8  # what the policy gives the layers it keeps precise
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """Everything that decides how a model is quantized; validated on construction."""
+
+    weight_bits: int = 2
+    group_size: int = 4
+    grouping: str = "fgq"
+    method: str = "data-aware"
+    act_bits: int = 8
+    act_calibration: str | None = None  # None: minmax at 8 bits, mse at 4 bits (clipping)
+    code_bits: int = 7
+    first_layer_bits: int = PRECISE_BITS
+    last_layer_bits: int = PRECISE_BITS
+    depthwise_bits: int = PRECISE_BITS
+    overrides: tuple[tuple[str, int], ...] = ()  # (layer name or op type, weight bits | 0 = float)
+
+    def __post_init__(self):
+        def check(name, value, allowed):
+            if value not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+
+        check("weight bits", self.weight_bits, WEIGHT_BITS)
+        check("grouping", self.grouping, GROUPINGS)
+        check("method", self.method, METHODS)
+        check("activation bits", self.act_bits, ACT_BITS)
+        check("group-code bits", self.code_bits, (7, 4))
+        for name in ("first_layer_bits", "last_layer_bits", "depthwise_bits"):
+            check(name.replace("_", " "), getattr(self, name), WEIGHT_BITS)
+        if self.act_calibration is not None:
+            check("activation calibration", self.act_calibration, CALIBRATION_METHODS)
+        if not isinstance(self.group_size, int) or self.group_size < 1:
+            raise ValueError(f"group size must be a positive integer, got {self.group_size!r}")
+        for key, bits in self.overrides:
+            check(f"override bits for {key!r}", bits, (0,) + WEIGHT_BITS)
+
+    @property
+    def act_calibration_method(self) -> str:
+        if self.act_calibration is not None:
+            return self.act_calibration
+        return "minmax" if self.act_bits == 8 else "mse"
+
+
+@dataclass(frozen=True)
+class LayerDecision:
+    """What the policy chose for one layer: ``bits`` 2/4/8, or 0 to keep it float."""
+
+    bits: int
+    reason: str  # "configured", "first layer", "last layer", "depthwise", "override: <key>"
+
+
+def decide(*, name: str, op_type: str, depthwise: bool, is_first: bool, is_last: bool,
+           in_channels: int, config: QuantConfig) -> LayerDecision:
+    """Weight precision for one layer (see the module docstring)."""
+    kinds = {name, op_type} | ({"depthwise"} if depthwise else set())
+    for key, bits in config.overrides:
+        if key in kinds:
+            return LayerDecision(bits=bits, reason=f"override: {key}")
+    if is_first:
+        return LayerDecision(bits=config.first_layer_bits, reason="first layer")
+    if is_last:
+        return LayerDecision(bits=config.last_layer_bits, reason="last layer")
+    if depthwise:
+        return LayerDecision(bits=config.depthwise_bits, reason="depthwise")
+    if config.weight_bits != 8 and config.group_size > in_channels:
+        raise ValueError(
+            f"layer {name}: group size N={config.group_size} exceeds its {in_channels} input channels")
+    return LayerDecision(bits=config.weight_bits, reason="configured")
