@@ -1,0 +1,361 @@
+"""Every ``tvm.*`` call that churns between TVM releases, as small flat functions.
+
+Written against apache-tvm 0.27 (``tvm.tirx`` / ``tvm.s_tir``, dict targets, ``tvm.runtime.tensor``).
+When TVM moves, edit this module only.  Keep it flat: one small function per concern.
+
+Example::
+
+    from tvm_ternary import tvm_adapter as ta
+    target = ta.make_target("znver4")          # or ta.host_target()
+    isa = ta.choose_isa(target)                 # "vnni512"
+    mod = ta.build(prim_func, target=target)
+    y = ta.empty((1, 56, 56, 64), "uint8")
+    mod(ta.tensor(x_np), ..., y)
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import tvm
+from tvm import te
+from tvm.target import Target, codegen
+
+# ISA choices, most capable first.  See schedules/intrin.py for what each one uses.
+ISAS = ("vnni512", "avx512", "avxvnni", "avx2", "plain")
+
+
+# ---------------------------------------------------------------- targets and features
+
+
+def make_target(mcpu: str | None = None, *, num_cores: int | None = None) -> Target:
+    """An LLVM CPU target from a dict (0.27 rejects ``"llvm -mcpu=..."`` strings).
+
+    ``mcpu=None`` means the host CPU (``"native"`` is not accepted by 0.27: it silently
+    compiles for ``generic``).
+    """
+    if mcpu is None:
+        mcpu = host_cpu()
+    cfg = {"kind": "llvm", "mcpu": mcpu}
+    if num_cores is not None:
+        cfg["num-cores"] = int(num_cores)
+    return Target(cfg)
+
+
+def host_cpu() -> str:
+    """LLVM's name for the host CPU, e.g. ``"znver5"``."""
+    return str(codegen.llvm_get_system_cpu())
+
+
+def host_target() -> Target:
+    """The host CPU as a target (mcpu set, so features are known)."""
+    return make_target(host_cpu())
+
+
+def as_target(target) -> Target:
+    """Accept a ``Target``, a dict, an mcpu string or ``None`` (host)."""
+    if isinstance(target, Target):
+        return target
+    if target is None:
+        return host_target()
+    if isinstance(target, dict):
+        return Target(target)
+    if isinstance(target, str):
+        return make_target(target)
+    raise TypeError(f"cannot make a target from {target!r}")
+
+
+def target_mcpu(target) -> str:
+    t = as_target(target)
+    return str(t.attrs.get("mcpu", "generic"))
+
+
+def target_has_features(target, *features: str) -> bool:
+    """True when the LLVM target enables every named feature (e.g. ``"avx512vnni"``)."""
+    t = as_target(target)
+    return all(bool(codegen.target_has_features(f, t)) for f in features)
+
+
+def choose_isa(target) -> str:
+    """Pick the kernel ISA from the target's features (see :data:`ISAS`).
+
+    Only CPU vector features are considered; a non-x86 or ``generic`` target gets ``plain``.
+    """
+    t = as_target(target)
+    if str(t.kind.name) != "llvm":
+        return "plain"
+    try:
+        if target_has_features(t, "avx512bw", "avx512vnni"):
+            return "vnni512"
+        if target_has_features(t, "avx512bw"):
+            return "avx512"
+        if target_has_features(t, "avx2", "avxvnni"):
+            return "avxvnni"
+        if target_has_features(t, "avx2"):
+            return "avx2"
+    except Exception:  # pylint: disable=broad-except
+        # non-x86 triples do not know these feature names
+        return "plain"
+    return "plain"
+
+
+# ---------------------------------------------------------------- TE / PrimFunc
+
+
+def create_prim_func(tensors) -> "tvm.tirx.PrimFunc":
+    """TE -> schedulable PrimFunc, int64 indices (FuseTIR needs it) and no global symbol
+    (``create_prim_func`` names everything ``main``; duplicates break Relax modules)."""
+    func = te.create_prim_func(list(tensors), index_dtype_override="int64")
+    return func.without_attr("global_symbol")
+
+
+def schedule_of(func):
+    """A TensorIR schedule over ``func`` (wrapped in an IRModule as ``main``)."""
+    return tvm.s_tir.Schedule(tvm.IRModule({"main": func}))
+
+
+def scheduled_func(sch) -> "tvm.tirx.PrimFunc":
+    return sch.mod["main"].without_attr("global_symbol")
+
+
+def if_then_else(cond, then_value, else_value):
+    return tvm.tirx.if_then_else(cond, then_value, else_value)
+
+
+def select(cond, then_value, else_value):
+    return tvm.tirx.Select(cond, then_value, else_value)
+
+
+def const(value, dtype: str):
+    return tvm.tirx.const(value, dtype)
+
+
+# ---------------------------------------------------------------- build and run
+
+
+def build(func, *, target, name: str = "main"):
+    """Compile one PrimFunc for ``target``; returns a callable runtime module."""
+    t = as_target(target)
+    func = func.with_attr("global_symbol", name)
+    return tvm.compile(tvm.IRModule({name: func}), target=t)
+
+
+def device():
+    return tvm.cpu(0)
+
+
+def tensor(array: np.ndarray):
+    """A runtime tensor on the CPU (0.27: ``tvm.runtime.tensor`` replaced ``tvm.nd.array``)."""
+    return tvm.runtime.tensor(np.ascontiguousarray(array), device())
+
+
+def empty(shape, dtype: str):
+    return tvm.runtime.empty(tuple(int(s) for s in shape), dtype, device())
+
+
+def set_num_threads(n: int) -> None:
+    """Size TVM's CPU thread pool (affinity mode 0 = default)."""
+    tvm.get_global_func("runtime.config_threadpool")(0, int(n))
+
+
+def time_ms(mod, args, *, name: str = "main", number: int = 10, repeat: int = 5,
+            min_repeat_ms: int = 0) -> list[float]:
+    """Per-call times in ms, one per repeat (each the mean of ``number`` calls)."""
+    if hasattr(mod, "jit"):  # tvm.compile returns an Executable; time the jitted module
+        mod = mod.jit()
+    ev = mod.time_evaluator(name, device(), number=number, repeat=repeat,
+                            min_repeat_ms=min_repeat_ms)
+    return [float(r) * 1e3 for r in ev(*args).results]
+
+
+def llvm_ir(func, *, target) -> str:
+    """LLVM IR of a built PrimFunc (for inspecting what an intrinsic lowered to)."""
+    mod = build(func, target=target)
+    lib = mod.mod if hasattr(mod, "mod") else mod
+    return lib.inspect_source("ll")
+
+
+def assembly(func, *, target) -> str:
+    """Assembly of a built PrimFunc (to count e.g. vpdpbusd in the inner loop)."""
+    mod = build(func, target=target)
+    lib = mod.mod if hasattr(mod, "mod") else mod
+    return lib.inspect_source("asm")
+
+
+def tvm_version() -> str:
+    return str(tvm.__version__)
+
+
+# ---------------------------------------------------------------- Relax: import, constants, float VM
+# (section owned by the import/calibration passes: tvm_ternary/passes/import_onnx.py, calibrate.py)
+
+
+def relax_from_onnx(model, *, shape_dict: dict, dtype_dict: dict):
+    """ONNX ModelProto -> Relax IRModule; initializers become constants (not parameters)."""
+    from tvm.relax.frontend.onnx import from_onnx
+
+    return from_onnx(model, shape_dict=shape_dict, dtype_dict=dtype_dict)
+
+
+def const_numpy(expr) -> np.ndarray | None:
+    """The value of a Relax constant as numpy, or None when ``expr`` is not a constant.
+
+    0.27 renamed ``relax.Constant`` to ``tvm.ir.GenericConst`` (``.value`` is a runtime Tensor).
+    """
+    if isinstance(expr, tvm.ir.GenericConst):
+        return expr.value.numpy()
+    return None
+
+
+def relax_const(array: np.ndarray):
+    from tvm import relax
+
+    return relax.const(np.ascontiguousarray(array))
+
+
+def static_shape(expr) -> tuple[int, ...] | None:
+    """Static shape of a Relax tensor expression, None when unknown or symbolic."""
+    ty = getattr(expr, "ty", None)
+    shape = getattr(ty, "shape", None)
+    if shape is None:
+        return None
+    try:
+        return tuple(int(d) for d in shape)
+    except (TypeError, ValueError):
+        return None
+
+
+def tensor_dtype(expr) -> str | None:
+    ty = getattr(expr, "ty", None)
+    dtype = getattr(ty, "dtype", None)
+    return None if dtype is None else str(getattr(dtype, "dtype", dtype))
+
+
+def call_op_name(expr) -> str | None:
+    """``"relax.nn.conv2d"`` for a call of a Relax operator, else None."""
+    from tvm import relax
+
+    if isinstance(expr, relax.Call) and isinstance(expr.op, tvm.ir.Op):
+        return str(expr.op.name)
+    return None
+
+
+def var_name(var) -> str:
+    """A Relax var's name (0.27: ``.name``; older releases: ``.name_hint``)."""
+    return str(var.name)
+
+
+def main_bindings(mod, func_name: str = "main") -> list:
+    """``(var, value)`` of every binding of ``func_name``, in program order."""
+    func = mod[func_name]
+    pairs = []
+    for block in func.body.blocks:
+        for binding in block.bindings:
+            pairs.append((binding.var, binding.value))
+    return pairs
+
+
+def conv_dense_bindings(mod, func_name: str = "main") -> list:
+    """``(var, call)`` of every conv2d and matmul whose weight is a constant, in program order.
+
+    This is the project's layer order: import names layers in it, calibration keys statistics
+    on it, the ternarize pass rewrites in it.
+    """
+    return [(var, value) for var, value in main_bindings(mod, func_name)
+            if call_op_name(value) in ("relax.nn.conv2d", "relax.matmul")
+            and const_numpy(value.args[1]) is not None]
+
+
+def with_extra_outputs(mod, var_names, func_name: str = "main"):
+    """A copy of ``mod`` whose ``func_name`` returns ``(original output, *named vars)``.
+
+    Calibration reads intermediate tensors this way. A dataflow var may not leave its block, so
+    each named var is re-bound to a fresh output var at the end of the block it lives in.
+    """
+    from tvm import relax
+
+    func = mod[func_name]
+    wanted = list(var_names)
+    found, blocks = {}, []
+    for block in func.body.blocks:
+        extra = []
+        for binding in block.bindings:
+            name = var_name(binding.var)
+            if name in wanted and name not in found:
+                if isinstance(block, relax.DataflowBlock):
+                    out = relax.Var(f"{name}_out", binding.var.ty)
+                    extra.append(relax.VarBinding(out, binding.var))
+                    found[name] = out
+                else:
+                    found[name] = binding.var
+        if extra:
+            block = relax.DataflowBlock(list(block.bindings) + extra)
+        blocks.append(block)
+    missing = [n for n in wanted if n not in found]
+    if missing:
+        raise KeyError(f"no binding named {missing[0]!r} in {func_name}")
+    fields = [func.body.body] + [found[n] for n in wanted]
+    body = relax.SeqExpr(blocks, relax.Tuple(fields))
+    ret_ty = tvm.ir.TupleType([field.ty for field in fields])
+    new_func = relax.Function(func.params, body, ret_ty, attrs=func.attrs)
+    out = tvm.IRModule(dict(mod.functions))
+    out[func_name] = relax.BlockBuilder().normalize(new_func)
+    return out
+
+
+def build_relax_vm(mod, *, target=None):
+    """Compile a float Relax module (zero pipeline: legalize, FuseOps, FuseTIR) into a VM.
+
+    Untuned: fine for calibration-sized work on small CNNs, not for speed.
+    """
+    from tvm import relax
+
+    t = as_target(target)
+    with t:
+        mod = relax.get_pipeline("zero")(mod)
+    ex = tvm.compile(mod, target=t)
+    return relax.VirtualMachine(ex, device())
+
+
+def run_relax_vm(vm, *inputs: np.ndarray, func_name: str = "main") -> list[np.ndarray]:
+    """Run ``func_name`` on numpy inputs; a tuple result comes back flattened to a list."""
+    result = vm[func_name](*(tensor(x) for x in inputs))
+    items = list(result) if isinstance(result, (list, tuple)) or hasattr(result, "__len__") \
+        and not hasattr(result, "numpy") else [result]
+    return [item.numpy() for item in items]
+
+
+def register_packed(name: str, func) -> None:
+    """Make a Python callable a TVM global function (callable from Relax by name)."""
+    tvm.register_global_func(name, func, override=True)
+
+
+def unregister_packed(name: str) -> None:
+    import tvm_ffi
+
+    tvm_ffi.remove_global_func(name)
+
+
+def packed_dps_call(func_name: str, args, like_var):
+    """``call_dps_packed(func_name, args)`` producing a tensor typed like ``like_var``."""
+    from tvm import relax
+
+    return relax.call_dps_packed(func_name, relax.Tuple(list(args)), like_var.ty)
+
+
+def replace_binding_values(mod, values: dict, func_name: str = "main"):
+    """A copy of ``mod`` in which the bindings named in ``values`` get new values (same vars,
+    so names and types stay; each new value must have the var's type)."""
+    from tvm import relax
+
+    func = mod[func_name]
+    blocks = []
+    for block in func.body.blocks:
+        bindings = [relax.VarBinding(b.var, values[var_name(b.var)])
+                    if var_name(b.var) in values else b for b in block.bindings]
+        cls = relax.DataflowBlock if isinstance(block, relax.DataflowBlock) else relax.BindingBlock
+        blocks.append(cls(bindings))
+    body = relax.SeqExpr(blocks, func.body.body)
+    out = tvm.IRModule(dict(mod.functions))
+    new_func = relax.Function(func.params, body, func.ret_ty, attrs=func.attrs)
+    out[func_name] = relax.BlockBuilder().normalize(new_func)  # types for the new calls
+    return out
