@@ -359,3 +359,34 @@ def replace_binding_values(mod, values: dict, func_name: str = "main"):
     new_func = relax.Function(func.params, body, func.ret_ty, attrs=func.attrs)
     out[func_name] = relax.BlockBuilder().normalize(new_func)  # types for the new calls
     return out
+
+
+# ---------------------------------------------------------------- region ops, graph rewriting, export
+# (section owned by the compile flow: schedules/region_ops.py, passes/quantize_graph.py, compiler.py)
+
+
+def nearbyint(value):
+    """Round half to even (``llvm.nearbyint``); ``tirx.round`` rounds half away from zero."""
+    return tvm.tirx.nearbyint(value)
+
+
+def build_relax(mod, *, target):
+    """Lower and compile a Relax module for ``target`` (zero pipeline: legalize the float ops
+    left between quantized layers, fuse them; our scheduled kernels are kept as they are)."""
+    from tvm import relax
+
+    t = as_target(target)
+    with t:
+        mod = relax.get_pipeline("zero")(mod)
+    return tvm.compile(mod, target=t)
+
+
+def relax_vm(executable):
+    from tvm import relax
+
+    return relax.VirtualMachine(executable, device())
+
+
+def export_library(executable, path: str) -> None:
+    """Write the compiled module (weights embedded) as a shared library."""
+    executable.export_library(str(path))

@@ -1,0 +1,66 @@
+"""Turn one planned layer (numpy) into a kernel spec and its constant arguments.
+
+This is the *pack* step: ternary values go to the 2-bit packed layout, 4/8-bit values to the
+16x4 int32-word blocks, group codes to ``[K, G, R, S]``, and the int32 bias gets the +128
+compensation a signed-activation VNNI kernel needs.
+
+Example::
+
+    spec, args = layer_kernel(plan.layers["fire2/expand3x3_1"], x_shape=(1, 16, 55, 55), isa="vnni512")  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..plan import LayerPlan
+from ..quant import ActivationQuant, pack_ternary
+from ..schedules import ConvSpec, DenseSpec, kernel_arg_names
+from ..schedules.layout import block_weights
+from ..schedules.params import kernel_bias
+
+
+def act_kind(quant: ActivationQuant | None) -> str:
+    """The kernels' name for an activation format (``f32`` for a dequantized output)."""
+    if quant is None:
+        return "f32"
+    return ("s" if quant.signed else "u") + str(quant.bits)
+
+
+def layer_spec(layer: LayerPlan, *, x_shape: tuple[int, ...]) -> ConvSpec | DenseSpec:
+    """The kernel spec of ``layer`` for an input of NCHW (or [N, C]) ``x_shape``."""
+    iw = layer.weights
+    common = dict(weight_bits=iw.bits, group_size=iw.group_size, act=act_kind(layer.input_quant),
+                  out=act_kind(layer.output_quant), bias=True, relu=layer.fused.relu)
+    if layer.is_dense:
+        return DenseSpec(batch=x_shape[0], in_features=int(np.prod(x_shape[1:])),
+                         out_features=iw.values.shape[0], **common)
+    g = layer.geometry
+    k, _, r, s = iw.values.shape
+    return ConvSpec(batch=x_shape[0], in_channels=x_shape[1], height=x_shape[2], width=x_shape[3],
+                    out_channels=k, kernel=(r, s), stride=g["stride"], padding=g["padding"],
+                    dilation=g["dilation"], groups=g["groups"],
+                    residual=act_kind(layer.residual_quant) if layer.residual_quant else None, **common)
+
+
+def layer_kernel_args(layer: LayerPlan, spec: ConvSpec | DenseSpec, *, isa: str) -> dict[str, np.ndarray]:
+    """The constant arguments of the kernel, by name (``x``, ``residual`` and ``y`` excluded)."""
+    conv = spec.as_conv() if isinstance(spec, DenseSpec) else spec
+    iw = layer.weights
+    values = iw.values if iw.values.ndim == 4 else iw.values[:, :, None, None]
+    weights = pack_ternary(values) if iw.bits == 2 else block_weights(values)
+    codes = iw.kernel_group_codes().reshape(values.shape[0], -1, *values.shape[2:])
+    available = {
+        "weights": weights,
+        "codes": np.ascontiguousarray(codes, dtype=np.uint8),
+        "bias": kernel_bias(conv, isa=isa, weights=weights, codes=codes, bias=layer.bias_int),
+        "multiplier": layer.multiplier,
+        "shift": layer.shift,
+        "residual_multiplier": layer.residual_multiplier,
+        "scale": layer.dequant_scale,
+    }
+    names = [n for n in kernel_arg_names(conv, isa) if n not in ("x", "residual", "y")]
+    missing = [n for n in names if available.get(n) is None]
+    if missing:
+        raise ValueError(f"layer {layer.name}: no value for kernel argument(s) {missing}")
+    return {n: available[n] for n in names}

@@ -1,0 +1,250 @@
+"""TE compute definitions of the quantized conv2d / dense kernels (NHWC, channels innermost).
+
+Stages (names are what the schedules look blocks up by):
+
+- ``pad``:    ``xp[n, h, w, g, c]`` the padded activations, per group, channels rounded up to the
+              intrinsic depth; on VNNI signed inputs are shifted by +128 here (pad value 128, the
+              shifted zero), on the int16 ISAs they are widened here.  Skipped when not needed.
+- ``decode``: ``wd[kb, r, s, cb, ki]`` int32 words of ``depth`` int8/int16 weights ``q_g * v`` (the intrinsic's
+              block layout (``ki`` output lanes x ``cl`` reduction depth contiguous).
+- ``conv``:   ``acc[n, oh, ow, kb, ki]`` int32 accumulators over (r, s, cb, cl).
+- ``y``:       ``y[n, oh, ow, k]`` (the epilogue): + bias, then requantize or dequantize, ReLU, residual.
+
+Example::
+
+    parts = conv_compute(spec, isa="vnni512")
+    func = tvm_adapter.create_prim_func(parts.args)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from tvm import te
+
+from .. import tvm_adapter as ta
+from .epilogue import epilogue_value
+from .intrin import BLOCKS, Block
+from .spec import ACT_DTYPES, OUT_DTYPES, ConvSpec, kernel_arg_names, needs_compensation
+
+
+@dataclass(frozen=True)
+class ConvParts:
+    """The TE tensors of one kernel; ``args`` is the PrimFunc signature, in order."""
+
+    args: tuple
+    block: Block
+    has_pad: bool
+    tensorizable: bool  # one group per output block: the intrinsic's A operand is block-uniform
+
+
+def _pad_stage(spec: ConvSpec, x_at, blk: Block, shift: bool, acc_width: int):
+    n_, cg = spec.batch, spec.cin_per_group
+    pt, pl, pb, pr = spec.padding
+    hp, wp = spec.height + pt + pb, spec.width + pl + pr
+    # columns read by the padded accumulator width (garbage pixels the epilogue drops)
+    wp = max(wp, (acc_width - 1) * spec.stride[1] + (spec.kernel[1] - 1) * spec.dilation[1] + 1)
+    cp = -(-cg // blk.depth) * blk.depth
+    # The value a padded element must have so that it contributes 0: 128 after the shift.
+    pad_val = ta.const(128 if shift else 0, blk.a_dtype)
+
+    def fn(n, h, w, g, c):
+        inside = te.all(h >= pt, h < pt + spec.height, w >= pl, w < pl + spec.width, c < cg)
+        v = x_at(n, h - pt, w - pl, g * cg + c)
+        if shift:
+            v = (v.astype("int16") + 128).astype("uint8")
+        else:
+            v = v.astype(blk.a_dtype)
+        return ta.if_then_else(inside, v, pad_val)
+
+    return te.compute((n_, hp, wp, spec.groups, cp), fn, name="pad")
+
+
+def _decode_stage(spec: ConvSpec, weights, codes, blk: Block):
+    """Weights ``q_g * v`` as int32 words, one per (output lane, intrinsic depth) block.
+
+    ``wd[kb, r, s, cb, ki]`` packs the ``depth`` weights of output ``kb*lanes + ki`` at inputs
+    ``cb*depth + j`` (j = 0..depth-1) into byte (int16 half) j.  Computing whole words lets the
+    decode vectorise over ki with contiguous loads of the packed bytes and the transposed codes;
+    an int8 [ki, j] layout would need a per-byte gather.  Codes are first transposed to
+    ``codes_t[kb, r, s, g, ki]`` (once per weight tile) for the same reason.
+    """
+    k_, cg, (r_, s_) = spec.out_channels, spec.cin_per_group, spec.kernel
+    ob, depth, n_grp = blk.lanes, blk.depth, spec.group_size
+    kb_n, cb_n, bits = -(-k_ // ob), -(-cg // depth), 32 // depth
+    codes_t = te.compute(
+        (kb_n, r_, s_, spec.n_groups_q, ob),
+        lambda kb, r, s, g, ki: codes[te.min(kb * ob + ki, k_ - 1), g, r, s],
+        name="codes_t",
+    )
+    i32 = lambda v: ta.const(v, "int32")  # noqa: E731
+
+    ternary = spec.weight_bits == 2
+
+    def fn(kb, r, s, cb, ki):
+        k, c0 = kb * ob + ki, cb * depth
+        # One source element per output lane: the packed byte of 4 codes (2-bit; padding has
+        # code 1, so no bounds tests), or the int32 word of 4 int8 values (4/8-bit).
+        src = weights[k // 16, c0 // 4, r, s, k % 16].astype("int32")
+        if depth == 2:
+            # The odd half of the 4-element source.  A constant shift under a select whose
+            # condition is an index: an index expression inside the data arithmetic (or a
+            # comparison of data) is widened to int64 by index_dtype_override.
+            src = ta.select(cb % 2 == 1, src >> i32(4 if ternary else 16), src)
+        word = None
+        for j in range(depth):
+            q = codes_t[kb, r, s, te.min(c0 + j, cg - 1) // n_grp, ki].astype("int32")
+            if ternary:
+                v = ((src >> i32(2 * j)) & i32(3)) - i32(1)  # t = code - 1
+            else:  # sign-extend byte j
+                v = (src << i32(24 - 8 * j)) >> i32(24)
+            # |q * v| <= 127 by the number-format contract: no int32 overflow (TVM emits nsw)
+            term = ((q * v) & i32((1 << bits) - 1)) << i32(bits * j)
+            word = term if word is None else word | term
+        return word
+
+    return te.compute((kb_n, r_, s_, cb_n, ob), fn, name="decode")
+
+
+def weight_at(wd, blk: Block, kb, r, s, cb, ki, cl):
+    """The weight of reduction lane ``cl`` from a decoded word (mirrors the intrinsic desc)."""
+    bits = 32 // blk.depth
+    word = wd[kb, r, s, cb, ki]
+    # int64 shift: the form create_prim_func(index_dtype_override="int64") produces anyway,
+    # spelled out so that it matches the intrinsic description structurally.
+    return (word.astype("int64") >> (cl * bits)).astype(blk.b_dtype).astype("int32")
+
+
+def conv_compute(spec: ConvSpec, *, isa: str, acc_width: int | None = None) -> ConvParts:
+    """TE tensors for ``spec`` using ``isa``'s block (``plain`` works on any target).
+
+    ``acc_width`` >= OW pads the accumulator's W so that a register tile divides it.
+    """
+    acc_width = acc_width or spec.out_width
+    blk = BLOCKS[isa]
+    if isa == "plain":
+        blk = Block(blk.lanes, blk.depth, ACT_DTYPES[spec.act], "int8")
+    shift = needs_compensation(spec, isa)
+    x = te.placeholder(spec.x_shape, ACT_DTYPES[spec.act], name="x")
+    if spec.dense:
+        def x_at(n, h, w, c):
+            return x[w, c]
+    else:
+        def x_at(n, h, w, c):
+            return x[n, h, w, c]
+
+    weights = te.placeholder(spec.weight_shape, "uint8" if spec.weight_bits == 2 else "int32",
+                             name="weights")
+    codes = te.placeholder(spec.codes_shape, "uint8", name="codes")
+
+    cg, kg, k_ = spec.cin_per_group, spec.cout_per_group, spec.out_channels
+    ob, depth = blk.lanes, blk.depth
+    (r_, s_), (sh, sw), (dh, dw) = spec.kernel, spec.stride, spec.dilation
+    has_pad = (any(spec.padding) or shift or blk.a_dtype != ACT_DTYPES[spec.act]
+               or cg % depth != 0 or acc_width != spec.out_width)
+    if has_pad:
+        xp = _pad_stage(spec, x_at, blk, shift, acc_width)
+
+        def a_at(n, h, w, g, c):
+            return xp[n, h, w, g, c]
+    else:
+        def a_at(n, h, w, g, c):
+            return x_at(n, h, w, g * cg + c)
+
+    wd = _decode_stage(spec, weights, codes, blk)
+    tensorizable = spec.groups == 1 or kg % ob == 0
+
+    def group_of(kb, ki):
+        if spec.groups == 1:
+            return 0
+        if tensorizable:  # write it so that the index is visibly independent of ki
+            return kb // (kg // ob)
+        return (kb * ob + ki) // kg
+
+    r = te.reduce_axis((0, r_), name="r")
+    s = te.reduce_axis((0, s_), name="s")
+    cb = te.reduce_axis((0, -(-cg // depth)), name="cb")
+    cl = te.reduce_axis((0, depth), name="cl")
+    acc_shape = (spec.batch, spec.out_height, acc_width, -(-k_ // ob), ob)
+    acc = te.compute(
+        acc_shape,
+        lambda n, oh, ow, kb, ki: te.sum(
+            a_at(n, oh * sh + r * dh, ow * sw + s * dw, group_of(kb, ki), cb * depth + cl)
+            .astype("int32") * weight_at(wd, blk, kb, r, s, cb, ki, cl),
+            axis=[r, s, cb, cl],
+        ),
+        name="conv",
+    )
+    args, y = _epilogue_stage(spec, isa, lambda n, oh, ow, k: acc[n, oh, ow, k // ob, k % ob])
+    return ConvParts((x, weights, codes, *args, y), blk, has_pad, tensorizable)
+
+
+def _epilogue_stage(spec: ConvSpec, isa: str, acc_at):
+    """Placeholders for the epilogue parameters (in ``kernel_arg_names`` order) and ``y``.
+
+    ``acc_at(n, oh, ow, k)`` reads the int32 accumulator of output channel k.
+    """
+    k_ = spec.out_channels
+    names = kernel_arg_names(spec, isa)[3:-1]
+    dtypes = {"bias": "int32", "multiplier": "int32", "shift": "int32",
+              "residual_multiplier": "int32", "scale": "float32", "float_bias": "float32"}
+    ph = {}
+    for name in names:
+        if name == "residual":
+            ph[name] = te.placeholder(spec.out_shape, ACT_DTYPES[spec.residual], name=name)
+        else:
+            ph[name] = te.placeholder((k_,), dtypes[name], name=name)
+
+    def fn(*idx):
+        k = idx[-1]
+        a = acc_at(0, 0, idx[0], k) if spec.dense else acc_at(idx[0], idx[1], idx[2], k)
+        res = ph["residual"][idx] if "residual" in ph else None
+        return epilogue_value(spec, a, k, ph, res)
+
+    y = te.compute(spec.out_shape, fn, name="y")  # block "y" is the fused epilogue
+    return [ph[n] for n in names], y
+
+
+def depthwise_compute(spec: ConvSpec) -> ConvParts:
+    """Depthwise conv (one input and one output channel per group): plain int32 math over k."""
+    blk = Block(16, 1, "int16", "int16")
+    x = te.placeholder(spec.x_shape, ACT_DTYPES[spec.act], name="x")
+    weights = te.placeholder(spec.weight_shape, "uint8" if spec.weight_bits == 2 else "int32",
+                             name="weights")
+    codes = te.placeholder(spec.codes_shape, "uint8", name="codes")
+    k_, (r_, s_) = spec.out_channels, spec.kernel
+    (sh, sw), (dh, dw) = spec.stride, spec.dilation
+    pt, pl, pb, pr = spec.padding
+    hp, wp = spec.height + pt + pb, spec.width + pl + pr
+
+    def pad_fn(n, h, w, c):
+        inside = te.all(h >= pt, h < pt + spec.height, w >= pl, w < pl + spec.width)
+        return ta.if_then_else(inside, x[n, h - pt, w - pl, c].astype("int16"),
+                               ta.const(0, "int16"))
+
+    xp = te.compute((spec.batch, hp, wp, k_), pad_fn, name="pad")
+
+    def dec_fn(r, s, k):
+        qv = codes[k, 0, r, s].astype("int16")
+        if spec.weight_bits == 2:
+            code = weights[k // 16, 0, r, s, k % 16] & ta.const(3, "uint8")
+            return qv * (code.astype("int16") - ta.const(1, "int16"))
+        # byte 0 of the int32 word (input channel 0 of the block), sign-extended
+        v = (weights[k // 16, 0, r, s, k % 16] << ta.const(24, "int32")) >> ta.const(24, "int32")
+        return qv * v.astype("int16")
+
+    wd = te.compute((r_, s_, k_), dec_fn, name="decode")
+    r = te.reduce_axis((0, r_), name="r")
+    s = te.reduce_axis((0, s_), name="s")
+    acc = te.compute(
+        (spec.batch, spec.out_height, spec.out_width, k_),
+        lambda n, oh, ow, k: te.sum(
+            xp[n, oh * sh + r * dh, ow * sw + s * dw, k].astype("int32")
+            * wd[r, s, k].astype("int32"), axis=[r, s]),
+        name="conv",
+    )
+    args, y = _epilogue_stage(spec, "plain", lambda n, oh, ow, k: acc[n, oh, ow, k])
+    return ConvParts((x, weights, codes, *args, y), blk, True, False)
+
+
+__all__ = ["ConvParts", "conv_compute", "depthwise_compute", "OUT_DTYPES"]

@@ -1,0 +1,156 @@
+"""Quantized NHWC conv2d kernels: entry point and the default (untuned) hand schedules.
+
+Tiled schedule (every ISA but depthwise)::
+
+    parallel for (oc_tile, n)                      # decode + codes_t computed here: one weight
+      decode weights of the tile (int32 words)     #   tile in L1/L2, reused by every pixel
+      for oh, ow_tile:
+        acc[ow_block, oc_tiles, lanes] = 0         # local -> vector registers
+        for r, s, cb:                              # reduction
+          for owi, kbi (unrolled): intrinsic(acc[owi, kbi], x[.., cb*depth:+depth], w[kbi, r, s, cb])
+        epilogue(acc) -> y                         # fused, vectorised over lanes
+
+Example::
+
+    from tvm_ternary import tvm_adapter as ta
+    from tvm_ternary.schedules import ConvSpec, conv2d_kernel
+    spec = ConvSpec(batch=1, in_channels=64, height=56, width=56, out_channels=64,
+                    kernel=3, padding=1, act="u8", out="u8", relu=True)
+    func = conv2d_kernel(spec, target=ta.make_target("znver4"))
+    mod = ta.build(func, target=ta.make_target("znver4"))
+"""
+
+from __future__ import annotations
+
+from .. import tvm_adapter as ta
+from .compute import ConvParts, conv_compute, depthwise_compute
+from .intrin import intrin_name
+from .spec import ConvSpec
+from .tiling import Tiling, default_tiling
+
+
+def _tag(func, isa: str):
+    # Callers (Relax passes) need to know which argument list (kernel_arg_names) was built.
+    return func.with_attr("tvm_ternary.isa", isa)
+
+
+def _threads(target) -> int:
+    cores = ta.as_target(target).attrs.get("num-cores", None)
+    return int(cores) if cores else 1
+
+
+def conv2d_kernel(spec: ConvSpec, *, target=None, schedule=True, isa: str | None = None,
+                  tiling: Tiling | None = None):
+    """A scheduled PrimFunc (no global symbol) computing ``spec``.
+
+    ``schedule=False`` or ``"reference"``: the unscheduled ``plain`` compute, correct on any
+    target (slow; the reference kernel a user can switch on).  ``isa`` overrides the choice made
+    from the target's features; ``tiling`` overrides :func:`default_tiling`.  The returned
+    function has attribute ``tvm_ternary.isa``: pass it to ``kernel_arg_names``.
+    """
+    if not isinstance(spec, ConvSpec):
+        raise TypeError(f"spec must be a ConvSpec, got {type(spec).__name__}")
+    if schedule in (False, "reference"):
+        parts = depthwise_compute(spec) if spec.depthwise else conv_compute(spec, isa="plain")
+        return _tag(ta.create_prim_func(parts.args), "plain")
+    if schedule is not True and schedule != "default":
+        raise ValueError(f"schedule must be True, 'default', False or 'reference': {schedule!r}")
+    isa = isa or ta.choose_isa(target)
+    if spec.depthwise:
+        parts = depthwise_compute(spec)
+        sch = ta.schedule_of(ta.create_prim_func(parts.args))
+        _schedule_depthwise(sch, parts)
+        return _tag(ta.scheduled_func(sch), "plain")
+    tiling = tiling or default_tiling(spec, isa=isa, threads=_threads(target))
+    kb_n = -(-spec.out_channels // _lanes(isa))
+    if kb_n % tiling.oc_tiles:
+        raise ValueError(f"oc_tiles={tiling.oc_tiles} must divide {kb_n} output blocks")
+    acc_w = -(-spec.out_width // tiling.ow_block) * tiling.ow_block
+    parts = conv_compute(spec, isa=isa, acc_width=acc_w)
+    sch = ta.schedule_of(ta.create_prim_func(parts.args))
+    _schedule_tiled(sch, parts, isa=isa, tiling=tiling)
+    return _tag(ta.scheduled_func(sch), isa)
+
+
+def _lanes(isa: str) -> int:
+    from .intrin import BLOCKS
+
+    return BLOCKS[isa].lanes
+
+
+def _vectorize_inner(sch, block, width: int) -> None:
+    """Vectorise the innermost loop of ``block``, split to ``width`` when it is longer."""
+    loop = sch.get_loops(block)[-1]
+    ext = sch.get(loop).extent
+    if not hasattr(ext, "value"):
+        return
+    if ext.value > width and ext.value % width == 0:
+        loop = sch.split(loop, [None, width])[-1]
+    elif ext.value > width:
+        return
+    sch.vectorize(loop)
+
+
+def _schedule_tiled(sch, parts: ConvParts, *, isa: str, tiling: Tiling) -> None:
+    blk = parts.block
+    conv = sch.get_sblock("conv")
+    n, oh, ow, kb, ki, r, s, cb, cl = sch.get_loops(conv)
+    owo, owi = sch.split(ow, [None, tiling.ow_block])
+    kbo, kbi = sch.split(kb, [None, tiling.oc_tiles])
+    sch.reorder(kbo, n, oh, owo, r, s, cb, owi, kbi, ki, cl)
+    epi = sch.get_sblock("y")
+    sch.reverse_compute_at(epi, owo, preserve_unit_loops=True)
+    if tiling.decode_at == "tile":
+        par = sch.fuse(kbo, n)
+        anchor = par
+    else:
+        par = sch.fuse(kbo, n, oh)
+        anchor = None
+    sch.parallel(par)
+    for name in ("decode", "codes_t"):  # decode first: codes_t then lands before it
+        stage = sch.get_sblock(name)
+        if anchor is not None:
+            sch.compute_at(stage, anchor, preserve_unit_loops=True)
+        else:
+            loops = sch.get_loops(stage)
+            sch.parallel(loops[0])
+        _vectorize_inner(sch, stage, blk.lanes)
+    if parts.has_pad:
+        pad = sch.get_sblock("pad")
+        loops = sch.get_loops(pad)
+        sch.parallel(sch.fuse(loops[0], loops[1]))
+        _vectorize_inner(sch, pad, 64)
+    _vectorize_inner(sch, epi, blk.lanes)
+    sch.unroll(owi)
+    sch.unroll(kbi)
+    name = intrin_name(isa) if parts.tensorizable else None
+    if name is None:
+        # no intrinsic: output lanes innermost so LLVM vectorises over ki (vectorize must
+        # precede decompose_reduction)
+        sch.reorder(cl, ki)
+        sch.vectorize(ki)
+    init = sch.decompose_reduction(conv, r)
+    sch.vectorize(sch.get_loops(init)[-1])
+    if name is not None:
+        sch.tensorize(ki, name)
+
+
+def _schedule_depthwise(sch, parts: ConvParts) -> None:
+    conv = sch.get_sblock("conv")
+    n, oh, ow, k, r, s = sch.get_loops(conv)
+    ko, ki = sch.split(k, [None, 16])
+    sch.reorder(n, oh, ko, ow, r, s, ki)
+    sch.set_scope(conv, 0, "local")
+    epi = sch.get_sblock("y")
+    sch.reverse_compute_at(epi, ow, preserve_unit_loops=True)
+    sch.parallel(sch.fuse(n, oh))
+    dec = sch.get_sblock("decode")
+    _vectorize_inner(sch, dec, 16)
+    pad = sch.get_sblock("pad")
+    loops = sch.get_loops(pad)
+    sch.parallel(sch.fuse(loops[0], loops[1]))
+    _vectorize_inner(sch, pad, 32)
+    _vectorize_inner(sch, epi, 16)
+    sch.vectorize(ki)  # before decompose_reduction (TVM 0.27 refuses it after)
+    init = sch.decompose_reduction(conv, r)
+    sch.vectorize(sch.get_loops(init)[-1])

@@ -1,0 +1,56 @@
+"""The fused epilogue as a TE expression (ARCHITECTURE.md, "Epilogue").
+
+requantize: ``y = clip(rhe(acc*M[k] + res*R[k], shift[k]), lo, hi)`` in int64;
+dequantize: ``y = float32(acc) * scale[k] (+ float_bias[k])``; ``acc`` already holds the bias.
+
+Example::
+
+    y = te.compute(shape, lambda n, h, w, k: epilogue_value(spec, acc[n, h, w, k], k, ph, None))
+"""
+
+from __future__ import annotations
+
+from tvm import te
+
+from .. import tvm_adapter as ta
+from .spec import OUT_DTYPES, RANGES
+
+
+def round_half_even_shift(v, s):
+    """``v / 2**s`` rounded half to even, for int64 ``v`` and ``s >= 0``, without division.
+
+    With ``q = v >> s`` (floor) and ``half = 2**(s-1)``: adding ``half - 1 + (q & 1)`` before
+    the shift rounds up exactly when the remainder exceeds half, or equals half with q odd.
+    ``s == 0`` adds nothing.
+    """
+    one = ta.const(1, "int64")
+    q = v >> s
+    half = (one << s) >> one
+    bump = ta.select(s > ta.const(0, "int64"), half - one + (q & one), ta.const(0, "int64"))
+    return (v + bump) >> s
+
+
+def epilogue_value(spec, acc, k, ph: dict, res):
+    """Epilogue of one accumulator ``acc`` (int32) of output channel ``k``.
+
+    ``ph`` maps parameter names (see ``spec.kernel_arg_names``) to TE placeholders; ``res`` is
+    the residual element or None.
+    """
+    if "bias" in ph:
+        acc = acc + ph["bias"][k]
+    if spec.out == "i32":
+        return te.max(acc, ta.const(0, "int32")) if spec.relu else acc
+    if spec.out == "f32":
+        y = acc.astype("float32") * ph["scale"][k]
+        if spec.float_bias:
+            y = y + ph["float_bias"][k]
+        return te.max(y, ta.const(0.0, "float32")) if spec.relu else y
+    v = acc.astype("int64") * ph["multiplier"][k].astype("int64")
+    if res is not None:
+        v = v + res.astype("int64") * ph["residual_multiplier"][k].astype("int64")
+    y = round_half_even_shift(v, ph["shift"][k].astype("int64"))
+    lo, hi = RANGES[spec.out]
+    if spec.relu:
+        lo = max(lo, 0)
+    y = te.min(te.max(y, ta.const(lo, "int64")), ta.const(hi, "int64"))
+    return y.astype(OUT_DTYPES[spec.out])

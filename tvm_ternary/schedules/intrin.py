@@ -1,0 +1,164 @@
+"""Dot-product tensor intrinsics for x86: one reference description per block shape, paired with
+per-ISA implementations.
+
+Block shapes (``lanes`` output channels x ``depth`` reduction elements, int32 accumulators):
+
+================  =========  ============================  =======================================
+ISA               block      operands (B: int32 words)     instructions per block
+================  =========  ============================  =======================================
+``vnni512``       16 x 4     A u8[4], B s8[16, 4]          ``vpdpbusd zmm`` (1)
+``avxvnni``        8 x 4     A u8[4], B s8[8, 4]           ``{vex} vpdpbusd ymm`` (1)
+``avx512``        16 x 2     A s16[2], B s16[16, 2]        ``vpmaddwd zmm`` + ``vpaddd`` (2)
+``avx2``           8 x 2     A s16[2], B s16[8, 2]         ``vpmaddwd ymm`` + ``vpaddd`` (2)
+================  =========  ============================  =======================================
+
+Without VNNI we widen to int16 and use ``vpmaddwd`` rather than TVM's ``vpmaddubsw`` pair: the
+u8 x s8 pair sum of ``vpmaddubsw`` saturates at int16 (255*127*2 > 32767), so it is not bit-exact
+for full-range u8 activations.  ``plain`` has no intrinsic (scalar/auto-vectorised loops).
+
+The shipped ``dot_16x4_vnni`` of TVM 0.27 passes ``<16 x i32>`` operands to
+``llvm.x86.avx512.vpdpbusd.512``; LLVM 22 declares ``(<16 x i32>, <64 x i8>, <64 x i8>)`` and the
+module fails verification, so the A broadcast and B are reinterpreted to byte vectors here.
+
+Example::
+
+    from tvm_ternary.schedules import intrin
+    name = intrin.intrin_name("vnni512")   # registered on first call
+    sch.tensorize(inner_loop, name)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from tvm.s_tir import TensorIntrin
+from tvm.script import tirx as T
+
+
+@dataclass(frozen=True)
+class Block:
+    """Shape of one intrinsic call: ``lanes`` output channels x ``depth`` inputs."""
+
+    lanes: int
+    depth: int
+    a_dtype: str  # activation element type the kernel feeds (after +128 shift / widening)
+    b_dtype: str  # decoded weight element type
+
+
+# Block used by each ISA.  ``plain`` mirrors vnni512's layout so the reference path shares it.
+BLOCKS = {
+    "vnni512": Block(16, 4, "uint8", "int8"),
+    "avxvnni": Block(8, 4, "uint8", "int8"),
+    "avx512": Block(16, 2, "int16", "int16"),
+    "avx2": Block(8, 2, "int16", "int16"),
+    "plain": Block(16, 4, "int8", "int8"),  # a_dtype is the raw input dtype on this path
+}
+
+# LLVM intrinsic per (ISA): VNNI ones accumulate, pmaddwd ones need a separate add.
+_VNNI_LLVM = {"vnni512": "llvm.x86.avx512.vpdpbusd.512", "avxvnni": "llvm.x86.avx512.vpdpbusd.256"}
+_PMADDWD_LLVM = {"avx512": "llvm.x86.avx512.pmaddw.d.512", "avx2": "llvm.x86.avx2.pmadd.wd"}
+
+
+def _desc(blk: Block):
+    lanes, depth, a_dt, b_dt = blk.lanes, blk.depth, blk.a_dtype, blk.b_dtype
+    bits = 32 // depth
+
+    # B holds one int32 word per output lane: its `depth` weights packed little-endian, the
+    # layout one vpdpbusd / vpmaddwd lane consumes.  The weight of reduction element k is the
+    # k-th byte (int16 half) of the word, sign-extended.  Index dtype int64 matches the
+    # kernels (create_prim_func(..., index_dtype_override="int64")).
+    @T.prim_func(s_tir=True)
+    def desc(
+        A: T.Buffer((depth,), a_dt, offset_factor=1),
+        B: T.Buffer((lanes,), "int32", offset_factor=1),
+        C: T.Buffer((lanes,), "int32", offset_factor=1),
+    ) -> None:
+        with T.sblock("root"):
+            T.reads(C[0:lanes], A[0:depth], B[0:lanes])
+            T.writes(C[0:lanes])
+            for i, k in T.grid(T.int64(lanes), T.int64(depth)):
+                with T.sblock("update"):
+                    vi, vk = T.axis.remap("SR", [i, k])
+                    C[vi] = C[vi] + T.Cast("int32", A[vk]) * T.Cast(
+                        "int32", T.Cast(b_dt, T.Cast("int64", B[vi]) >> vk * T.int64(bits))
+                    )
+
+    return desc
+
+
+def _vnni_impl(blk: Block, llvm_name: str):
+    lanes, depth = blk.lanes, blk.depth
+    nbytes = lanes * depth
+    acc_t, byte_t = f"int32x{lanes}", f"int8x{nbytes}"
+
+    @T.prim_func(s_tir=True)
+    def impl(
+        A: T.Buffer((depth,), "uint8", offset_factor=1),
+        B: T.Buffer((lanes,), "int32", offset_factor=1),
+        C: T.Buffer((lanes,), "int32", offset_factor=1),
+    ) -> None:
+        with T.sblock("root"):
+            T.reads(C[0:lanes], A[0:depth], B[0:lanes])
+            T.writes(C[0:lanes])
+            # 4 activation bytes -> one i32, broadcast to every lane, then viewed as bytes again
+            # because LLVM 22's vpdpbusd takes byte vectors.
+            a_i32 = T.reinterpret(A.vload([0], "uint8x4"), dtype="int32")
+            a_bytes = T.reinterpret(T.broadcast(a_i32, lanes), dtype=byte_t)
+            C[T.ramp(T.int32(0), 1, lanes)] = T.call_llvm_pure_intrin(
+                T.llvm_lookup_intrinsic_id(llvm_name),
+                C.vload([0], dtype=acc_t),
+                a_bytes,
+                T.reinterpret(B.vload([0], dtype=acc_t), dtype=byte_t),
+                dtype=acc_t,
+            )
+
+    return impl
+
+
+def _pmaddwd_impl(blk: Block, llvm_name: str):
+    lanes, depth = blk.lanes, blk.depth
+    acc_t, half_t = f"int32x{lanes}", f"int16x{lanes * depth}"
+
+    @T.prim_func(s_tir=True)
+    def impl(
+        A: T.Buffer((depth,), "int16", offset_factor=1),
+        B: T.Buffer((lanes,), "int32", offset_factor=1),
+        C: T.Buffer((lanes,), "int32", offset_factor=1),
+    ) -> None:
+        with T.sblock("root"):
+            T.reads(C[0:lanes], A[0:depth], B[0:lanes])
+            T.writes(C[0:lanes])
+            # The int16 pair (a0, a1) viewed as one i32 and broadcast: vpmaddwd then forms
+            # a0*b[i,0] + a1*b[i,1] exactly in int32 (no saturation, unlike vpmaddubsw).
+            a_i32 = T.reinterpret(A.vload([0], "int16x2"), dtype="int32")
+            a_pairs = T.reinterpret(T.broadcast(a_i32, lanes), dtype=half_t)
+            C[T.ramp(T.int32(0), 1, lanes)] = C.vload([0], dtype=acc_t) + T.call_llvm_pure_intrin(
+                T.llvm_lookup_intrinsic_id(llvm_name),
+                a_pairs,
+                T.reinterpret(B.vload([0], dtype=acc_t), dtype=half_t),
+                dtype=acc_t,
+            )
+
+    return impl
+
+
+def intrin_name(isa: str) -> str | None:
+    """Register (once) and return the tensor-intrinsic name for ``isa``; ``None`` for plain."""
+    if isa == "plain":
+        return None
+    if isa not in BLOCKS:
+        raise ValueError(f"unknown ISA {isa!r}; expected one of {sorted(BLOCKS)}")
+    name = f"tvm_ternary_dot_{isa}"
+    if TensorIntrin.get(name, allow_missing=True) is None:
+        blk = BLOCKS[isa]
+        if isa in _VNNI_LLVM:
+            impl = _vnni_impl(blk, _VNNI_LLVM[isa])
+        else:
+            impl = _pmaddwd_impl(blk, _PMADDWD_LLVM[isa])
+        TensorIntrin.register(name, _desc(blk), impl)
+    return name
+
+
+def reference_desc(isa: str):
+    """The TVMScript description of ``isa``'s block (what tests compare implementations to)."""
+    return _desc(BLOCKS[isa])

@@ -1,0 +1,53 @@
+"""Host-side (numpy, compile-time) argument preparation for the kernels.
+
+The only ISA-dependent argument is the int32 bias: on VNNI (u8 x s8) signed activations are
+shifted by +128 inside the kernel, so the bias must subtract ``128 * sum(w[k])`` per output
+channel.  Weights are constants, so this is folded once when the graph is compiled.
+
+Example::
+
+    b = kernel_bias(spec, isa="vnni512", weights=packed, codes=q, bias=bias_i32)
+    # None when the kernel takes no bias argument
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..quant import reference, unpack_ternary
+from .layout import unblock_weights
+from .spec import ConvSpec, needs_compensation
+
+
+def decoded_weights(spec: ConvSpec, *, weights, codes) -> np.ndarray:
+    """int8 weights ``[K, Cg, R, S]`` (``q_g * v``) from the kernel's weight arguments."""
+    r, s = spec.kernel
+    shape = (spec.out_channels, spec.cin_per_group, r, s)
+    if spec.weight_bits == 2:
+        values = unpack_ternary(weights, shape=shape)
+    else:
+        values = unblock_weights(weights, shape=shape)
+    return reference.decode_weights(values, codes, group_size=spec.group_size)
+
+
+def compensation(spec: ConvSpec, *, weights, codes) -> np.ndarray:
+    """``128 * sum_{c, r, s} w[k, c, r, s]`` per output channel, int32."""
+    w = decoded_weights(spec, weights=weights, codes=codes).astype(np.int64)
+    return (128 * w.reshape(w.shape[0], -1).sum(axis=1)).astype(np.int32)
+
+
+def kernel_bias(spec: ConvSpec, *, isa: str, weights, codes, bias=None) -> np.ndarray | None:
+    """The ``bias`` argument for a kernel built for ``isa`` (None if it takes none)."""
+    if bias is not None and not spec.bias:
+        raise ValueError("a bias was given but spec.bias is False")
+    if spec.bias and bias is None:
+        raise ValueError("spec.bias is True: pass the int32 bias")
+    out = None if bias is None else np.asarray(bias, np.int64)
+    if needs_compensation(spec, isa):
+        comp = compensation(spec, weights=weights, codes=codes).astype(np.int64)
+        out = -comp if out is None else out - comp
+    if out is None:
+        return None
+    if np.abs(out).max(initial=0) >= 2**31:
+        raise OverflowError("bias (with +128 compensation) exceeds int32")
+    return out.astype(np.int32)

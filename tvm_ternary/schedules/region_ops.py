@@ -1,0 +1,115 @@
+"""The ops at the edges of, and between, the quantized layers (TE + small schedules).
+
+* ``quantize``: float32 NCHW (or [N, C]) -> int8/uint8 NHWC: ``clip(rint(f64(x) / f64(s)))``,
+  exactly as ``quant.quantize_activation`` rounds (float64 division, half to even), and the
+  layout change into the quantized region in the same pass over the data;
+* ``dequantize``: int NHWC -> float32 NCHW ``f32(q) * f32(s)`` (one rounding, as numpy);
+* ``max_pool``: integer NHWC max pooling (pads with the dtype's minimum; ceil mode as padding).
+
+Each is parallelised over the outer loops and vectorised over channels: untouched, TVM lowers
+them to scalar loops that would cost more than the conv kernels around them.
+
+Example::
+
+    func = quantize_func(shape=(1, 3, 224, 224), scale=0.02, bits=8, signed=True)
+"""
+
+from __future__ import annotations
+
+from tvm import te
+
+from .. import tvm_adapter as ta
+
+VECTOR_BYTES = 64  # one zmm register
+
+
+def _container(bits: int, signed: bool) -> str:
+    del bits  # int4 values live in 8-bit containers
+    return "int8" if signed else "uint8"
+
+
+def _limits(bits: int, signed: bool) -> tuple[int, int]:
+    return (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2**bits - 1)
+
+
+def quantize_func(*, shape: tuple[int, ...], scale: float, bits: int, signed: bool):
+    """float32 ``shape`` (NCHW or [N, C]) -> quantized NHWC (or [N, C])."""
+    x = te.placeholder(tuple(shape), "float32", name="x")
+    lo, hi = _limits(bits, signed)
+    dtype = _container(bits, signed)
+
+    def q(value):
+        v = ta.nearbyint(value.astype("float64") / ta.const(float(scale), "float64"))
+        v = te.min(te.max(v, ta.const(float(lo), "float64")), ta.const(float(hi), "float64"))
+        return v.astype(dtype)
+
+    if len(shape) == 4:
+        n, c, h, w = shape
+        y = te.compute((n, h, w, c), lambda b, i, j, k: q(x[b, k, i, j]), name="y")
+    else:
+        y = te.compute(tuple(shape), lambda *idx: q(x[idx]), name="y")
+    return _schedule_map(ta.create_prim_func([x, y]), int(y.shape[-1]))
+
+
+def dequantize_func(*, shape: tuple[int, ...], dtype: str, scale: float):
+    """quantized NHWC (or [N, C]) ``shape`` -> float32 NCHW (or [N, C])."""
+    q = te.placeholder(tuple(shape), dtype, name="q")
+    s = ta.const(float(scale), "float32")
+    if len(shape) == 4:
+        n, h, w, c = shape
+        y = te.compute((n, c, h, w), lambda b, k, i, j: q[b, i, j, k].astype("float32") * s, name="y")
+    else:
+        y = te.compute(tuple(shape), lambda *idx: q[idx].astype("float32") * s, name="y")
+    return _schedule_map(ta.create_prim_func([q, y]), int(y.shape[-1]))
+
+
+def max_pool_func(*, shape: tuple[int, ...], dtype: str, kernel, stride, padding):
+    """Integer NHWC max pooling; ``padding`` (top, left, bottom, right) already includes any
+    ceil-mode extra."""
+    n, h, w, c = shape
+    (kh, kw), (sh, sw) = kernel, stride
+    top, left, bottom, right = padding
+    oh = (h + top + bottom - kh) // sh + 1
+    ow = (w + left + right - kw) // sw + 1
+    x = te.placeholder(tuple(shape), dtype, name="x")
+    lowest = ta.const(-128 if dtype == "int8" else 0, dtype)
+    padded = te.compute(
+        (n, h + top + bottom, w + left + right, c),
+        lambda b, i, j, k: ta.if_then_else(
+            te.all(i >= top, i < h + top, j >= left, j < w + left), x[b, i - top, j - left, k], lowest),
+        name="pad")
+    ri = te.reduce_axis((0, kh), name="ri")
+    rj = te.reduce_axis((0, kw), name="rj")
+    y = te.compute((n, oh, ow, c),
+                   lambda b, i, j, k: te.max(padded[b, i * sh + ri, j * sw + rj, k], axis=[ri, rj]),
+                   name="y")
+    func = ta.create_prim_func([x, y])
+    sch = ta.schedule_of(func)
+    sch.compute_inline(sch.get_sblock("pad"))
+    block = sch.get_sblock("y")
+    b, i, j, k, ri_, rj_ = sch.get_loops(block)
+    sch.reorder(b, i, j, ri_, rj_, k)
+    sch.parallel(sch.fuse(b, i))
+    _vectorize(sch, k, c, dtype)
+    sch.decompose_reduction(block, ri_)
+    return ta.scheduled_func(sch)
+
+
+def _vectorize(sch, loop, extent: int, dtype: str) -> None:
+    lanes = VECTOR_BYTES // (1 if "8" in dtype else 4)
+    if extent > lanes and extent % lanes == 0:
+        _, inner = sch.split(loop, factors=[None, lanes])
+        sch.vectorize(inner)
+    elif extent <= lanes:
+        sch.vectorize(loop)
+
+
+def _schedule_map(func, extent: int):
+    """Parallel over the outer loops, vectorised over the innermost one (of ``extent``)."""
+    sch = ta.schedule_of(func)
+    block = sch.get_sblock("y")
+    loops = sch.get_loops(block)
+    if len(loops) > 1:
+        sch.parallel(sch.fuse(*loops[:-1]) if len(loops) > 2 else loops[0])
+    _vectorize(sch, loops[-1], extent, "float32")
+    return ta.scheduled_func(sch)

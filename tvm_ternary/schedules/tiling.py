@@ -1,0 +1,78 @@
+"""Tiling knobs of the default schedules and the untuned choice per ISA and shape.
+
+The register tile of the tensorized kernels is ``ow_block`` output pixels (along W) times
+``oc_tiles`` intrinsic blocks of output channels, all accumulators live in vector registers while
+(r, s, C/depth) is reduced.  These are the knobs MetaSchedule may search later.
+
+Example::
+
+    t = default_tiling(spec, isa="vnni512")      # Tiling(ow_block=14, oc_tiles=2, ...)
+    t = Tiling(ow_block=7, oc_tiles=4)            # a hand choice
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .intrin import BLOCKS
+from .spec import ConvSpec
+
+# Vector registers per ISA (zmm0-31 with AVX-512, ymm0-15 otherwise).
+_REGS = {"vnni512": 32, "avx512": 32, "avxvnni": 16, "avx2": 16, "plain": 16}
+
+
+@dataclass(frozen=True)
+class Tiling:
+    """Knobs of the tiled schedule.
+
+    ow_block: output pixels per register tile (the acc width is padded up to a multiple).
+    oc_tiles: intrinsic output blocks per register tile; must divide ceil(K / lanes).
+    decode_at: "tile" decodes a weight block per (oc tile, image) inside the parallel loop
+        (stays in L1/L2, reused by every pixel); "root" decodes all weights once up front
+        and parallelises over output rows too (for layers with few output-channel tiles).
+    """
+
+    ow_block: int
+    oc_tiles: int
+    decode_at: str = "tile"
+
+    def __post_init__(self):
+        if self.ow_block < 1 or self.oc_tiles < 1:
+            raise ValueError(f"ow_block and oc_tiles must be >= 1: {self}")
+        if self.decode_at not in ("tile", "root"):
+            raise ValueError(f"decode_at must be 'tile' or 'root', got {self.decode_at!r}")
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def _pick_ow_block(ow: int, limit: int) -> int:
+    """Largest divisor of ow within limit, unless padding ow to a multiple of a bigger block
+    wastes less than the small block loses (a block below half the limit starves the FMA pipes)."""
+    best_div = max(d for d in _divisors(ow) if d <= limit)
+    if best_div * 2 >= limit or best_div == ow:
+        return best_div
+    # pad: choose the block in (limit/2, limit] with the least padded waste
+    cands = range(max(1, limit // 2), limit + 1)
+    return min(cands, key=lambda b: (-(-ow // b) * b - ow, -b))
+
+
+def default_tiling(spec: ConvSpec, *, isa: str, threads: int = 1) -> Tiling:
+    """The untuned register tile for ``spec`` on ``isa``."""
+    blk = BLOCKS[isa]
+    kb = -(-spec.out_channels // blk.lanes)
+    ow = spec.out_width
+    regs = _REGS[isa]
+    # Measured on znver5 (3x3 and 1x1 ResNet layers): 2 output blocks x up to 14 pixels is
+    # within 5% of the best tile everywhere; 4 blocks x 7 pixels spills (28 acc + 4 weights).
+    budget = regs - 4
+    oc_cands = [d for d in _divisors(kb) if d <= 8]
+    if ow <= 2:  # dense / tiny maps: no pixel reuse, use channel tiles for independent chains
+        oct_ = max(d for d in oc_cands if d * max(ow, 1) <= budget)
+    else:
+        oct_ = 2 if kb % 2 == 0 else 1
+    owb = _pick_ow_block(ow, max(1, budget // oct_))
+    tiles = (kb // oct_) * spec.batch
+    decode_at = "tile" if tiles >= 2 * threads or spec.out_height == 1 else "root"
+    return Tiling(ow_block=owb, oc_tiles=oct_, decode_at=decode_at)
