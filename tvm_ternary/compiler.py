@@ -38,6 +38,60 @@ class CompiledModel:
     isa: str
     seconds: dict
 
+    def sidecar(self, *, library_sha256: str, preprocess=None) -> dict:
+        """What a user (and :mod:`tvm_ternary.runtime`) needs to know about the library."""
+        from dataclasses import asdict
+
+        from . import __version__
+        from .runtime import SIDECAR_FORMAT
+
+        im = self.imported
+        coverage = self.plan.coverage()
+        for row in coverage:
+            if row["weights"] == "float":
+                row["status"] = "float (policy)"
+            elif row["layer"] in self.rewrite.left_float:
+                row["status"] = "float: " + self.rewrite.left_float[row["layer"]]
+            else:
+                row["status"] = "kernel"
+        return {
+            "format": SIDECAR_FORMAT,
+            "library_sha256": library_sha256,
+            "input": {"name": im.input_name, "shape": list(im.input_shape), "dtype": im.input_dtype},
+            "output": {"name": im.output_name, "shape": list(im.output_shape), "dtype": im.output_dtype},
+            "preprocess": None if preprocess is None else preprocess.to_dict(),
+            "quant_config": asdict(self.plan.config),
+            "tvm_version": ta.tvm_version(),
+            "tvm_ternary_version": __version__,
+            "target": {"mcpu": ta.target_mcpu(self.target), "isa": self.isa},
+            "required_cpu_features": ta.target_features(self.target),
+            "coverage": coverage,
+            "integer_ops": self.rewrite.integer_ops,
+            "import_notes": list(im.notes),
+        }
+
+    def export(self, path: str | Path, *, preprocess=None) -> dict:
+        """Write ``path`` (.so, weights embedded) and its sidecar ``path.json``; returns the
+        sidecar. Both are written under temporary names first: a failure leaves neither."""
+        import json
+        import os
+
+        from .runtime import file_sha256, sidecar_path
+
+        path = Path(path)
+        tmp_lib = path.with_name(f".{path.name}.tmp.so")
+        tmp_side = path.with_name(f".{path.name}.tmp.json")
+        try:
+            ta.export_library(self.executable, str(tmp_lib))
+            meta = self.sidecar(library_sha256=file_sha256(tmp_lib), preprocess=preprocess)
+            tmp_side.write_text(json.dumps(meta, indent=1))
+            os.replace(tmp_lib, path)
+            os.replace(tmp_side, sidecar_path(path))
+        finally:
+            for tmp in (tmp_lib, tmp_side):
+                tmp.unlink(missing_ok=True)
+        return meta
+
     def vm(self):
         return ta.relax_vm(self.executable)
 

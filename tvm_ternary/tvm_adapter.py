@@ -390,3 +390,20 @@ def relax_vm(executable):
 def export_library(executable, path: str) -> None:
     """Write the compiled module (weights embedded) as a shared library."""
     executable.export_library(str(path))
+
+
+def target_features(target) -> list[str]:
+    """The LLVM features (of :data:`cpu_features.LLVM_TO_CPUINFO`) that ``target`` enables."""
+    from .cpu_features import LLVM_TO_CPUINFO
+
+    t = as_target(target)
+    if str(t.kind.name) != "llvm":
+        return []
+    out = []
+    for name in LLVM_TO_CPUINFO:
+        try:
+            if target_has_features(t, name):
+                out.append(name)
+        except Exception:  # pylint: disable=broad-except  # feature unknown to this triple
+            continue
+    return out

@@ -1,0 +1,123 @@
+"""CLI options shared by compile, tune and eval: quantization, preprocessing, calibration input.
+
+Example::
+
+    >>> import argparse
+    >>> p = argparse.ArgumentParser(); add_quant_arguments(p)
+    >>> quant_config(p.parse_args(["--group-size", "8"])).group_size
+    8
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import OptionError, UserError
+
+METHOD_HELP = ("data-aware: fit codes and group scales to each layer's output on the calibration "
+               "images (GPTQ-style error feedback + least-squares scale refit + bias correction; "
+               "default); exact: FGQ's per-group least-squares threshold; twn: 0.7*mean|w|")
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def add_quant_arguments(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("quantization")
+    g.add_argument("--weight-bits", type=int, choices=(2, 4, 8), default=2,
+                   help="weights of the quantized layers: 2 = ternary (default), 4 or 8 bit")
+    g.add_argument("--group-size", "-N", type=positive_int, default=4, metavar="N",
+                   help="N weights along the input channels share one scale (default 4)")
+    g.add_argument("--grouping", choices=("fgq", "cluster"), default="fgq",
+                   help="fgq: N channels at one kernel position; cluster: N whole kernels")
+    g.add_argument("--method", choices=("data-aware", "exact", "twn"), default="data-aware", help=METHOD_HELP)
+    g.add_argument("--act-bits", type=int, choices=(8, 4), default=8, help="activation bits (default 8)")
+    g.add_argument("--act-calibration", choices=("minmax", "dfp", "percentile", "mse"), default=None,
+                   help="activation scales: minmax (8-bit default), dfp (power-of-two, dynamic fixed "
+                        "point), percentile, mse (4-bit default: clips outliers)")
+    g.add_argument("--layer-bits", action="append", default=[], metavar="NAME=BITS",
+                   help="override one layer (or op type conv/dense/depthwise): BITS 2, 4, 8, or 0 = float; repeatable")
+
+
+def quant_config(args: argparse.Namespace):
+    from ..plan import QuantConfig
+
+    overrides = []
+    for item in args.layer_bits:
+        name, sep, bits = item.rpartition("=")
+        if not sep or not name or bits not in ("0", "2", "4", "8"):
+            raise OptionError(f"--layer-bits wants NAME=BITS with BITS 0, 2, 4 or 8, got {item!r}")
+        overrides.append((name, int(bits)))
+    try:
+        return QuantConfig(weight_bits=args.weight_bits, group_size=args.group_size, grouping=args.grouping,
+                           method=args.method, act_bits=args.act_bits, act_calibration=args.act_calibration,
+                           overrides=tuple(overrides))
+    except ValueError as error:
+        raise OptionError(str(error)) from None
+
+
+def add_preprocess_arguments(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("image preprocessing")
+    g.add_argument("--preprocess", choices=("torchvision", "caffe", "unit"), default=None,
+                   help="torchvision: RGB/255, ImageNet mean/std; caffe: BGR 0-255 minus 104,117,123; unit: RGB/255")
+    g.add_argument("--mean", metavar="R,G,B", help="override the preset's mean")
+    g.add_argument("--std", metavar="R,G,B", help="override the preset's std")
+    g.add_argument("--bgr", action="store_true", help="feed channels in BGR order")
+
+
+def preprocess_config(args: argparse.Namespace):
+    from ..preprocess import PreprocessConfig
+
+    if args.preprocess is None and not (args.mean or args.std or args.bgr):
+        return None
+    return PreprocessConfig.from_options(preset=args.preprocess, mean=_triple(args.mean, "--mean"),
+                                         std=_triple(args.std, "--std"), bgr=True if args.bgr else None)
+
+
+def _triple(text: str | None, flag: str):
+    if text is None:
+        return None
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        values = ()
+    if len(values) != 3:
+        raise OptionError(f"{flag} wants three comma-separated numbers R,G,B, got {text!r}")
+    return values
+
+
+def load_images(source: Path, *, preprocess, input_shape, limit: int | None, what: str) -> np.ndarray:
+    """Images from a folder (needs a preprocessing preset) or a stacked ``.npy`` (used as is)."""
+    from ..preprocess import load_image_folder, preprocess_images
+
+    source = Path(source)
+    if source.suffix == ".npy":
+        try:
+            arr = np.load(source, allow_pickle=False)
+        except (OSError, ValueError) as error:
+            raise UserError(f"{source}: cannot read {what} array ({error})") from None
+        if arr.ndim != len(input_shape) or tuple(arr.shape[1:]) != tuple(input_shape[1:]):
+            raise UserError(f"{source}: {what} shape {arr.shape} does not fit the model input {tuple(input_shape)}")
+        return arr[:limit].astype(np.float32)
+    if preprocess is None:
+        raise OptionError(f"{what} images from a folder need --preprocess (or --mean/--std)")
+    paths, _ = load_image_folder(source, limit=limit)
+    if not paths:
+        raise UserError(f"{source}: no images found")
+    return preprocess_images(paths, config=preprocess, input_shape=input_shape).astype(np.float32)
+
+
+def parse_input_shapes(items: list[str]) -> dict:
+    from ..passes.onnx_normalize import parse_input_shape
+
+    return dict(parse_input_shape(item) for item in items)

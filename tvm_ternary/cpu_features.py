@@ -1,0 +1,42 @@
+"""CPU feature names: what a compiled library needs and what the host has (no TVM import).
+
+Feature names are LLVM's (what the target reports); the host's come from ``/proc/cpuinfo``,
+whose names differ for some features, hence the table.
+
+Example::
+
+    >>> "sse2" in host_features() or not Path("/proc/cpuinfo").exists()
+    True
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+# LLVM feature name -> Linux /proc/cpuinfo flag. The set a library records is the subset of
+# these its target enables: LLVM may emit any of them anywhere in the code it generates.
+LLVM_TO_CPUINFO = {
+    "sse2": "sse2", "sse4.1": "sse4_1", "sse4.2": "sse4_2", "avx": "avx", "avx2": "avx2",
+    "fma": "fma", "f16c": "f16c", "bmi": "bmi1", "bmi2": "bmi2", "popcnt": "popcnt",
+    "avx512f": "avx512f", "avx512bw": "avx512bw", "avx512dq": "avx512dq", "avx512vl": "avx512vl",
+    "avx512cd": "avx512cd", "avx512vnni": "avx512_vnni", "avx512vbmi": "avx512vbmi",
+    "avx512vbmi2": "avx512_vbmi2", "avx512bitalg": "avx512_bitalg",
+    "avx512vpopcntdq": "avx512_vpopcntdq", "avx512bf16": "avx512_bf16", "avx512ifma": "avx512ifma",
+    "avxvnni": "avx_vnni", "gfni": "gfni", "vaes": "vaes", "vpclmulqdq": "vpclmulqdq",
+}
+
+
+@functools.lru_cache(maxsize=1)
+def host_features() -> frozenset[str]:
+    """LLVM names of the features this host's CPU reports (empty off Linux)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return frozenset()
+    flags = set()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            flags.update(line.split(":", 1)[1].split())
+            break
+    return frozenset(llvm for llvm, linux in LLVM_TO_CPUINFO.items() if linux in flags)
