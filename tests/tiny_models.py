@@ -9,7 +9,10 @@ import numpy as np
 from onnx import TensorProto, helper, numpy_helper
 
 
-def tiny_cnn(seed: int = 0, *, channels: int = 16, size: int = 16, classes: int = 10):
+def tiny_cnn(seed: int = 0, *, channels: int = 16, size: int = 16, classes: int = 10,
+             conv_head: bool = False):
+    """``conv_head=True`` ends in a 1x1 conv classifier read straight from the integer region
+    (no float op before the output), so the compiled output is comparable bit for bit."""
     rng = np.random.default_rng(seed)
     inits, nodes = [], []
 
@@ -41,6 +44,16 @@ def tiny_cnn(seed: int = 0, *, channels: int = 16, size: int = 16, classes: int 
     nodes.append(helper.make_node("Add", [rb, "fire_cat"], ["res_add"], name="res_add"))
     nodes.append(helper.make_node("Relu", ["res_add"], ["res_out"], name="res_out"))
     dw = conv("dw", "res_out", 2 * c, 2 * c, 3, group=2 * c)
+    if conv_head:
+        head = conv("head", dw, 2 * c, classes, 1, relu=False)
+        out_shape = [1, classes, size // 4, size // 4]
+        graph = helper.make_graph(
+            nodes, "tiny_cnn_conv_head",
+            [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 3, size, size])],
+            [helper.make_tensor_value_info(head, TensorProto.FLOAT, out_shape)], inits)
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+        model.ir_version = 8
+        return model
     nodes.append(helper.make_node("GlobalAveragePool", [dw], ["gap"], name="gap"))
     nodes.append(helper.make_node("Flatten", ["gap"], ["flat"], name="flat", axis=1))
     fc_w = const("fc_w", (classes, 2 * c))

@@ -1,0 +1,332 @@
+#!/usr/bin/env python3
+"""Per-layer benchmark: our ternary / 8-bit-weight kernels against ONNX Runtime fp32 and int8.
+
+    python scripts/bench_kernels.py --model resnet50 --threads 1 --batch 1 --json out.json
+
+Every distinct conv shape of the model plus its dense layer, side by side in one run:
+``tvm_ternary`` (2-bit weights, u8 activations, fused bias+ReLU+requantize), ``tvm_ternary_w8``
+(8-bit weights, same kernel family), ``ort_fp32``, ``ort_int8`` (static QDQ u8s8 made by
+onnxruntime.quantization from a one-layer model with random calibration data) and
+``openvino_int8`` when OpenVINO is installed (skipped with a note otherwise).  The table gives
+G MAC/s and % of this CPU's vpdpbusd peak, measured by a back-to-back vpdpbusd loop compiled
+with gcc at run time.  The JSON is a list of records (layer, runtime, threads, batch,
+median_ms, gmacs, ...).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from tvm_ternary import quant  # noqa: E402
+from tvm_ternary import tvm_adapter as ta  # noqa: E402
+from tvm_ternary.schedules import ConvSpec, DenseSpec, conv2d_kernel, kernel_arg_names  # noqa: E402
+from tvm_ternary.schedules import layout, params  # noqa: E402
+
+# (name, C, K, kernel, stride, input H=W, count in the model); padding = kernel // 2.
+_R18 = [("conv1_7x7", 3, 64, 7, 2, 224, 1), ("l1_3x3", 64, 64, 3, 1, 56, 4),
+        ("l2_3x3_s2", 64, 128, 3, 2, 56, 1), ("l2_3x3", 128, 128, 3, 1, 28, 3),
+        ("l2_ds_1x1_s2", 64, 128, 1, 2, 56, 1), ("l3_3x3_s2", 128, 256, 3, 2, 28, 1),
+        ("l3_3x3", 256, 256, 3, 1, 14, 3), ("l3_ds_1x1_s2", 128, 256, 1, 2, 28, 1),
+        ("l4_3x3_s2", 256, 512, 3, 2, 14, 1), ("l4_3x3", 512, 512, 3, 1, 7, 3),
+        ("l4_ds_1x1_s2", 256, 512, 1, 2, 14, 1)]
+_R50 = [("conv1_7x7", 3, 64, 7, 2, 224, 1),
+        ("l1_1x1_64_64", 64, 64, 1, 1, 56, 1), ("l1_3x3", 64, 64, 3, 1, 56, 3),
+        ("l1_1x1_64_256", 64, 256, 1, 1, 56, 4), ("l1_1x1_256_64", 256, 64, 1, 1, 56, 2),
+        ("l2_1x1_256_128", 256, 128, 1, 1, 56, 1), ("l2_3x3_s2", 128, 128, 3, 2, 56, 1),
+        ("l2_1x1_128_512", 128, 512, 1, 1, 28, 4), ("l2_ds_1x1_s2", 256, 512, 1, 2, 56, 1),
+        ("l2_1x1_512_128", 512, 128, 1, 1, 28, 3), ("l2_3x3", 128, 128, 3, 1, 28, 3),
+        ("l3_1x1_512_256", 512, 256, 1, 1, 28, 1), ("l3_3x3_s2", 256, 256, 3, 2, 28, 1),
+        ("l3_1x1_256_1024", 256, 1024, 1, 1, 14, 6), ("l3_ds_1x1_s2", 512, 1024, 1, 2, 28, 1),
+        ("l3_1x1_1024_256", 1024, 256, 1, 1, 14, 5), ("l3_3x3", 256, 256, 3, 1, 14, 5),
+        ("l4_1x1_1024_512", 1024, 512, 1, 1, 14, 1), ("l4_3x3_s2", 512, 512, 3, 2, 14, 1),
+        ("l4_1x1_512_2048", 512, 2048, 1, 1, 7, 3), ("l4_ds_1x1_s2", 1024, 2048, 1, 2, 14, 1),
+        ("l4_1x1_2048_512", 2048, 512, 1, 1, 7, 2), ("l4_3x3", 512, 512, 3, 1, 7, 2)]
+MODELS = {"resnet18": (_R18, 512), "resnet50": (_R50, 2048)}
+
+
+def model_layers(model: str, batch: int):
+    """[(name, spec kwargs, count)] for the model's distinct conv shapes and its fc layer."""
+    convs, fc_in = MODELS[model]
+    out = [(name, dict(batch=batch, in_channels=c, out_channels=k, height=hw, width=hw,
+                       kernel=r, stride=st, padding=r // 2), n)
+           for name, c, k, r, st, hw, n in convs]
+    out.append(("fc", dict(batch=batch, in_features=fc_in, out_features=1000), 1))
+    return out
+
+
+# ---------------------------------------------------------------- peak and machine stamp
+
+_ACCS = 12  # independent accumulator chains: more than latency x issue width
+_PEAK_C = "\n".join([
+    "#include <immintrin.h>", "#include <pthread.h>", "#include <stdio.h>",
+    "#include <stdlib.h>", "#include <time.h>", "#define ITERS 20000000L",
+    "static void *work(void *arg) {",
+    "  __m512i b = _mm512_set1_epi8(1), c = _mm512_set1_epi8(2);",
+    *[f"  __m512i a{i} = _mm512_set1_epi32({i});" for i in range(_ACCS)],
+    "  for (long it = 0; it < ITERS; it++) {",
+    *[f"    a{i} = _mm512_dpbusd_epi32(a{i}, b, c);" for i in range(_ACCS)],
+    # every chain opaque to the compiler (no merging of identical chains), still in registers
+    "    __asm__ volatile(\"\" : " + ", ".join(f"\"+v\"(a{i})" for i in range(_ACCS)) + ");",
+    "  }",
+    "  __m512i s = a0;",
+    *[f"  s = _mm512_add_epi32(s, a{i});" for i in range(1, _ACCS)],
+    "  *(long *)arg = _mm512_reduce_add_epi32(s);",
+    "  return 0;",
+    "}",
+    "int main(int argc, char **argv) {",
+    "  int t = atoi(argv[1]); pthread_t th[64]; long sink[64]; struct timespec t0, t1;",
+    "  clock_gettime(CLOCK_MONOTONIC, &t0);",
+    "  for (int i = 0; i < t; i++) pthread_create(&th[i], 0, work, &sink[i]);",
+    "  for (int i = 0; i < t; i++) pthread_join(th[i], 0);",
+    "  clock_gettime(CLOCK_MONOTONIC, &t1);",
+    "  double s = (t1.tv_sec - t0.tv_sec) + 1e-9 * (t1.tv_nsec - t0.tv_nsec);",
+    f"  printf(\"%f\\n\", {_ACCS}.0 * 64.0 * ITERS * t / s / 1e9);",
+    "  return sink[0] == 42;",
+    "}",
+])
+
+
+def measure_vnni_peak(threads: int) -> float | None:
+    """G MAC/s of back-to-back vpdpbusd zmm on ``threads`` threads (None if it cannot run)."""
+    with tempfile.TemporaryDirectory() as d:
+        src, exe = Path(d) / "peak.c", Path(d) / "peak"
+        src.write_text(_PEAK_C)
+        try:
+            subprocess.run(["gcc", "-O2", "-mavx512f", "-mavx512bw", "-mavx512vnni", "-pthread",
+                            str(src), "-o", str(exe)], check=True, capture_output=True)
+            runs = [float(subprocess.run([str(exe), str(threads)], check=True,
+                                         capture_output=True, text=True).stdout)
+                    for _ in range(3)]
+        except (OSError, subprocess.CalledProcessError, ValueError):
+            return None
+    return max(runs)
+
+
+def machine_stamp(threads: int) -> dict:
+    cpu = "unknown"
+    flags: set = set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name") and cpu == "unknown":
+                cpu = line.split(":", 1)[1].strip()
+            if line.startswith("flags") and not flags:
+                flags = set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    want = ["avx2", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "avx512_vpopcntdq",
+            "avx512vbmi"]
+    versions = {"python": platform.python_version(), "tvm": ta.tvm_version(),
+                "numpy": np.__version__}
+    try:
+        import onnxruntime
+
+        versions["onnxruntime"] = onnxruntime.__version__
+    except ImportError:
+        pass
+    return {"cpu": cpu, "llvm_cpu": ta.host_cpu(), "isa_flags": [f for f in want if f in flags],
+            "threads": threads, "versions": versions}
+
+
+# ---------------------------------------------------------------- our kernels
+
+
+def _median_ms(fn, *, min_runs: int = 10, min_s: float = 0.3) -> float:
+    fn()
+    times, start = [], time.perf_counter()
+    while len(times) < min_runs or time.perf_counter() - start < min_s:
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def bench_ours(spec: ConvSpec, threads: int) -> float:
+    target = ta.make_target(ta.host_cpu(), num_cores=threads)
+    func = conv2d_kernel(spec, target=target)
+    isa = str(func.attrs["tvm_ternary.isa"])
+    mod = ta.build(func, target=target)
+    rng = np.random.default_rng(0)
+    r, s = spec.kernel
+    wshape = (spec.out_channels, spec.cin_per_group, r, s)
+    vmax = {2: 1, 4: 7, 8: 127}[spec.weight_bits]
+    values = rng.integers(-vmax, vmax + 1, size=wshape).astype(np.int8)
+    codes = rng.integers(0, 127 // vmax + 1, size=spec.codes_shape).astype(np.uint8)
+    weights = quant.pack_ternary(values) if spec.weight_bits == 2 else layout.block_weights(values)
+    k = spec.out_channels
+    data = {"x": rng.integers(0, 256, size=spec.x_shape).astype(np.uint8), "weights": weights,
+            "codes": codes, "multiplier": np.full(k, 1 << 30, np.int32),
+            "shift": np.full(k, 40, np.int32), "scale": np.full(k, 1e-3, np.float32),
+            "bias": params.kernel_bias(spec, isa=isa, weights=weights, codes=codes,
+                                       bias=np.zeros(k, np.int32) if spec.bias else None)}
+    names = kernel_arg_names(spec, isa)
+    args = [ta.tensor(data[n]) for n in names[:-1]]
+    args.append(ta.empty(spec.out_shape, "float32" if spec.out == "f32" else "uint8"))
+    # one call per sample and the median, as for ONNX Runtime: robust to a shared machine
+    ta.time_ms(mod, args, number=5, repeat=1)  # warm-up
+    reps = int(min(400, max(20, 300.0 / max(spec.macs / 2e8, 0.01))))
+    return statistics.median(ta.time_ms(mod, args, number=1, repeat=reps))
+
+
+def our_spec(kw: dict, *, bits: int, group_size: int, dense: bool):
+    if dense:
+        c = kw["in_features"]
+        return DenseSpec(weight_bits=bits, group_size=min(group_size, c), out="f32",
+                         **kw).as_conv()
+    c = kw["in_channels"]
+    return ConvSpec(weight_bits=bits, group_size=min(group_size, c), act="u8", out="u8",
+                    bias=True, relu=True, **kw)
+
+
+# ---------------------------------------------------------------- ONNX Runtime
+
+
+def _onnx_layer(kw: dict, dense: bool, path: Path) -> tuple[np.ndarray, list]:
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    if dense:
+        n, c, k = kw["batch"], kw["in_features"], kw["out_features"]
+        w = rng.normal(0, 0.05, size=(k, c)).astype(np.float32)
+        node = helper.make_node("Gemm", ["x", "w", "b"], ["y"], transB=1)
+        xshape = [n, c]
+    else:
+        n, c, k, r = kw["batch"], kw["in_channels"], kw["out_channels"], kw["kernel"]
+        w = rng.normal(0, 0.05, size=(k, c, r, r)).astype(np.float32)
+        p = kw["padding"]
+        node = helper.make_node("Conv", ["x", "w", "b"], ["y"], kernel_shape=[r, r],
+                                strides=[kw["stride"]] * 2, pads=[p] * 4)
+        xshape = [n, c, kw["height"], kw["width"]]
+    inits = [numpy_helper.from_array(w, "w"),
+             numpy_helper.from_array(rng.normal(0, 0.1, size=k).astype(np.float32), "b")]
+    graph = helper.make_graph([node], "layer",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, xshape)],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                              initializer=inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(path))
+    return rng.uniform(0, 1, size=xshape).astype(np.float32), xshape
+
+
+def bench_ort(kw: dict, dense: bool, threads: int, *, int8: bool) -> float:
+    import onnxruntime as ort
+
+    with tempfile.TemporaryDirectory() as d:
+        fp32 = Path(d) / "fp32.onnx"
+        x, xshape = _onnx_layer(kw, dense, fp32)
+        path = fp32
+        if int8:
+            from onnxruntime.quantization import (CalibrationDataReader, QuantFormat,
+                                                  QuantType, quantize_static)
+
+            class Reader(CalibrationDataReader):
+                def __init__(self):
+                    rng = np.random.default_rng(1)
+                    self.it = iter([{"x": rng.uniform(0, 1, size=xshape).astype(np.float32)}
+                                    for _ in range(4)])
+
+                def get_next(self):
+                    return next(self.it, None)
+
+            path = Path(d) / "int8.onnx"
+            quantize_static(str(fp32), str(path), Reader(), quant_format=QuantFormat.QDQ,
+                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                            per_channel=True)
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = threads
+        so.inter_op_num_threads = 1
+        sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        return _median_ms(lambda: sess.run(None, {"x": x}))
+
+
+# ---------------------------------------------------------------- driver
+
+
+def weight_bytes(kw: dict, dense: bool, group_size: int) -> dict:
+    c, k = (kw["in_features"], kw["out_features"]) if dense else (kw["in_channels"],
+                                                                  kw["out_channels"])
+    r = 1 if dense else kw["kernel"]
+    groups = -(-c // min(group_size, c)) * k * r * r
+    n = k * c * r * r
+    return {"bytes_2bit": quant.packed_bytes(shape=(k, c, r, r), num_groups=groups),
+            "bytes_int8": n + 4 * k, "bytes_fp32": 4 * n}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", choices=sorted(MODELS), default="resnet50")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--group-size", type=int, default=64, help="FGQ group size N of ours")
+    ap.add_argument("--layers", default="", help="comma-separated subset of layer names")
+    ap.add_argument("--skip-ort", action="store_true")
+    a = ap.parse_args(argv)
+
+    ta.set_num_threads(a.threads)
+    stamp = machine_stamp(a.threads)
+    peak = measure_vnni_peak(a.threads)
+    stamp["vnni_peak_gmacs"] = peak
+    print(json.dumps(stamp))
+    try:
+        import openvino  # noqa: F401
+
+        print("note: openvino is installed but its int8 path is not wired up here")
+    except ImportError:
+        print("note: openvino_int8 skipped (openvino not installed)")
+    records = []
+    subset = set(filter(None, a.layers.split(",")))
+    for name, kw, count in model_layers(a.model, a.batch):
+        if subset and name not in subset:
+            continue
+        dense = name == "fc"
+        runs = {}
+        for rt, bits in (("tvm_ternary", 2), ("tvm_ternary_w8", 8)):
+            spec = our_spec(kw, bits=bits, group_size=a.group_size, dense=dense)
+            runs[rt] = (bench_ours(spec, a.threads), spec.macs)
+        if not a.skip_ort:
+            macs = runs["tvm_ternary"][1]
+            runs["ort_fp32"] = (bench_ort(kw, dense, a.threads, int8=False), macs)
+            runs["ort_int8"] = (bench_ort(kw, dense, a.threads, int8=True), macs)
+        for rt, (ms, macs) in runs.items():
+            gmacs = macs / ms / 1e6
+            rec = {"layer": name, "runtime": rt, "threads": a.threads, "batch": a.batch,
+                   "median_ms": round(ms, 4), "gmacs": round(gmacs, 1), "count": count,
+                   "macs": macs, "pct_peak": round(100 * gmacs / peak, 1) if peak else None,
+                   **weight_bytes(kw, dense, a.group_size), "cpu": stamp["cpu"]}
+            records.append(rec)
+            print(f"{name:18s} {rt:15s} {ms:8.3f} ms {gmacs:7.1f} GMAC/s "
+                  f"{rec['pct_peak'] if peak else '-':>6}% peak", flush=True)
+    ratios = []
+    for name in dict.fromkeys(r["layer"] for r in records):
+        by = {r["runtime"]: r["median_ms"] for r in records if r["layer"] == name}
+        if "ort_int8" in by:
+            ratios.append(by["ort_int8"] / by["tvm_ternary"])
+    if ratios:
+        gm = float(np.exp(np.mean(np.log(ratios))))
+        print(f"geomean(ort_int8 / tvm_ternary) over {len(ratios)} layers: {gm:.2f}")
+    print("bytes per layer (2-bit+codes+scales / int8 / fp32):")
+    for r in records:
+        if r["runtime"] == "tvm_ternary":
+            print(f"  {r['layer']:18s} {r['bytes_2bit']:>10d} {r['bytes_int8']:>10d} "
+                  f"{r['bytes_fp32']:>10d}")
+    if a.json:
+        a.json.write_text(json.dumps(records, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,88 @@
+"""Compile flow on tiny CNNs: structure of the rewritten module, and the compiled library
+bit-exact against the numpy reference pipeline (plan.simulate)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from tiny_models import tiny_cnn, tiny_images
+
+from tvm_ternary.compiler import compile_model
+from tvm_ternary.plan import QuantConfig, simulate
+
+
+def compiled(model, config, calib=16):
+    return compile_model(model, config=config, calib_images=tiny_images(calib), progress=False)
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        QuantConfig(method="exact"),
+        QuantConfig(method="data-aware", group_size=2),
+        QuantConfig(weight_bits=4, method="exact", grouping="cluster"),
+        QuantConfig(weight_bits=8, method="exact"),
+        QuantConfig(method="exact", act_bits=4),
+        QuantConfig(method="twn", group_size=1, act_calibration="dfp"),
+    ],
+    ids=["ternary-exact", "ternary-data-aware-N2", "w4-cluster", "w8", "act4", "twn-N1-dfp"],
+)
+def test_bit_exact_against_reference_pipeline(config):
+    """Conv head: every op is integer until the head dequantizes acc * scale (one float multiply,
+    exact in both), so the library must equal the numpy reference exactly."""
+    cm = compiled(tiny_cnn(conv_head=True), config)
+    x = tiny_images(3, seed=5)
+    np.testing.assert_array_equal(cm.run(x), simulate(cm.plan, x))
+
+
+def test_structure_every_layer_is_a_kernel_and_region_ops_are_integer():
+    cm = compiled(tiny_cnn(), QuantConfig(method="exact"))
+    assert cm.rewrite.left_float == {}
+    assert sorted(cm.rewrite.fused) == sorted(["conv1", "fire_squeeze", "fire_e1", "fire_e3",
+                                               "res_a", "res_b", "dw", "fc"])
+    assert sorted(cm.rewrite.integer_ops) == ["concat", "max_pool2d"]
+    assert set(cm.rewrite.kernels.values()) >= {cm.isa, "plain"}  # depthwise uses the plain schedule
+
+
+def test_classifier_after_float_pool_matches_reference():
+    """GAP runs in float between the region and the dense layer: a different summation order
+    may move the dense input by one quantization step, hence the tolerance (one step of the
+    dense layer's input times its largest weight contribution)."""
+    cm = compiled(tiny_cnn(), QuantConfig(method="exact"))
+    x = tiny_images(4, seed=9)
+    got, want = cm.run(x), simulate(cm.plan, x)
+    fc = cm.plan.layers["fc"]
+    step = fc.input_quant.scale * np.abs(fc.weights.dequantize()).sum(axis=1).max()
+    assert np.abs(got - want).max() <= step
+    assert (got.argmax(1) == want.argmax(1)).all()
+
+
+def test_float_override_stays_float_and_is_reported():
+    cm = compiled(tiny_cnn(), QuantConfig(method="exact", overrides=(("res_a", 0),)))
+    assert "res_a" not in cm.rewrite.fused
+    meta = cm.sidecar(library_sha256="0")
+    status = {row["layer"]: row["status"] for row in meta["coverage"]}
+    assert status["res_a"] == "float (policy)" and status["res_b"] == "kernel"
+    x = tiny_images(2, seed=4)
+    np.testing.assert_allclose(cm.run(x), simulate(cm.plan, x), rtol=1e-4, atol=1e-4)
+
+
+def test_export_and_run_in_fresh_process_with_runtime_only(tmp_path):
+    cm = compiled(tiny_cnn(), QuantConfig(method="exact"))
+    lib = tmp_path / "tiny.so"
+    meta = cm.export(lib)
+    assert lib.is_file() and json.loads((tmp_path / "tiny.so.json").read_text()) == json.loads(json.dumps(meta))
+    assert "avx2" in meta["required_cpu_features"] or meta["target"]["isa"] == "plain"
+    x = tiny_images(3, seed=2)
+    np.save(tmp_path / "x.npy", x)
+    env = dict(os.environ, TVM_USE_RUNTIME_LIB="1")
+    code = ("import sys, numpy as np; from tvm_ternary.runtime import load; "
+            "y = load(sys.argv[1]).run(np.load(sys.argv[2])); np.save(sys.argv[3], y); "
+            "print(any(m.startswith('tvm.relax') for m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code, str(lib), str(tmp_path / "x.npy"), str(tmp_path / "y.npy")],
+                         env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"  # the compiler was never loaded
+    np.testing.assert_array_equal(np.load(tmp_path / "y.npy"), cm.run(x))

@@ -1,0 +1,122 @@
+"""Bit-exactness of the conv2d / dense kernels against tvm_ternary.quant.reference, for every
+ISA variant this CPU runs (forced through the target's mcpu)."""
+
+from __future__ import annotations
+
+import pytest
+
+from kernels_harness import ISA_MCPU, host_runs, run_and_check
+from tvm_ternary.schedules import ConvSpec, DenseSpec
+
+ISAS = [isa for isa in ISA_MCPU if host_runs(isa)]
+
+# Small layers covering: channel counts off the 4/16 blocks, strides, asymmetric padding,
+# dilation, groups (block-aligned and not), batch > 1, every activation kind, group sizes
+# N in {1, 2, 4, 8, C}, and each epilogue step.
+CASES = {
+    "3x3_u8_i32": dict(in_channels=16, height=9, width=9, out_channels=32, kernel=3, padding=1,
+                       act="u8", out="i32", group_size=8),
+    "3x3_s8_odd_s2": dict(in_channels=6, height=7, width=10, out_channels=20, kernel=3,
+                          stride=2, padding=(1, 2, 0, 1), act="s8", out="u8", bias=True,
+                          relu=True, group_size=2),
+    "1x1_u4_res": dict(in_channels=32, height=5, width=6, out_channels=48, kernel=1, stride=2,
+                       act="u4", out="s8", residual="s8", group_size=4),
+    "7x7_stem_f32": dict(in_channels=3, height=17, width=17, out_channels=16, kernel=7,
+                         stride=2, padding=3, act="u8", out="f32", float_bias=True, relu=True,
+                         bias=True, group_size=3),
+    "3x3_dil_s4_u4": dict(in_channels=8, height=8, width=8, out_channels=16, kernel=3,
+                          padding=2, dilation=2, act="s4", out="u4", residual="u8",
+                          group_size=1),
+    "3x3_groups2": dict(in_channels=32, height=6, width=6, out_channels=64, kernel=3,
+                        padding=1, groups=2, act="s8", out="s4", bias=True, group_size=16),
+    "3x3_groups4_small": dict(in_channels=16, height=6, width=5, out_channels=16, kernel=3,
+                              padding=1, groups=4, act="u8", out="i32", relu=True),
+    "depthwise_s1": dict(in_channels=24, height=7, width=7, out_channels=24, kernel=3,
+                         padding=1, groups=24, act="u8", out="u8", bias=True, relu=True),
+    "depthwise_s2_s8": dict(in_channels=20, height=9, width=8, out_channels=20, kernel=3,
+                            stride=2, padding=1, groups=20, act="s8", out="s8",
+                            residual="s8"),
+    "batch2_3x3": dict(batch=2, in_channels=12, height=6, width=15, out_channels=16,
+                       kernel=3, padding=1, act="s8", out="f32", group_size=12),
+}
+
+
+def _spec(name: str, bits: int) -> ConvSpec:
+    kw = dict(CASES[name])
+    kw.setdefault("batch", 1)
+    return ConvSpec(weight_bits=bits, **kw)
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("name", list(CASES))
+@pytest.mark.parametrize("isa", ISAS)
+def test_conv_bit_exact(isa, name, bits):
+    run_and_check(_spec(name, bits), isa)
+
+
+@pytest.mark.parametrize("name", ["3x3_s8_odd_s2", "depthwise_s1", "3x3_groups4_small",
+                                  "1x1_u4_res"])
+def test_reference_schedule_bit_exact(name):
+    run_and_check(_spec(name, 2), "vnni512" if host_runs("vnni512") else "plain",
+                  schedule="reference")
+
+
+DENSE = {
+    "n1": dict(batch=1, in_features=40, out_features=24, act="u8", out="f32", group_size=8),
+    "n3_s8": dict(batch=3, in_features=64, out_features=32, act="s8", out="s8", bias=True,
+                  relu=True, group_size=64),
+    "n8_u4": dict(batch=8, in_features=18, out_features=40, act="u4", out="i32", group_size=4),
+}
+
+
+@pytest.mark.parametrize("bits", [2, 8])
+@pytest.mark.parametrize("name", list(DENSE))
+@pytest.mark.parametrize("isa", ISAS)
+def test_dense_bit_exact(isa, name, bits):
+    spec = DenseSpec(weight_bits=bits, **DENSE[name])
+    run_and_check(spec.as_conv(), isa)
+
+
+def test_requantize_ties_round_half_even():
+    """multiplier 2^30, shift 31 halves the accumulator: every odd acc is an exact tie."""
+    import numpy as np
+
+    from kernels_harness import build_cached, check, make_case, run
+    from tvm_ternary.quant import reference as ref
+    from tvm_ternary.schedules import params
+
+    spec = ConvSpec(**{**CASES["3x3_u8_i32"], "out": "s8", "batch": 1})
+    mod, names, built = build_cached(spec, ISAS[0])
+    case = make_case(spec, isa=built)
+    k = spec.out_channels
+    case["multiplier"] = np.full(k, 2**30, np.int32)
+    case["shift"] = np.full(k, 31, np.int32)
+    w = params.decoded_weights(spec, weights=case["weights"], codes=case["codes"])
+    acc = ref.conv2d_int(case["x"].transpose(0, 3, 1, 2), w, padding=1).transpose(0, 2, 3, 1)
+    assert (acc % 2 == 1).any()
+    case["expected"] = ref.requantize(acc, multiplier=case["multiplier"], shift=case["shift"],
+                                      signed=True, channel_axis=3)
+    check(run(mod, spec, names, case), case, spec)
+
+
+SLOW = {
+    "resnet_3x3_64": dict(in_channels=64, height=28, width=28, out_channels=64, kernel=3,
+                          padding=1, act="u8", out="u8", bias=True, relu=True, group_size=16),
+    "resnet_1x1_s2": dict(in_channels=64, height=28, width=28, out_channels=128, kernel=1,
+                          stride=2, act="s8", out="s8", residual="s8", group_size=64),
+    "stem_7x7": dict(in_channels=3, height=56, width=56, out_channels=64, kernel=7, stride=2,
+                     padding=3, act="s8", out="u8", relu=True),
+    "odd_everything": dict(batch=4, in_channels=37, height=13, width=11, out_channels=50,
+                           kernel=(3, 5), stride=(2, 1), padding=(0, 2, 1, 1),
+                           dilation=(1, 2), act="u4", out="f32", group_size=5),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("name", list(SLOW))
+@pytest.mark.parametrize("isa", ISAS)
+def test_conv_bit_exact_larger(isa, name, bits):
+    kw = dict(SLOW[name])
+    kw.setdefault("batch", 1)
+    run_and_check(ConvSpec(weight_bits=bits, **kw), isa, seed=1)
