@@ -186,7 +186,7 @@ def tvm_version() -> str:
 
 
 # ---------------------------------------------------------------- Relax: import, constants, float VM
-# (section owned by the import/calibration passes: tvm_ternary/passes/import_onnx.py, calibrate.py)
+# (section owned by the import pass: tvm_ternary/passes/import_onnx.py)
 
 
 def relax_from_onnx(model, *, shape_dict: dict, dtype_dict: dict):
@@ -265,55 +265,10 @@ def conv_dense_bindings(mod, func_name: str = "main") -> list:
             and const_numpy(value.args[1]) is not None]
 
 
-def with_extra_outputs(mod, var_names, func_name: str = "main"):
-    """A copy of ``mod`` whose ``func_name`` returns ``(original output, *named vars)``.
-
-    Calibration reads intermediate tensors this way. A dataflow var may not leave its block, so
-    each named var is re-bound to a fresh output var at the end of the block it lives in.
-    """
-    from tvm import relax
-
-    func = mod[func_name]
-    wanted = list(var_names)
-    found, blocks = {}, []
-    for block in func.body.blocks:
-        extra = []
-        for binding in block.bindings:
-            name = var_name(binding.var)
-            if name in wanted and name not in found:
-                if isinstance(block, relax.DataflowBlock):
-                    out = relax.Var(f"{name}_out", binding.var.ty)
-                    extra.append(relax.VarBinding(out, binding.var))
-                    found[name] = out
-                else:
-                    found[name] = binding.var
-        if extra:
-            block = relax.DataflowBlock(list(block.bindings) + extra)
-        blocks.append(block)
-    missing = [n for n in wanted if n not in found]
-    if missing:
-        raise KeyError(f"no binding named {missing[0]!r} in {func_name}")
-    fields = [func.body.body] + [found[n] for n in wanted]
-    body = relax.SeqExpr(blocks, relax.Tuple(fields))
-    ret_ty = tvm.ir.TupleType([field.ty for field in fields])
-    new_func = relax.Function(func.params, body, ret_ty, attrs=func.attrs)
-    out = tvm.IRModule(dict(mod.functions))
-    out[func_name] = relax.BlockBuilder().normalize(new_func)
-    return out
-
-
 def build_relax_vm(mod, *, target=None):
-    """Compile a float Relax module (zero pipeline: legalize, FuseOps, FuseTIR) into a VM.
-
-    Untuned: fine for calibration-sized work on small CNNs, not for speed.
-    """
-    from tvm import relax
-
-    t = as_target(target)
-    with t:
-        mod = relax.get_pipeline("zero")(mod)
-    ex = tvm.compile(mod, target=t)
-    return relax.VirtualMachine(ex, device())
+    """Compile a Relax module (see :func:`build_relax`) straight into a VM (float graphs are
+    untuned: fine for tests on small CNNs, not for speed)."""
+    return relax_vm(build_relax(mod, target=target))
 
 
 def run_relax_vm(vm, *inputs: np.ndarray, func_name: str = "main") -> list[np.ndarray]:
@@ -322,43 +277,6 @@ def run_relax_vm(vm, *inputs: np.ndarray, func_name: str = "main") -> list[np.nd
     items = list(result) if isinstance(result, (list, tuple)) or hasattr(result, "__len__") \
         and not hasattr(result, "numpy") else [result]
     return [item.numpy() for item in items]
-
-
-def register_packed(name: str, func) -> None:
-    """Make a Python callable a TVM global function (callable from Relax by name)."""
-    tvm.register_global_func(name, func, override=True)
-
-
-def unregister_packed(name: str) -> None:
-    import tvm_ffi
-
-    tvm_ffi.remove_global_func(name)
-
-
-def packed_dps_call(func_name: str, args, like_var):
-    """``call_dps_packed(func_name, args)`` producing a tensor typed like ``like_var``."""
-    from tvm import relax
-
-    return relax.call_dps_packed(func_name, relax.Tuple(list(args)), like_var.ty)
-
-
-def replace_binding_values(mod, values: dict, func_name: str = "main"):
-    """A copy of ``mod`` in which the bindings named in ``values`` get new values (same vars,
-    so names and types stay; each new value must have the var's type)."""
-    from tvm import relax
-
-    func = mod[func_name]
-    blocks = []
-    for block in func.body.blocks:
-        bindings = [relax.VarBinding(b.var, values[var_name(b.var)])
-                    if var_name(b.var) in values else b for b in block.bindings]
-        cls = relax.DataflowBlock if isinstance(block, relax.DataflowBlock) else relax.BindingBlock
-        blocks.append(cls(bindings))
-    body = relax.SeqExpr(blocks, func.body.body)
-    out = tvm.IRModule(dict(mod.functions))
-    new_func = relax.Function(func.params, body, func.ret_ty, attrs=func.attrs)
-    out[func_name] = relax.BlockBuilder().normalize(new_func)  # types for the new calls
-    return out
 
 
 # ---------------------------------------------------------------- region ops, graph rewriting, export
