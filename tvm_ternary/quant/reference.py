@@ -78,6 +78,12 @@ def grouped_conv(cols: np.ndarray, w: np.ndarray, groups: int) -> np.ndarray:
     if c != cg * groups or k % groups:
         raise ValueError(f"channels do not fit groups={groups}: input has {c}, weight {w.shape}")
     kg = k // groups
+    if groups > 1:
+        # One batched matmul over the groups: a Python loop over MobileNet's 960 depthwise
+        # groups made the numpy simulation ~5x slower. Same products and sums per output.
+        xg = cols.reshape(n, groups, cg * r * s, oh * ow)
+        wg = w.reshape(groups, kg, cg * r * s).astype(cols.dtype)
+        return np.matmul(wg[None], xg).reshape(n, k, oh, ow)
     out = np.empty((n, k, oh * ow), dtype=cols.dtype)
     for g in range(groups):
         xg = cols[:, g * cg : (g + 1) * cg].reshape(n, cg * r * s, oh * ow)
