@@ -84,3 +84,26 @@ def test_config_validation():
         QuantConfig(method="gptq")
     with pytest.raises(ValueError, match="group size"):
         QuantConfig(group_size=0)
+
+
+def test_add_of_two_convs_is_fused_into_one_of_them():
+    """ResNet's downsample block: conv_main and conv_down both feed one Add -> Relu."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.normal(size=(8, 4, 1, 1)).astype(np.float32), n) for n in ("wa", "wb")]
+    nodes = [helper.make_node("Conv", ["x", "wa"], ["a"], name="conv_main"),
+             helper.make_node("Conv", ["x", "wb"], ["b"], name="conv_down"),
+             helper.make_node("Add", ["a", "b"], ["s"], name="add"),
+             helper.make_node("Relu", ["s"], ["y"], name="relu")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 5, 5])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8, 5, 5])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    layers = {l.name: l for l in analyse(model).layers}
+    assert layers["conv_main"].residual == "b" and layers["conv_main"].root == "relu"
+    assert layers["conv_down"].residual is None and layers["conv_down"].output == "b"
+    plan = make_plan(model, rng.normal(size=(4, 4, 5, 5)).astype(np.float32),
+                     config=QuantConfig(weight_bits=8, method="exact", last_layer_bits=8), progress=False)
+    x = rng.normal(size=(2, 4, 5, 5)).astype(np.float32)
+    want = NumpyGraph(model).run(x)
+    assert np.corrcoef(simulate(plan, x).ravel(), want.ravel())[0, 1] > 0.99

@@ -63,7 +63,6 @@ def node_key(node: onnx.NodeProto) -> str:
 
 def analyse(model: onnx.ModelProto) -> GraphAnalysis:
     graph = model.graph
-    producers = {out: n for n in graph.node for out in n.output}
     consumers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
     for n in graph.node:
         for name in n.input:
@@ -79,15 +78,17 @@ def analyse(model: onnx.ModelProto) -> GraphAnalysis:
         return users[0]
 
     layers = []
+    claimed: set[str] = set()  # an Add both of whose operands are convs is fused into one only
     for weight in find_weighted_layers(model):
         node = next(n for n in graph.node if node_key(n) == weight.name)
         out, root, skipped, relu, residual = node.output[0], node, [], False, None
         add = only_consumer(out, "Add")
-        if add is not None:
+        if add is not None and node_key(add) not in claimed:
             other = add.input[1] if add.input[0] == out else add.input[0]
             if other not in constants and other != out:
                 skipped.append(node_key(root))
                 out, root, residual = add.output[0], add, other
+                claimed.add(node_key(add))
         act = only_consumer(out, "Relu")
         if act is not None:
             skipped.append(node_key(root))
