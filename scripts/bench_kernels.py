@@ -17,12 +17,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +30,9 @@ from tvm_ternary import quant  # noqa: E402
 from tvm_ternary import tvm_adapter as ta  # noqa: E402
 from tvm_ternary.schedules import ConvSpec, DenseSpec, conv2d_kernel, kernel_arg_names  # noqa: E402
 from tvm_ternary.schedules import layout, params  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _bench_common import machine_stamp, measure_vnni_peak, median_ms as _median_ms  # noqa: E402
 
 # (name, C, K, kernel, stride, input H=W, count in the model); padding = kernel // 2.
 _R18 = [("conv1_7x7", 3, 64, 7, 2, 224, 1), ("l1_3x3", 64, 64, 3, 1, 56, 4),
@@ -66,90 +66,7 @@ def model_layers(model: str, batch: int):
     return out
 
 
-# ---------------------------------------------------------------- peak and machine stamp
-
-_ACCS = 12  # independent accumulator chains: more than latency x issue width
-_PEAK_C = "\n".join([
-    "#include <immintrin.h>", "#include <pthread.h>", "#include <stdio.h>",
-    "#include <stdlib.h>", "#include <time.h>", "#define ITERS 20000000L",
-    "static void *work(void *arg) {",
-    "  __m512i b = _mm512_set1_epi8(1), c = _mm512_set1_epi8(2);",
-    *[f"  __m512i a{i} = _mm512_set1_epi32({i});" for i in range(_ACCS)],
-    "  for (long it = 0; it < ITERS; it++) {",
-    *[f"    a{i} = _mm512_dpbusd_epi32(a{i}, b, c);" for i in range(_ACCS)],
-    # every chain opaque to the compiler (no merging of identical chains), still in registers
-    "    __asm__ volatile(\"\" : " + ", ".join(f"\"+v\"(a{i})" for i in range(_ACCS)) + ");",
-    "  }",
-    "  __m512i s = a0;",
-    *[f"  s = _mm512_add_epi32(s, a{i});" for i in range(1, _ACCS)],
-    "  *(long *)arg = _mm512_reduce_add_epi32(s);",
-    "  return 0;",
-    "}",
-    "int main(int argc, char **argv) {",
-    "  int t = atoi(argv[1]); pthread_t th[64]; long sink[64]; struct timespec t0, t1;",
-    "  clock_gettime(CLOCK_MONOTONIC, &t0);",
-    "  for (int i = 0; i < t; i++) pthread_create(&th[i], 0, work, &sink[i]);",
-    "  for (int i = 0; i < t; i++) pthread_join(th[i], 0);",
-    "  clock_gettime(CLOCK_MONOTONIC, &t1);",
-    "  double s = (t1.tv_sec - t0.tv_sec) + 1e-9 * (t1.tv_nsec - t0.tv_nsec);",
-    f"  printf(\"%f\\n\", {_ACCS}.0 * 64.0 * ITERS * t / s / 1e9);",
-    "  return sink[0] == 42;",
-    "}",
-])
-
-
-def measure_vnni_peak(threads: int) -> float | None:
-    """G MAC/s of back-to-back vpdpbusd zmm on ``threads`` threads (None if it cannot run)."""
-    with tempfile.TemporaryDirectory() as d:
-        src, exe = Path(d) / "peak.c", Path(d) / "peak"
-        src.write_text(_PEAK_C)
-        try:
-            subprocess.run(["gcc", "-O2", "-mavx512f", "-mavx512bw", "-mavx512vnni", "-pthread",
-                            str(src), "-o", str(exe)], check=True, capture_output=True)
-            runs = [float(subprocess.run([str(exe), str(threads)], check=True,
-                                         capture_output=True, text=True).stdout)
-                    for _ in range(3)]
-        except (OSError, subprocess.CalledProcessError, ValueError):
-            return None
-    return max(runs)
-
-
-def machine_stamp(threads: int) -> dict:
-    cpu = "unknown"
-    flags: set = set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name") and cpu == "unknown":
-                cpu = line.split(":", 1)[1].strip()
-            if line.startswith("flags") and not flags:
-                flags = set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    want = ["avx2", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "avx512_vpopcntdq",
-            "avx512vbmi"]
-    versions = {"python": platform.python_version(), "tvm": ta.tvm_version(),
-                "numpy": np.__version__}
-    try:
-        import onnxruntime
-
-        versions["onnxruntime"] = onnxruntime.__version__
-    except ImportError:
-        pass
-    return {"cpu": cpu, "llvm_cpu": ta.host_cpu(), "isa_flags": [f for f in want if f in flags],
-            "threads": threads, "versions": versions}
-
-
 # ---------------------------------------------------------------- our kernels
-
-
-def _median_ms(fn, *, min_runs: int = 10, min_s: float = 0.3) -> float:
-    fn()
-    times, start = [], time.perf_counter()
-    while len(times) < min_runs or time.perf_counter() - start < min_s:
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
 
 
 def bench_ours(spec: ConvSpec, threads: int) -> float:

@@ -62,6 +62,19 @@ CASES = [
     (helper.make_node("BatchNormalization", ["x", "s", "bb", "m", "v"], ["y"]), (1, 3, 4, 4),
      [("s", rng.random(3).astype(np.float32)), ("bb", rng.random(3).astype(np.float32)),
       ("m", rng.random(3).astype(np.float32)), ("v", rng.random(3).astype(np.float32) + 0.5)]),
+    # activations and normalisations of common CNNs (AlexNet/GoogLeNet LRN, MobileNetV3, YOLO)
+    (helper.make_node("LRN", ["x"], ["y"], size=5, alpha=1e-3, beta=0.75, bias=2.0), (1, 7, 3, 3), []),
+    (helper.make_node("LeakyRelu", ["x"], ["y"], alpha=0.1), (1, 3, 4, 4), []),
+    (helper.make_node("PRelu", ["x", "slope"], ["y"]), (1, 3, 4, 4), [("slope", rng.random((3, 1, 1)).astype(np.float32))]),
+    (helper.make_node("Elu", ["x"], ["y"], alpha=0.5), (2, 5), []),
+    (helper.make_node("HardSigmoid", ["x"], ["y"]), (2, 5), []),
+    (helper.make_node("Tanh", ["x"], ["y"]), (2, 5), []),
+    (helper.make_node("Softplus", ["x"], ["y"]), (2, 5), []),
+    (helper.make_node("Max", ["x", "c"], ["y"]), (2, 5), [("c", rng.normal(size=5).astype(np.float32))]),
+    (helper.make_node("Pad", ["x", "pads", "v"], ["y"]), (1, 2, 3, 3),
+     [("pads", np.array([0, 0, 1, 2, 0, 0, 2, 1], np.int64)), ("v", np.array(1.5, np.float32))]),
+    (helper.make_node("Pad", ["x", "pads"], ["y"], mode="reflect"), (1, 2, 4, 4),
+     [("pads", np.array([0, 0, 1, 2, 0, 0, 2, 1], np.int64))]),
 ]
 
 
@@ -72,9 +85,16 @@ def test_ops_match_onnxruntime(node, x_shape, inits):
     np.testing.assert_allclose(NumpyGraph(model).run(x), run_ort(model, x), rtol=1e-5, atol=1e-5)
 
 
+def test_hardswish_matches_onnxruntime():  # opset 14, not in CASES' opset 13
+    model = one_node_model(helper.make_node("HardSwish", ["x"], ["y"]), (2, 5))
+    model.opset_import[0].version = 14
+    x = rng.normal(size=(2, 5)).astype(np.float32) * 4
+    np.testing.assert_allclose(NumpyGraph(model).run(x), run_ort(model, x), rtol=1e-5, atol=1e-6)
+
+
 def test_unsupported_op_is_named():
-    model = one_node_model(helper.make_node("LRN", ["x"], ["y"], size=3), (1, 4, 5, 5))
-    with pytest.raises(UserError, match="LRN"):
+    model = one_node_model(helper.make_node("Hardmax", ["x"], ["y"]), (1, 4, 5, 5))
+    with pytest.raises(UserError, match="unsupported ONNX op.*Hardmax"):
         NumpyGraph(model)
 
 

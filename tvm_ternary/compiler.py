@@ -54,6 +54,9 @@ class CompiledModel:
                 row["status"] = "float: " + self.rewrite.left_float[row["layer"]]
             else:
                 row["status"] = "kernel"
+            # which schedule the layer's kernel got: "default", "tuned (...)" or why not tuned
+            kernel = self.rewrite.layer_kernels.get(row["layer"])
+            row["schedule"] = self.rewrite.schedules.get(kernel) if kernel else None
         return {
             "format": SIDECAR_FORMAT,
             "library_sha256": library_sha256,
@@ -67,6 +70,7 @@ class CompiledModel:
             "required_cpu_features": ta.target_features(self.target),
             "coverage": coverage,
             "integer_ops": self.rewrite.integer_ops,
+            "float_ops": float_ops(self.plan, self.rewrite),
             "import_notes": list(im.notes),
         }
 
@@ -104,10 +108,37 @@ class CompiledModel:
         return np.concatenate(outs)
 
 
+_INTEGER_OP_TYPES = {"max_pool2d": "MaxPool", "concat": "Concat"}
+_NO_OPS = {"Constant", "Identity", "Dropout"}  # nothing runs for these after import
+
+
+def float_ops(plan: QuantPlan, rewrite: RewriteReport) -> dict[str, int]:
+    """ONNX op types (with counts) that run in float32 in the library: everything outside the
+    quantized layers' fused chains and the integer max pools / concats. Reported so that an op
+    we do not quantize (an activation we cannot fuse, a normalisation) is visibly float."""
+    quantized = {layer.name for layer in plan.analysis.layers
+                 if layer.name in plan.layers and layer.name not in rewrite.left_float}
+    fused_nodes = set()
+    for layer in plan.analysis.layers:
+        if layer.name in quantized:
+            fused_nodes.update((layer.name, layer.root, *layer.skipped))
+    counts: dict[str, int] = {}
+    for node in plan.model.graph.node:
+        if (node.name or node.output[0]) not in fused_nodes and node.op_type not in _NO_OPS:
+            counts[node.op_type] = counts.get(node.op_type, 0) + 1
+    for op in rewrite.integer_ops:
+        name = _INTEGER_OP_TYPES.get(op, op)
+        counts[name] = counts.get(name, 0) - 1
+    return {op: n for op, n in sorted(counts.items()) if n > 0}
+
+
 def compile_model(model, *, config: QuantConfig, calib_images: np.ndarray, target=None,
                   input_shapes=None, plan: QuantPlan | None = None, isa: str | None = None,
-                  progress: bool = True) -> CompiledModel:
-    """Quantize and compile an ONNX CNN (path or ModelProto) for ``target`` (default: host)."""
+                  progress: bool = True, kernels=None) -> CompiledModel:
+    """Quantize and compile an ONNX CNN (path or ModelProto) for ``target`` (default: host).
+
+    ``kernels``: a kernel provider for :func:`passes.quantize_graph.apply_plan` (e.g.
+    ``tuning.apply.TunedKernels`` for tuned schedules); default schedules when None."""
     seconds = {}
     start = time.perf_counter()
     if not isinstance(model, onnx.ModelProto):
@@ -123,7 +154,8 @@ def compile_model(model, *, config: QuantConfig, calib_images: np.ndarray, targe
     isa = isa or ta.choose_isa(target)
     t0 = time.perf_counter()
     layer_vars = {layer.var_name: layer.name for layer in imported.layers}
-    mod, report = apply_plan(imported.module, plan=plan, layer_vars=layer_vars, target=target, isa=isa)
+    mod, report = apply_plan(imported.module, plan=plan, layer_vars=layer_vars, target=target, isa=isa,
+                             kernels=kernels)
     seconds["rewrite"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     executable = ta.build_relax(mod, target=target)

@@ -132,6 +132,31 @@ def _reshape(node, x, shape):
     return x.reshape(shape)
 
 
+def _lrn(node, x):
+    a = _attrs(node)
+    size = a["size"]
+    sq = np.pad(x * x, [(0, 0), ((size - 1) // 2, size // 2)] + [(0, 0)] * (x.ndim - 2))
+    window = sum(sq[:, i : i + x.shape[1]] for i in range(size))  # channels c-(size-1)/2 .. c+size/2
+    return x / (a.get("bias", 1.0) + a.get("alpha", 1e-4) / size * window) ** a.get("beta", 0.75)
+
+
+def _pad(node, x, pads=None, value=None, axes=None):
+    a = _attrs(node)
+    pads = [int(p) for p in (pads if pads is not None else a["pads"])]
+    axes = list(range(x.ndim)) if axes is None else [int(i) % x.ndim for i in axes]
+    width = [(0, 0)] * x.ndim
+    for i, axis in enumerate(axes):
+        width[axis] = (pads[i], pads[i + len(axes)])
+    if min(min(w) for w in width) < 0:
+        raise UserError(f"Pad {node.name or node.output[0]}: negative pads are not supported")
+    mode = a.get("mode", b"constant")
+    mode = mode.decode() if isinstance(mode, bytes) else mode
+    if mode == "constant":
+        fill = a.get("value", 0.0) if value is None else np.asarray(value).item()
+        return np.pad(x, width, constant_values=fill)
+    return np.pad(x, width, mode={"reflect": "reflect", "edge": "edge", "wrap": "wrap"}[mode])
+
+
 def _axes(node, extra):
     return tuple(int(a) for a in (extra if extra is not None else _attrs(node).get("axes", [])))
 
@@ -147,6 +172,20 @@ OPS: dict[str, Callable] = {
     "Mul": lambda n, a, b: a * b,
     "Div": lambda n, a, b: a / b,
     "Sigmoid": lambda n, x: 1 / (1 + np.exp(-x)),
+    "Tanh": lambda n, x: np.tanh(x),
+    "LeakyRelu": lambda n, x: np.where(x < 0, _attrs(n).get("alpha", 0.01) * x, x),
+    "PRelu": lambda n, x, slope: np.where(x < 0, slope * x, x),
+    "Elu": lambda n, x: np.where(x > 0, x, _attrs(n).get("alpha", 1.0) * np.expm1(np.minimum(x, 0))),
+    "HardSigmoid": lambda n, x: np.clip(_attrs(n).get("alpha", 0.2) * x + _attrs(n).get("beta", 0.5), 0, 1),
+    "HardSwish": lambda n, x: x * np.clip(x / 6 + 0.5, 0, 1),
+    "Softplus": lambda n, x: np.logaddexp(0, x),
+    "Exp": lambda n, x: np.exp(x),
+    "Sqrt": lambda n, x: np.sqrt(x),
+    "Neg": lambda n, x: -x,
+    "Max": lambda n, *xs: np.maximum.reduce(np.broadcast_arrays(*xs)),
+    "Min": lambda n, *xs: np.minimum.reduce(np.broadcast_arrays(*xs)),
+    "LRN": _lrn,
+    "Pad": _pad,
     "MaxPool": lambda n, x: _pool(n, x, "max"),
     "AveragePool": lambda n, x: _pool(n, x, "avg"),
     "GlobalAveragePool": lambda n, x: x.mean(axis=(2, 3), keepdims=True),
@@ -179,7 +218,11 @@ class NumpyGraph:
         self.nodes = [n for n in graph.node if n.op_type != "Constant"]
         unsupported = sorted({n.op_type for n in self.nodes} - OPS.keys() - {"Softmax"})
         if unsupported:
-            raise UserError(f"the numpy executor does not support op(s) {', '.join(unsupported)}")
+            # calibration and the reference pipeline run the float graph here: without an op
+            # nothing can be calibrated, so this is an error, not a silent float fallback
+            raise UserError(f"unsupported ONNX op(s) {', '.join(unsupported)}: tvm_ternary's "
+                            f"calibration executor cannot run them (supported: "
+                            f"{', '.join(sorted(OPS.keys() | {'Softmax'}))})")
         self.opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 13)
         self.input_names = [i.name for i in graph.input if i.name not in self.constants]
         self.output_names = [o.name for o in graph.output]

@@ -79,7 +79,8 @@ class LoadedModel:
         shape = self.input_shape
         x = np.asarray(x)
         if x.dtype.name != self.input_dtype:
-            raise UserError(f"input dtype {x.dtype.name} does not match the model's {self.input_dtype}")
+            raise UserError(f"input dtype {x.dtype.name} does not match the model's {self.input_dtype} "
+                            f"(convert with x.astype('{self.input_dtype}'))")
         if x.ndim != len(shape) or tuple(x.shape[1:]) != shape[1:] or x.shape[0] % shape[0]:
             raise UserError(f"input shape {tuple(x.shape)} does not match the model's {shape} "
                             f"(samples may be stacked along axis 0)")
@@ -103,5 +104,10 @@ def load(path: str | Path) -> LoadedModel:
     import tvm.runtime
     from tvm.runtime import vm as runtime_vm
 
-    lib = tvm.runtime.load_module(str(path))
-    return LoadedModel(sidecar=meta, vm=runtime_vm.VirtualMachine(lib, tvm.runtime.cpu(0)))
+    try:
+        lib = tvm.runtime.load_module(str(path))
+        vm = runtime_vm.VirtualMachine(lib, tvm.runtime.cpu(0))
+    except Exception as error:  # TVM's errors: bad ELF, missing symbols, not a VM executable
+        raise UserError(f"{path}: cannot load the library ({type(error).__name__}: "
+                        f"{str(error).strip().splitlines()[-1] if str(error).strip() else ''})") from None
+    return LoadedModel(sidecar=meta, vm=vm)

@@ -1,7 +1,8 @@
 """Every ``tvm.*`` call that churns between TVM releases, as small flat functions.
 
 Written against apache-tvm 0.27 (``tvm.tirx`` / ``tvm.s_tir``, dict targets, ``tvm.runtime.tensor``).
-When TVM moves, edit this module only.  Keep it flat: one small function per concern.
+When TVM moves, edit this module only (and its sibling :mod:`tvm_ternary.tvm_tuning_adapter`,
+which holds the MetaSchedule / RPC calls of the tuner).  Keep it flat: one small function per concern.
 
 Example::
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import resource
-import sys
 import time
 from pathlib import Path
 
@@ -58,10 +57,10 @@ def run(args: argparse.Namespace) -> int:
     preprocess = preprocess_config(args)
     if args.calib is None:
         raise OptionError("--calib DIR|FILE.npy is required: activation scales come from calibration images")
-    if args.tuning_db is not None:
-        raise OptionError("--tuning-db: no tuning database support in this build yet")
     if not args.output.parent.is_dir():
         raise UserError(f"{args.output.parent}: output directory does not exist")
+    if args.output.is_dir():
+        raise UserError(f"{args.output}: is a directory, expected a library file name (OUT.so)")
     model = onnx_io.load_model(args.model)
     shapes = parse_input_shapes(args.input_shape)
 
@@ -71,11 +70,18 @@ def run(args: argparse.Namespace) -> int:
     prep = normalize_onnx(model, input_shapes=shapes)
     images = load_images(args.calib, preprocess=preprocess, input_shape=prep.input_shape,
                          limit=args.calib_limit, what="calibration")
-    target = None if args.target == "host" else args.target
-    compiled = compile_model(model, config=config, calib_images=images, target=_target(target),
-                             input_shapes=shapes)
+    target = _target(None if args.target == "host" else args.target)
+    kernels = None
+    if args.tuning_db is not None:
+        from ..tuning import TunedKernels, open_database
+
+        kernels = TunedKernels(open_database(args.tuning_db, target=target, create=False))
+    compiled = compile_model(model, config=config, calib_images=images, target=target,
+                             input_shapes=shapes, kernels=kernels)
     meta = compiled.export(args.output, preprocess=preprocess)
     print(format_coverage(meta))
+    if kernels is not None:
+        print(format_schedules(compiled.rewrite.schedules, kernels.tdb.path))
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     steps = ", ".join(f"{k} {v:.1f} s" for k, v in compiled.seconds.items())
     print(f"wrote {args.output} and {args.output}.json for {meta['target']['mcpu']} ({meta['target']['isa']}); "
@@ -91,6 +97,14 @@ def _target(name):
         return ta.as_target(name)
     except Exception as error:  # TVM raises its own error types for an unknown mcpu
         raise OptionError(f"--target {name!r}: not a CPU LLVM knows ({error})") from None
+
+
+def format_schedules(schedules: dict, path) -> str:
+    """Which kernels got a tuned schedule from the database and which kept the default."""
+    tuned = [k for k, v in schedules.items() if v.startswith("tuned")]
+    lines = [f"tuning database {path}: {len(tuned)} of {len(schedules)} kernels tuned"]
+    lines += [f"  {name}: {status}" for name, status in schedules.items()]
+    return "\n".join(lines)
 
 
 def format_coverage(meta: dict) -> str:
@@ -113,6 +127,9 @@ def format_coverage(meta: dict) -> str:
     lines.append(f"coverage: {len(rows)} conv/dense layers: {summary}"
                  + (f"; {already} already ternary, kept exactly" if already else ""))
     lines.append(f"integer ops between layers: {len(meta['integer_ops'])} ({', '.join(sorted(set(meta['integer_ops']))) or 'none'})")
+    floats = meta.get("float_ops", {})
+    lines.append("float ops (run in float32, outside the integer region): "
+                 + (", ".join(f"{op} x{n}" for op, n in floats.items()) or "none"))
     return "\n".join(lines)
 
 

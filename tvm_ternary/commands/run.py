@@ -26,6 +26,10 @@ def run(args: argparse.Namespace) -> int:
     from ..errors import UserError
     from ..runtime import load
 
+    if not args.output.parent.is_dir():  # checked first: do not load and run for nothing
+        raise UserError(f"{args.output.parent}: output directory does not exist")
+    if args.output.is_dir():
+        raise UserError(f"{args.output}: is a directory, expected a .npy file name")
     try:
         x = np.load(args.input, allow_pickle=False)
     except (OSError, ValueError) as error:

@@ -115,6 +115,9 @@ def normalize_onnx(
     fp16 = _convert_fp16(graph, source_dtypes)
     if fp16:
         notes.append("float16 model converted to float32 compute (input dtype kept: float16)")
+    bn = fold_batchnorm(graph, source_dtypes)
+    if bn:
+        notes.append(f"{bn} BatchNormalization folded into the Conv before it")
     return NormalizedOnnx(
         model=model, input_name=data_input.name, input_shape=input_shape,
         input_dtype=input_dtype, output_name=output.name, output_shape=output_shape,
@@ -229,6 +232,57 @@ def _drop_unused_initializers(graph: onnx.GraphProto) -> None:
     kept_inputs = [v for v in graph.input if v.name in used]
     del graph.input[:]
     graph.input.extend(kept_inputs)
+
+
+def fold_batchnorm(graph: onnx.GraphProto, source_dtypes: dict[str, str] | None = None) -> int:
+    """Fold inference ``Conv -> BatchNormalization`` pairs into the Conv, in place.
+
+    The numpy plan (``plan.graph``) fuses ``conv [-> Add] [-> Relu]`` chains on the ONNX graph;
+    a BN left between a conv and its ReLU would break the chain (and calibrate the conv output
+    before the BN), while the Relax import folds the same BN: the two would disagree. Folded
+    only when the Conv's output feeds nothing but the BN and every parameter is an
+    initializer; other BNs stay and run as scale/shift. Returns the number folded.
+    """
+    inits = {t.name: t for t in graph.initializer}
+    users: dict[str, int] = {}
+    for node in graph.node:
+        for name in node.input:
+            users[name] = users.get(name, 0) + 1
+    outputs = {o.name for o in graph.output}
+    producers = {out: node for node in graph.node for out in node.output}
+    dropped, folded = set(), 0
+    for index, bn in enumerate(graph.node):
+        conv = producers.get(bn.input[0]) if bn.op_type == "BatchNormalization" else None
+        if conv is None or conv.op_type != "Conv" or users[conv.output[0]] != 1 \
+                or conv.output[0] in outputs or len([o for o in bn.output if o]) != 1 \
+                or not all(n in inits for n in list(bn.input[1:5]) + list(conv.input[1:])):
+            continue
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in bn.attribute}
+        if attrs.get("training_mode", 0):
+            continue
+        gamma, beta, mean, var = (numpy_helper.to_array(inits[n]).astype(np.float64) for n in bn.input[1:5])
+        inv = gamma / np.sqrt(var + attrs.get("epsilon", 1e-5))
+        w = numpy_helper.to_array(inits[conv.input[1]]).astype(np.float64)
+        b = numpy_helper.to_array(inits[conv.input[2]]).astype(np.float64) if len(conv.input) > 2 \
+            and conv.input[2] else np.zeros(w.shape[0])
+        # fresh names: a weight shared with another node must keep its value there
+        w_name, b_name = f"{conv.input[1]}__bnfold", f"{bn.output[0]}__bnfold_bias"
+        graph.initializer.append(numpy_helper.from_array(
+            (w * inv.reshape(-1, *([1] * (w.ndim - 1)))).astype(np.float32), w_name))
+        graph.initializer.append(numpy_helper.from_array(((b - mean) * inv + beta).astype(np.float32), b_name))
+        if source_dtypes is not None and conv.input[1] in source_dtypes:
+            source_dtypes[w_name] = source_dtypes[conv.input[1]]
+        del conv.input[1:]
+        conv.input.extend([w_name, b_name])
+        conv.output[0] = bn.output[0]
+        dropped.add(index)
+        folded += 1
+    if folded:
+        kept = [n for i, n in enumerate(graph.node) if i not in dropped]
+        del graph.node[:]
+        graph.node.extend(kept)
+        _drop_unused_initializers(graph)
+    return folded
 
 
 def _convert_fp16(graph: onnx.GraphProto, source_dtypes: dict[str, str]) -> bool:

@@ -38,6 +38,9 @@ class RewriteReport:
     left_float: dict[str, str] = field(default_factory=dict)  # layer name -> why
     kernels: dict[str, str] = field(default_factory=dict)  # kernel function -> ISA
     integer_ops: list[str] = field(default_factory=list)  # max_pool2d / concat run on integers
+    specs: dict[str, object] = field(default_factory=dict)  # kernel function -> ConvSpec / DenseSpec
+    layer_kernels: dict[str, str] = field(default_factory=dict)  # layer name -> kernel function
+    schedules: dict[str, str] = field(default_factory=dict)  # kernel function -> "default" / "tuned ..."
 
 
 @dataclass(frozen=True)
@@ -84,9 +87,10 @@ def _chain(start, users, layer: LayerPlan):
 
 @mutator
 class _Rewriter(PyExprMutator):
-    def __init__(self, mod, plan: QuantPlan, layer_vars: dict[str, str], target, isa: str):
+    def __init__(self, mod, plan: QuantPlan, layer_vars: dict[str, str], target, isa: str, kernels=None):
         super().__init__(mod)
-        self.plan, self.target, self.isa = plan, target, isa
+        self.plan, self.target, self.isa, self.kernels = plan, target, isa, kernels
+        self._status: dict = {}  # spec -> schedule status of its kernel
         self.report = RewriteReport()
         self.shadows: dict = {}
         self.funcs: dict = {}  # cache key -> GlobalVar
@@ -158,10 +162,12 @@ class _Rewriter(PyExprMutator):
         dense = ta.call_op_name(start.value) == "relax.matmul"
         x_shape = ta.static_shape(x_var)
         spec = layer_spec(layer, x_shape=x_shape)
-        make = (lambda: dense_kernel(spec, target=self.target, isa=self.isa)) if isinstance(spec, DenseSpec) \
-            else (lambda: conv2d_kernel(spec, target=self.target, isa=self.isa))
-        gv = self._func(("k", spec), make, "tt_dense" if dense else "tt_conv")
+        prefix = "tt_dense" if dense else "tt_conv"
+        gv = self._func(("k", spec), lambda: self._kernel(spec), prefix)
+        self.report.schedules[gv.name_hint] = self._status[spec]
         self.report.kernels[gv.name_hint] = self.isa if not getattr(spec, "depthwise", False) else "plain"
+        self.report.specs[gv.name_hint] = spec
+        self.report.layer_kernels[layer.name] = gv.name_hint
         consts = layer_kernel_args(layer, spec, isa=self._isa_of(spec))
         x_int = self._integer(x_var, layer.input_quant, nhwc=not dense)
         res_int = None if residual is None else self._integer(residual, layer.residual_quant, nhwc=True)
@@ -179,6 +185,15 @@ class _Rewriter(PyExprMutator):
             self.set_var_remap(root_var, y)
         else:
             self.set_var_remap(root_var, self.builder_.emit(relax.op.permute_dims(y, [0, 3, 1, 2])))
+
+    def _kernel(self, spec):
+        if self.kernels is not None:  # e.g. tuning.apply.TunedKernels: a record of the database
+            func, self._status[spec] = self.kernels(spec, target=self.target, isa=self.isa)
+            return func
+        self._status[spec] = "default"
+        if isinstance(spec, DenseSpec):
+            return dense_kernel(spec, target=self.target, isa=self.isa)
+        return conv2d_kernel(spec, target=self.target, isa=self.isa)
 
     def _isa_of(self, spec) -> str:
         return "plain" if getattr(spec, "depthwise", False) else self.isa
@@ -220,11 +235,15 @@ class _Rewriter(PyExprMutator):
         return self.builder_.get()
 
 
-def apply_plan(mod, *, plan: QuantPlan, layer_vars: dict[str, str], target, isa: str | None = None):
+def apply_plan(mod, *, plan: QuantPlan, layer_vars: dict[str, str], target, isa: str | None = None,
+               kernels=None):
     """Rewrite ``mod``'s main with ``plan``; ``layer_vars`` maps Relax var names of conv2d /
-    matmul bindings to plan layer names. Returns the new module and a :class:`RewriteReport`."""
+    matmul bindings to plan layer names. Returns the new module and a :class:`RewriteReport`.
+
+    ``kernels(spec, *, target, isa) -> (PrimFunc, status)`` replaces the default kernels (tuned
+    schedules); ``status`` lands in ``report.schedules``."""
     isa = isa or ta.choose_isa(target)
-    rewriter = _Rewriter(mod, plan, layer_vars, target, isa)
+    rewriter = _Rewriter(mod, plan, layer_vars, target, isa, kernels)
     out = rewriter.rewrite()
     out = relax.transform.DeadCodeElimination()(out)
     return out, rewriter.report

@@ -3,10 +3,10 @@
 The plan is what the Relax passes apply and what the numpy reference pipeline runs.
 """
 
-from .build import QuantPlan, make_plan, simulate
+from .build import QuantPlan, calibration_stats, make_plan, simulate
 from .config import LayerDecision, QuantConfig, decide
 from .graph import FusedLayer, GraphAnalysis, analyse
 from .layer import LayerPlan
 
 __all__ = ["FusedLayer", "GraphAnalysis", "LayerDecision", "LayerPlan", "QuantConfig", "QuantPlan",
-           "analyse", "decide", "make_plan", "simulate"]
+           "analyse", "calibration_stats", "decide", "make_plan", "simulate"]

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
@@ -40,6 +40,7 @@ from .layer import LayerPlan, requantize_params
 
 FIT_ROWS = 32_768  # im2col rows sampled per layer for the data-aware statistics
 INPUT_ACT_BITS = 8  # the image entering the first layer is always 8-bit
+RELU_AWARE = True  # refit layers followed by a ReLU to targets that ignore what the ReLU hides
 
 
 @dataclass(frozen=True, eq=False)
@@ -50,6 +51,9 @@ class QuantPlan:
     layers: dict[str, LayerPlan]  # by layer name, quantized layers only
     decisions: dict[str, LayerDecision]  # every conv/dense layer, float ones included
     seconds: float
+    # make_plan(alternatives=...): the same layer fitted at other weight bits on the same
+    # inputs, {layer: {bits: LayerPlan}}; the sensitivity policy swaps them in.
+    alternatives: dict[str, dict[int, LayerPlan]] = field(default_factory=dict)
 
     def coverage(self) -> list[dict]:
         rows = []
@@ -95,11 +99,29 @@ def _tensor_quants(analysis, stats, quantized: list[FusedLayer], config, input_n
     return out
 
 
-def _quantize_weights(fused: FusedLayer, bits: int, config: QuantConfig, stats: LayerStatistics | None):
+def _relu_aware_stats(fit, rows, stats: LayerStatistics) -> LayerStatistics:
+    """Statistics against targets that ignore what a following ReLU hides: where the float
+    pre-activation is negative, any non-positive output is as good as the float one."""
+    x, y = rows
+    k = y.shape[1]
+    w_hat = fit.weights.dequantize().reshape(k, -1)
+    out = LayerStatistics.empty(in_features=x.shape[1], out_features=k)
+    for chunk in np.array_split(np.arange(len(x)), max(1, len(x) // 4096)):
+        xc, yc = x[chunk], y[chunk]
+        pred = xc @ w_hat.T + fit.bias
+        out.accumulate(xc, np.where(yc > 0, yc, np.minimum(pred, 0.0)))
+    return out
+
+
+def _quantize_weights(fused: FusedLayer, bits: int, config: QuantConfig, stats: LayerStatistics | None,
+                      rows=None):
     w = fused.weight.weight
     n = min(config.group_size, w.shape[1])
     if config.method == "data-aware" and stats is not None:
         fit = fit_layer(w, stats=stats, group_size=n, grouping=config.grouping, bits=bits)
+        if RELU_AWARE and rows is not None and fused.relu and fused.residual is None:
+            fit = fit_layer(w, stats=_relu_aware_stats(fit, rows, stats), group_size=n,
+                            grouping=config.grouping, bits=bits)
         return fit.weights, fit.bias, fit.output_error
     if bits == 2:
         qw = ternarize(w, group_size=n, method=config.method if config.method != "data-aware" else "exact",
@@ -146,19 +168,54 @@ class _Walk:
                 env.pop(name, None)
 
 
+def _integer_tensors(analysis: GraphAnalysis, layers) -> set[str]:
+    wanted = {t for l in layers for t in (l.input, l.output, l.residual) if t}
+    wanted |= {t for t in analysis.scale_groups if any(analysis.group_of(t) == analysis.group_of(w) for w in wanted)}
+    return wanted
+
+
+def calibration_stats(model: onnx.ModelProto, images: np.ndarray, *, progress: bool = True,
+                      seed: int = 0) -> dict[str, TensorStats]:
+    """Activation statistics of every tensor any plan of ``model`` may store as integers.
+
+    Compute once and pass to :func:`make_plan` as ``stats=`` to plan many configurations
+    (sweeps, the sensitivity policy) without re-running the float network::
+
+        >>> stats = calibration_stats(model, calib_images)  # doctest: +SKIP
+        >>> plans = [make_plan(model, calib_images, config=c, stats=stats) for c in configs]  # doctest: +SKIP
+    """
+    analysis = analyse(model)
+    graph = NumpyGraph(model)
+    return collect_stats(graph, images, tensors=_integer_tensors(analysis, analysis.layers),
+                         progress=progress, seed=seed)
+
+
 def make_plan(model: onnx.ModelProto, images: np.ndarray, *, config: QuantConfig,
-              fit_images: int = 64, progress: bool = True, seed: int = 0) -> QuantPlan:
-    """Plan the quantization of a normalized float32 ONNX ``model`` with calibration ``images``."""
+              fit_images: int = 64, progress: bool = True, seed: int = 0,
+              stats: dict[str, TensorStats] | None = None,
+              alternatives: tuple[int, ...] = ()) -> QuantPlan:
+    """Plan the quantization of a normalized float32 ONNX ``model`` with calibration ``images``.
+
+    ``stats``: from :func:`calibration_stats` on the same images (skips calibration).
+    ``alternatives``: weight bits at which every layer the policy gives ``config.weight_bits``
+    is also fitted, on the same inputs, into ``plan.alternatives`` (for the sensitivity policy).
+    """
     start = time.perf_counter()
     graph = NumpyGraph(model)
     analysis = analyse(model)
     decisions = _decisions(analysis, config)
     quantized = [l for l in analysis.layers if decisions[l.name].bits]
     input_name = graph.input_names[0]
-    wanted = {t for l in quantized for t in (l.input, l.output, l.residual) if t}
-    wanted |= {t for t in analysis.scale_groups if any(analysis.group_of(t) == analysis.group_of(w) for w in wanted)}
-    stats = collect_stats(graph, images, tensors=wanted, progress=progress, seed=seed)
+    wanted = _integer_tensors(analysis, quantized)
+    if stats is None:
+        stats = collect_stats(graph, images, tensors=wanted, progress=progress, seed=seed)
+    else:
+        missing = wanted - stats.keys()
+        if missing:
+            raise ValueError(f"calibration stats lack tensor(s) {sorted(missing)[:3]}: not from this model")
+        stats = {t: stats[t] for t in wanted}
     quants = _tensor_quants(analysis, stats, quantized, config, input_name)
+    alt_plans: dict[str, dict[int, LayerPlan]] = {}
 
     rng = np.random.default_rng(seed)
     layers: dict[str, LayerPlan] = {}
@@ -170,7 +227,7 @@ def make_plan(model: onnx.ModelProto, images: np.ndarray, *, config: QuantConfig
         geometry = {} if fused.weight.op_type == "dense" else conv_geometry(node, x_q.shape[2:], w.shape[2:])
         in_q = quants[fused.input]
         x_deq = np.rint(np.asarray(x_q, np.float64) / in_q.scale).clip(in_q.qmin, in_q.qmax) * in_q.scale
-        layer_stats = None
+        layer_stats = fit_rows = None
         if config.method == "data-aware" and geometry.get("groups", 1) == 1:
             x_rows = _patches(fused, x_deq.astype(np.float32), geometry)
             y_rows = _targets(fused, float_env[node.output[0]])
@@ -178,8 +235,22 @@ def make_plan(model: onnx.ModelProto, images: np.ndarray, *, config: QuantConfig
             layer_stats = LayerStatistics.empty(in_features=x_rows.shape[1], out_features=y_rows.shape[1])
             for chunk in np.array_split(sel, max(1, len(sel) // 4096)):
                 layer_stats.accumulate(x_rows[chunk], y_rows[chunk])
-        bits = decisions[fused.name].bits
-        qw, bias, out_err = _quantize_weights(fused, bits, config, layer_stats)
+            fit_rows = (x_rows[sel], y_rows[sel])
+        decision = decisions[fused.name]
+
+        def build(bits, decision):
+            return build_layer(fused, bits, decision, geometry=geometry, in_q=in_q, layer_stats=layer_stats,
+                               fit_rows=fit_rows)
+
+        if decision.reason == "configured":
+            others = {b: build(b, decision) for b in alternatives if b != decision.bits}
+            if others:
+                alt_plans[fused.name] = others
+        return build(decision.bits, decision)
+
+    def build_layer(fused, bits, decision, *, geometry, in_q, layer_stats, fit_rows) -> LayerPlan:
+        w = fused.weight.weight
+        qw, bias, out_err = _quantize_weights(fused, bits, config, layer_stats, fit_rows)
         iw = to_integer_scales(qw, code_bits=config.code_bits)
         bias_int = ref.integer_bias(bias, input_scale=in_q.scale, channel_scales=iw.channel_scales)
         dequant = (np.float64(in_q.scale) * iw.channel_scales.astype(np.float64)).astype(np.float32)
@@ -192,7 +263,8 @@ def make_plan(model: onnx.ModelProto, images: np.ndarray, *, config: QuantConfig
                 dequant_scale=dequant, out_scale=out_q.scale,
                 residual_scale=None if res_q is None else res_q.scale)
         return LayerPlan(
-            fused=fused, decision=decisions[fused.name], weights=iw, bias_int=bias_int,
+            fused=fused, decision=decision if bits == decision.bits else LayerDecision(bits, "alternative"),
+            weights=iw, bias_int=bias_int,
             geometry=geometry, input_quant=in_q, output_quant=out_q, residual_quant=res_q,
             multiplier=mult, shift=shift, residual_multiplier=res_mult, dequant_scale=dequant,
             weight_error=relative_error(w, iw.dequantize()), output_error=out_err)
@@ -200,7 +272,8 @@ def make_plan(model: onnx.ModelProto, images: np.ndarray, *, config: QuantConfig
     _run(graph, analysis, layers, images[:fit_images], quantized={l.name for l in quantized},
          fit=fit, progress=progress)
     return QuantPlan(config=config, model=model, analysis=analysis, layers=layers,
-                     decisions=decisions, seconds=time.perf_counter() - start)
+                     decisions=decisions, seconds=time.perf_counter() - start,
+                     alternatives=alt_plans)
 
 
 def _patches(fused: FusedLayer, x: np.ndarray, geometry: dict) -> np.ndarray:

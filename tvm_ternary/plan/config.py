@@ -39,6 +39,9 @@ class QuantConfig:
     last_layer_bits: int = PRECISE_BITS
     depthwise_bits: int = PRECISE_BITS
     overrides: tuple[tuple[str, int], ...] = ()  # (layer name or op type, weight bits | 0 = float)
+    # True: a layer with fewer input channels than group_size gets N = C (one group per kernel
+    # position) instead of an error; the papers' "N = 64" and "N = C" rows need it.
+    clamp_group_size: bool = False
 
     def __post_init__(self):
         def check(name, value, allowed):
@@ -87,7 +90,7 @@ def decide(*, name: str, op_type: str, depthwise: bool, is_first: bool, is_last:
         return LayerDecision(bits=config.last_layer_bits, reason="last layer")
     if depthwise:
         return LayerDecision(bits=config.depthwise_bits, reason="depthwise")
-    if config.weight_bits != 8 and config.group_size > in_channels:
+    if config.weight_bits != 8 and config.group_size > in_channels and not config.clamp_group_size:
         raise ValueError(
             f"layer {name}: group size N={config.group_size} exceeds its {in_channels} input channels")
     return LayerDecision(bits=config.weight_bits, reason="configured")

@@ -42,6 +42,8 @@ from .groups import GroupLayout
 from .ternary import QuantizedWeights, _exact, check_finite_weight
 
 DAMPING = 0.01  # fraction of mean(diag H) added to H, as in GPTQ: keeps H^-1 well conditioned
+REFINE_PASSES = 0  # (codes | refitted scales) alternations after the first refit; 1 measured
+# no better on SqueezeNet N=4 (57.4% vs 58.8% top-1 on 136 held-out val200 images), 3 worse
 REFIT_RIDGE = 1e-6  # relative ridge on the G x G refit systems (groups with all-zero codes)
 
 
@@ -126,8 +128,13 @@ def _group_bounds(layout: GroupLayout) -> list[tuple[int, int]]:
     return bounds
 
 
-def _quantize_group(cols: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
-    """codes [K, n] and scale [K] for one group of columns (every output channel at once)."""
+def _quantize_group(cols: np.ndarray, bits: int, scale: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """codes [K, n] and scale [K] for one group of columns (every output channel at once);
+    with ``scale`` given, the nearest codes on that grid."""
+    vmax = 1 if bits == 2 else 2 ** (bits - 1) - 1
+    if scale is not None:
+        safe = np.where(scale > 0, scale, 1.0)
+        return np.where(scale[:, None] > 0, np.clip(np.rint(cols / safe[:, None]), -vmax, vmax), 0.0), scale
     if bits == 2:
         keep, alpha = _exact(cols, np.ones_like(cols, dtype=bool))
         return np.where(keep, np.sign(cols), 0.0), alpha
@@ -137,8 +144,10 @@ def _quantize_group(cols: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray
     return np.clip(np.rint(cols / safe[:, None]), -vmax, vmax), scale
 
 
-def _gptq(w: np.ndarray, h: np.ndarray, bounds, bits: int, compensate: bool):
-    """Sequential group-wise quantization with error feedback. Returns codes [K, D], scales [K, G]."""
+def _gptq(w: np.ndarray, h: np.ndarray, bounds, bits: int, compensate: bool, fixed: np.ndarray | None = None):
+    """Sequential group-wise quantization with error feedback. Returns codes [K, D], scales [K, G].
+
+    ``fixed`` [K, G]: keep these group scales and choose only the codes (the refinement pass)."""
     w = w.copy()
     codes = np.zeros_like(w)
     scales = np.zeros((w.shape[0], len(bounds)))
@@ -148,7 +157,7 @@ def _gptq(w: np.ndarray, h: np.ndarray, bounds, bits: int, compensate: bool):
         h[dead, dead] = 1.0
         u = np.linalg.cholesky(np.linalg.inv(h)).T  # upper: H^-1 = U^T U
     for g, (lo, hi) in enumerate(bounds):
-        t, alpha = _quantize_group(w[:, lo:hi], bits)
+        t, alpha = _quantize_group(w[:, lo:hi], bits, None if fixed is None else fixed[:, g])
         codes[:, lo:hi], scales[:, g] = t, alpha
         if not compensate:
             continue
@@ -185,6 +194,7 @@ def fit_layer(
     bits: int = 2,
     compensate: bool = True,
     refit: bool = True,
+    refine: int | None = None,
 ) -> LayerFit:
     """Quantize one conv/dense weight to minimise its output error on ``stats``.
 
@@ -211,6 +221,11 @@ def fit_layer(
     codes, scales = _gptq(w2[:, order], hp, bounds, bits, compensate)
     if refit:
         codes, scales = _refit_scales(codes, hp, cp, bounds)
+        for _ in range(REFINE_PASSES if refine is None else refine):
+            # The refit moved the scales off the grid GPTQ chose its codes for: choose the codes
+            # again on the refitted grid (with error feedback), then refit the scales to them.
+            codes, scales = _gptq(w2[:, order], hp, bounds, bits, compensate, fixed=scales)
+            codes, scales = _refit_scales(codes, hp, cp, bounds)
     codes_cmajor = np.empty_like(codes)
     codes_cmajor[:, order] = codes
     codes_full = codes_cmajor.reshape(w.shape).astype(np.int8)

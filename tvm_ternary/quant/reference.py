@@ -158,10 +158,11 @@ def rounding_rshift(v, shift) -> np.ndarray:
     if np.any(shift < 1) or np.any(shift > 62):
         raise ValueError("requantize shift must be in [1, 62]")
     floor = v >> shift
-    rem = v - (floor << shift)
     half = np.int64(1) << (shift - 1)
-    up = (rem > half) | ((rem == half) & ((floor & 1) == 1))
-    return floor + up.astype(np.int64)
+    # round up iff rem > half, or rem == half and floor is odd: rem + (floor & 1) > half
+    # (one comparison instead of three; this op dominated the numpy simulation's time)
+    up = (v & ((half << 1) - 1)) + (floor & 1) > half
+    return floor + up
 
 
 def activation_range(*, bits: int, signed: bool, relu: bool = False) -> tuple[int, int]:

@@ -61,15 +61,45 @@ def conv2d_kernel(spec: ConvSpec, *, target=None, schedule=True, isa: str | None
         sch = ta.schedule_of(ta.create_prim_func(parts.args))
         _schedule_depthwise(sch, parts)
         return _tag(ta.scheduled_func(sch), "plain")
-    tiling = tiling or default_tiling(spec, isa=isa, threads=_threads(target))
+    tiling = tiling or default_kernel_tiling(spec, isa=isa, target=target)
     kb_n = -(-spec.out_channels // _lanes(isa))
     if kb_n % tiling.oc_tiles:
         raise ValueError(f"oc_tiles={tiling.oc_tiles} must divide {kb_n} output blocks")
     acc_w = -(-spec.out_width // tiling.ow_block) * tiling.ow_block
-    parts = conv_compute(spec, isa=isa, acc_width=acc_w)
-    sch = ta.schedule_of(ta.create_prim_func(parts.args))
-    _schedule_tiled(sch, parts, isa=isa, tiling=tiling)
+    parts, func = tiled_workload(spec, isa=isa, acc_width=acc_w)
+    sch = ta.schedule_of(func)
+    schedule_tiled(sch, parts, isa=isa, ow_block=tiling.ow_block, oc_tiles=tiling.oc_tiles,
+                   decode_at=tiling.decode_at)
     return _tag(ta.scheduled_func(sch), isa)
+
+
+def default_kernel_tiling(spec: ConvSpec, *, isa: str, target) -> Tiling:
+    """The untuned tiling :func:`conv2d_kernel` uses for ``spec`` on ``target``."""
+    return default_tiling(spec, isa=isa, threads=_threads(target))
+
+
+def tiled_workload(spec: ConvSpec, *, isa: str, acc_width: int):
+    """``(parts, func)``: the *unscheduled* PrimFunc the tiled schedule starts from.
+
+    This is the workload MetaSchedule keys tuning records on (its structural hash), so the
+    tuner and :func:`conv2d_kernel` must both build it here.  ``acc_width`` is part of the
+    workload (the padded accumulator width): a tuned ``ow_block`` must divide it.
+    """
+    parts = conv_compute(spec, isa=isa, acc_width=acc_width)
+    return parts, ta.create_prim_func(parts.args)
+
+
+def schedule_tiled(sch, parts: ConvParts, *, isa: str, ow_block, oc_tiles, decode_at: str) -> None:
+    """Apply the tiled schedule to ``sch`` (a schedule over :func:`tiled_workload`'s function).
+
+    ``ow_block`` / ``oc_tiles`` may be ints or MetaSchedule random variables (e.g. from
+    ``sch.sample_categorical``): split factors given as random variables are replayed with new
+    decisions by the tuner, so one trace covers every value.  ``decode_at`` changes the loop
+    structure, so it must be a plain string (a tuner makes one design space per value).
+    """
+    if decode_at not in ("tile", "root"):
+        raise ValueError(f"decode_at must be 'tile' or 'root', got {decode_at!r}")
+    _schedule_tiled(sch, parts, isa=isa, ow_block=ow_block, oc_tiles=oc_tiles, decode_at=decode_at)
 
 
 def _lanes(isa: str) -> int:
@@ -91,16 +121,16 @@ def _vectorize_inner(sch, block, width: int) -> None:
     sch.vectorize(loop)
 
 
-def _schedule_tiled(sch, parts: ConvParts, *, isa: str, tiling: Tiling) -> None:
+def _schedule_tiled(sch, parts: ConvParts, *, isa: str, ow_block, oc_tiles, decode_at: str) -> None:
     blk = parts.block
     conv = sch.get_sblock("conv")
     n, oh, ow, kb, ki, r, s, cb, cl = sch.get_loops(conv)
-    owo, owi = sch.split(ow, [None, tiling.ow_block])
-    kbo, kbi = sch.split(kb, [None, tiling.oc_tiles])
+    owo, owi = sch.split(ow, [None, ow_block])
+    kbo, kbi = sch.split(kb, [None, oc_tiles])
     sch.reorder(kbo, n, oh, owo, r, s, cb, owi, kbi, ki, cl)
     epi = sch.get_sblock("y")
     sch.reverse_compute_at(epi, owo, preserve_unit_loops=True)
-    if tiling.decode_at == "tile":
+    if decode_at == "tile":
         par = sch.fuse(kbo, n)
         anchor = par
     else:

@@ -1,0 +1,244 @@
+"""Helpers shared by the benchmark scripts: machine stamp, vpdpbusd peak, robust timing,
+ONNX Runtime int8 (static QDQ) quantization.
+
+Scripts import it as ``from _bench_common import ...`` (the scripts folder is on sys.path when a
+script runs; the others insert it explicitly).
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from tvm_ternary import tvm_adapter as ta
+
+# ---------------------------------------------------------------- peak and machine stamp
+
+_ACCS = 12  # independent accumulator chains: more than latency x issue width
+_PEAK_C = "\n".join([
+    "#include <immintrin.h>", "#include <pthread.h>", "#include <stdio.h>",
+    "#include <stdlib.h>", "#include <time.h>", "#define ITERS 20000000L",
+    "static void *work(void *arg) {",
+    "  __m512i b = _mm512_set1_epi8(1), c = _mm512_set1_epi8(2);",
+    *[f"  __m512i a{i} = _mm512_set1_epi32({i});" for i in range(_ACCS)],
+    "  for (long it = 0; it < ITERS; it++) {",
+    *[f"    a{i} = _mm512_dpbusd_epi32(a{i}, b, c);" for i in range(_ACCS)],
+    # every chain opaque to the compiler (no merging of identical chains), still in registers
+    "    __asm__ volatile(\"\" : " + ", ".join(f"\"+v\"(a{i})" for i in range(_ACCS)) + ");",
+    "  }",
+    "  __m512i s = a0;",
+    *[f"  s = _mm512_add_epi32(s, a{i});" for i in range(1, _ACCS)],
+    "  *(long *)arg = _mm512_reduce_add_epi32(s);",
+    "  return 0;",
+    "}",
+    "int main(int argc, char **argv) {",
+    "  int t = atoi(argv[1]); pthread_t th[64]; long sink[64]; struct timespec t0, t1;",
+    "  clock_gettime(CLOCK_MONOTONIC, &t0);",
+    "  for (int i = 0; i < t; i++) pthread_create(&th[i], 0, work, &sink[i]);",
+    "  for (int i = 0; i < t; i++) pthread_join(th[i], 0);",
+    "  clock_gettime(CLOCK_MONOTONIC, &t1);",
+    "  double s = (t1.tv_sec - t0.tv_sec) + 1e-9 * (t1.tv_nsec - t0.tv_nsec);",
+    f"  printf(\"%f\\n\", {_ACCS}.0 * 64.0 * ITERS * t / s / 1e9);",
+    "  return sink[0] == 42;",
+    "}",
+])
+
+
+def measure_vnni_peak(threads: int) -> float | None:
+    """G MAC/s of back-to-back vpdpbusd zmm on ``threads`` threads (None if it cannot run)."""
+    with tempfile.TemporaryDirectory() as d:
+        src, exe = Path(d) / "peak.c", Path(d) / "peak"
+        src.write_text(_PEAK_C)
+        try:
+            subprocess.run(["gcc", "-O2", "-mavx512f", "-mavx512bw", "-mavx512vnni", "-pthread",
+                            str(src), "-o", str(exe)], check=True, capture_output=True)
+            runs = [float(subprocess.run([str(exe), str(threads)], check=True,
+                                         capture_output=True, text=True).stdout)
+                    for _ in range(3)]
+        except (OSError, subprocess.CalledProcessError, ValueError):
+            return None
+    return max(runs)
+
+
+def machine_stamp(threads: int) -> dict:
+    """CPU model, ISA flags, thread count, versions and the load average, for a result JSON."""
+    cpu = "unknown"
+    flags: set = set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name") and cpu == "unknown":
+                cpu = line.split(":", 1)[1].strip()
+            if line.startswith("flags") and not flags:
+                flags = set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    want = ["avx2", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "avx512_vpopcntdq",
+            "avx512vbmi"]
+    versions = {"python": platform.python_version(), "tvm": ta.tvm_version(),
+                "numpy": np.__version__}
+    try:
+        import onnxruntime
+
+        versions["onnxruntime"] = onnxruntime.__version__
+    except ImportError:
+        pass
+    for name in ("openvino", "torch"):
+        try:
+            versions[name] = __import__(name).__version__
+        except ImportError:
+            pass
+    return {"cpu": cpu, "llvm_cpu": ta.host_cpu(), "isa_flags": [f for f in want if f in flags],
+            "threads": threads, "versions": versions, "cores": os.cpu_count(),
+            "loadavg": [round(v, 2) for v in os.getloadavg()],
+            "nice": os.getpriority(os.PRIO_PROCESS, 0)}  # < 0: run with priority over other jobs
+
+
+
+def median_ms(fn, *, min_runs: int = 10, min_s: float = 0.3) -> float:
+    fn()
+    times, start = [], time.perf_counter()
+    while len(times) < min_runs or time.perf_counter() - start < min_s:
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+
+
+def interleaved_medians(fns: dict, *, rounds: int = 10, per_round: int = 3) -> dict:
+    """Median ms per callable, measured in interleaved rounds (each round runs every callable
+    ``per_round`` times): on a shared machine a burst of load then hits all runtimes alike
+    instead of whichever happened to run during it."""
+    times = {name: [] for name in fns}
+    for fn in fns.values():
+        fn()  # warm-up: first-call allocation and lazy init
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            for _ in range(per_round):
+                t0 = time.perf_counter()
+                fn()
+                times[name].append((time.perf_counter() - t0) * 1e3)
+    return {name: {"median_ms": statistics.median(t), "min_ms": min(t), "runs": len(t)}
+            for name, t in times.items()}
+
+
+# ---------------------------------------------------------------- ONNX Runtime int8 (static QDQ)
+
+
+def ort_int8_qdq(fp32_path: Path, out_path: Path, *, input_name: str, images: np.ndarray) -> Path:
+    """u8 activations, s8 per-channel weights, static QDQ, calibrated on ``images`` (one per call).
+
+    ORT's own pre-processing (shape inference + graph optimisation) runs first, as its docs
+    recommend for static quantization.
+    """
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.it = iter([{input_name: images[i : i + 1].astype(np.float32)} for i in range(len(images))])
+
+        def get_next(self):
+            return next(self.it, None)
+
+    pre = out_path.with_name(out_path.stem + ".pre.onnx")
+    quant_pre_process(str(fp32_path), str(pre))
+    quantize_static(str(pre), str(out_path), Reader(), quant_format=QuantFormat.QDQ,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, per_channel=True)
+    pre.unlink(missing_ok=True)
+    return out_path
+
+
+# ---------------------------------------------------------------- per-call profile of a Relax VM
+
+
+def profile_vm(vm, args, *, runs: int = 20) -> list[dict]:
+    """Median wall time of every non-builtin call of ``vm["main"](*args)``, in call order.
+
+    TVM 0.27's Relax VM has no ``profile()``; its ``set_instrument`` hook is called before and
+    after every Call instruction, so timing between the two gives each kernel's time with the
+    layer's real shapes and memory state (~1 us of hook overhead per call). Each record:
+    symbol, shapes (arguments; the last one is the output of a call_tir), median_ms.
+    """
+    records: list[list] = []  # per run: [(symbol, shapes, ms)]
+    state = {"t0": 0.0, "run": None}
+
+    def instrument(func, symbol, before, ret, *call_args):
+        symbol = str(symbol)
+        if symbol.startswith("vm.builtin"):
+            return 0
+        if before:
+            state["t0"] = time.perf_counter()
+        else:
+            shapes = [tuple(int(d) for d in a.shape) for a in call_args if hasattr(a, "shape")]
+            state["run"].append((symbol, shapes, (time.perf_counter() - state["t0"]) * 1e3))
+        return 0
+
+    vm.set_instrument(instrument)
+    try:
+        for i in range(runs + 1):
+            state["run"] = []
+            vm["main"](*args)
+            if i:  # the first run warms up
+                records.append(state["run"])
+    finally:
+        vm.set_instrument(lambda *a: 0)
+    out = []
+    for j, (symbol, shapes, _) in enumerate(records[0]):
+        out.append({"symbol": symbol, "shapes": shapes,
+                    "median_ms": statistics.median(run[j][2] for run in records)})
+    return out
+
+
+# ---------------------------------------------------------------- per-op sums of the baselines
+# The same robust estimate as profile_vm's sum for ONNX Runtime and OpenVINO: each op's median
+# over runs, summed. A single op rarely spans a preemption, so on a loaded machine these sums
+# compare the runtimes' work where end-to-end medians mostly measure the other jobs.
+
+
+def ort_op_sum_ms(path: Path, input_name: str, x: np.ndarray, *, threads: int = 1, runs: int = 20) -> float:
+    import json
+
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.enable_profiling = True
+    so.profile_file_prefix = str(Path(tempfile.gettempdir()) / f"ort_prof_{os.getpid()}")
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    for _ in range(runs + 1):
+        sess.run(None, {input_name: x})
+    prof = Path(sess.end_profiling())
+    try:
+        per_node: dict[str, list[float]] = {}
+        for event in json.loads(prof.read_text()):
+            if event.get("cat") == "Node" and event.get("name", "").endswith("_kernel_time"):
+                per_node.setdefault(event["name"], []).append(event["dur"] / 1e3)
+    finally:
+        prof.unlink(missing_ok=True)
+    return sum(statistics.median(t[1:] or t) for t in per_node.values())  # t[0]: warm-up run
+
+
+def openvino_op_sum_ms(path: Path, x: np.ndarray, *, threads: int = 1, runs: int = 20) -> float:
+    import openvino as ov
+
+    core = ov.Core()
+    compiled = core.compile_model(core.read_model(str(path)), "CPU", {
+        "INFERENCE_NUM_THREADS": threads, "NUM_STREAMS": 1, "PERFORMANCE_HINT": "LATENCY", "PERF_COUNT": True})
+    request = compiled.create_infer_request()
+    per_node: dict[str, list[float]] = {}
+    for i in range(runs + 1):
+        request.infer({0: x})
+        if i:
+            for info in request.profiling_info:
+                per_node.setdefault(info.node_name, []).append(info.real_time.total_seconds() * 1e3)
+    return sum(statistics.median(t) for t in per_node.values())

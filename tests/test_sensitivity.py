@@ -1,0 +1,81 @@
+"""Calibration statistics reuse, alternative fits, and the per-layer sensitivity policy."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from tiny_models import tiny_cnn, tiny_images
+
+from tvm_ternary.plan import QuantConfig, calibration_stats, make_plan, simulate
+from tvm_ternary.plan.sensitivity import choose_precision
+from tvm_ternary.plan.summary import plan_summary
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "imagenet"
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_cnn()
+
+
+def test_reused_stats_give_the_same_plan(model):
+    calib, x = tiny_images(16), tiny_images(4, seed=9)
+    cfg = QuantConfig(group_size=4, method="exact")  # minmax scales: sampling cannot differ
+    stats = calibration_stats(model, calib, progress=False)
+    a = make_plan(model, calib, config=cfg, progress=False)
+    b = make_plan(model, calib, config=cfg, stats=stats, progress=False)
+    np.testing.assert_array_equal(simulate(a, x), simulate(b, x))
+    with pytest.raises(ValueError, match="not from this model"):
+        make_plan(model, calib, config=cfg, stats={}, progress=False)
+
+
+def test_alternatives_are_fitted_for_configured_layers_only(model):
+    plan = make_plan(model, tiny_images(16), config=QuantConfig(weight_bits=8), alternatives=(2, 4),
+                     progress=False)
+    assert set(plan.alternatives) == {"fire_squeeze", "fire_e1", "fire_e3", "res_a", "res_b"}
+    alt = plan.alternatives["res_a"]
+    assert alt[2].weights.bits == 2 and alt[4].weights.bits == 4
+    assert alt[2].input_quant == plan.layers["res_a"].input_quant  # same inputs, swappable
+
+
+def test_summary_counts_macs_and_bytes(model):
+    plan = make_plan(model, tiny_images(8), config=QuantConfig(method="exact"), progress=False)
+    s = plan_summary(plan)
+    assert abs(s["ternary_mac_share"] + s["int8_mac_share"] - 1.0) < 1e-9
+    assert 0 < s["multiplications_removed"] < s["ternary_mac_share"]
+    assert s["weight_bytes"] < s["float_weight_bytes"] / 4
+    assert s["layer_formats"]["conv1"] == "int8" and s["layer_formats"]["res_a"] == "ternary"
+
+
+def test_policy_meets_budgets_and_is_monotone(model):
+    calib = tiny_images(48)
+    result = choose_precision(model, calib, config=QuantConfig(group_size=4), max_drops=(0.0, 100.0),
+                              probe=16, progress=False)
+    tight, loose = result.choices
+    assert tight.verified_drop <= 0.0 + 1e-9 or tight.summary["ternary_mac_share"] == 0
+    assert loose.summary["ternary_mac_share"] >= tight.summary["ternary_mac_share"]
+    # an unlimited budget ternarizes every eligible layer
+    assert all(bits == 2 for _, bits in loose.config.overrides)
+    assert {s.name for s in result.layers} == {"fire_squeeze", "fire_e1", "fire_e3", "res_a", "res_b"}
+    assert result.passes <= 3
+    text = result.table()
+    assert "budget 100 pt" in text and "ternary" in text
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not SHARED.is_dir(), reason="shared ImageNet data not present")
+def test_squeezenet_policy_runs_in_minutes():
+    import time
+
+    from tvm_ternary.onnx_io import load_model
+    from tvm_ternary.passes.onnx_normalize import normalize_onnx
+    from tvm_ternary.preprocess import PreprocessConfig, load_image_folder, preprocess_images
+
+    prep = normalize_onnx(load_model(SHARED / "models" / "squeezenet1.1.onnx"))
+    paths, _ = load_image_folder(SHARED / "images" / "val200", limit=64)
+    x = preprocess_images(paths, config=PreprocessConfig.preset("caffe"), input_shape=prep.input_shape)
+    start = time.perf_counter()
+    result = choose_precision(prep.model, x, config=QuantConfig(group_size=4), max_drops=(3.0,), progress=False)
+    assert time.perf_counter() - start < 600
+    assert result.choices[0].verified_drop <= 3.0
+    assert result.choices[0].summary["ternary_mac_share"] > 0.2

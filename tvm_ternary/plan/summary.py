@@ -1,0 +1,70 @@
+"""What a plan costs and saves: MAC shares per weight format, multiplications removed, bytes.
+
+The papers' table columns. MACs are per sample; a layer whose MACs shape inference missed
+counts its weights instead (the ``weighting`` key says which).
+
+Example::
+
+    >>> s = plan_summary(plan)  # doctest: +SKIP
+    >>> f"{s['ternary_mac_share']:.1%} of MACs ternary, {s['weight_bytes'] / 1e6:.2f} MB"  # doctest: +SKIP
+    '93.1% of MACs ternary, 0.41 MB'
+"""
+
+from __future__ import annotations
+
+from ..quant import multiplications_removed, packed_bytes
+from .build import QuantPlan
+
+FORMATS = {0: "float", 2: "ternary", 4: "int4", 8: "int8"}
+
+
+def layer_bytes(plan: QuantPlan, name: str) -> int:
+    """Storage of one layer's weights as the library holds them (bias int32 / float32 included)."""
+    fused = next(l for l in plan.analysis.layers if l.name == name)
+    shape = tuple(fused.weight.weight.shape)
+    k, size = shape[0], int(fused.weight.weight.size)
+    lp = plan.layers.get(name)
+    if lp is None:  # float layer: fp32 weight and bias
+        return 4 * size + 4 * k
+    groups = int(lp.weights.layout.total_groups)
+    if lp.weights.bits == 2:
+        return packed_bytes(shape=shape, num_groups=groups) + 4 * k
+    # 4/8-bit values stored one per byte (the kernels take int8), a byte per group code,
+    # a float32 scale per channel and the int32 bias
+    return size + (groups if lp.weights.bits == 4 else 0) + 4 * k + 4 * k
+
+
+def plan_summary(plan: QuantPlan) -> dict:
+    layers = plan.analysis.layers
+    known = all(l.weight.macs is not None for l in layers)
+    weight = {l.name: float(l.weight.macs if known else l.weight.weight.size) for l in layers}
+    total = sum(weight.values()) or 1.0
+    share = {fmt: 0.0 for fmt in FORMATS.values()}
+    removed = 0.0
+    for l in layers:
+        bits = plan.decisions[l.name].bits
+        share[FORMATS[bits]] += weight[l.name] / total
+        if bits == 2:
+            removed += weight[l.name] / total * multiplications_removed(plan.layers[l.name].weights.layout)
+    return {
+        "layers": len(layers),
+        "weighting": "macs" if known else "weights",
+        "macs": int(total) if known else None,
+        "ternary_mac_share": share["ternary"],
+        "int4_mac_share": share["int4"],
+        "int8_mac_share": share["int8"],
+        "float_mac_share": share["float"],
+        "multiplications_removed": removed,
+        "weight_bytes": int(sum(layer_bytes(plan, l.name) for l in layers)),
+        "float_weight_bytes": int(sum(4 * l.weight.weight.size + 4 * l.weight.weight.shape[0] for l in layers)),
+        "layer_formats": {l.name: FORMATS[plan.decisions[l.name].bits] for l in layers},
+    }
+
+
+def describe_config(config) -> str:
+    """One line, e.g. ``ternary N=4 fgq data-aware, 8-bit activations (minmax)``."""
+    w = "ternary" if config.weight_bits == 2 else f"{config.weight_bits}-bit"
+    grouping = f" N={config.group_size} {config.grouping}" if config.weight_bits != 8 else " per channel"
+    extra = f", {len(config.overrides)} per-layer overrides" if config.overrides else ""
+    return (f"{w}{grouping} {config.method} weights, {config.act_bits}-bit activations "
+            f"({config.act_calibration_method}){extra}")

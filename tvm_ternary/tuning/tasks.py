@@ -1,0 +1,49 @@
+"""The tuning tasks of a model: every distinct kernel the compile flow builds for it.
+
+The model goes through the compile flow up to the rewrite (import, plan with calibration,
+:func:`passes.quantize_graph.apply_plan`), so the tasks are exactly the kernels ``compile``
+will look up, built from the same specs.
+
+Example::
+
+    tasks, untuned = model_tasks("model.onnx", config=QuantConfig(), calib_images=x, target=t)
+    [t.name for t in tasks]        # ['tt_conv0', 'tt_conv1', ..., 'tt_dense7']
+    untuned                         # {'tt_conv6': 'depthwise: fixed schedule, no knobs'}
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+
+from .. import onnx_io
+from .. import tvm_adapter as ta
+from .space import KernelTask, kernel_task
+
+
+def model_tasks(model, *, config, calib_images, target, input_shapes=None, isa: str | None = None,
+                progress: bool = False) -> tuple[list[KernelTask], dict[str, str]]:
+    """``(tasks, untuned)``: tunable kernels in program order, and why the others are not."""
+    from ..passes.import_onnx import import_onnx
+    from ..passes.onnx_normalize import normalize_onnx
+    from ..passes.quantize_graph import apply_plan
+    from ..plan import make_plan
+
+    if not isinstance(model, onnx.ModelProto):
+        model = onnx_io.load_model(model)
+    prep = normalize_onnx(model, input_shapes=input_shapes)
+    imported = import_onnx(model, input_shapes=input_shapes)
+    plan = make_plan(prep.model, np.asarray(calib_images, np.float32), config=config, progress=progress)
+    target = ta.as_target(target)
+    isa = isa or ta.choose_isa(target)
+    layer_vars = {layer.var_name: layer.name for layer in imported.layers}
+    _, report = apply_plan(imported.module, plan=plan, layer_vars=layer_vars, target=target, isa=isa)
+    tasks, untuned = [], {}
+    for name, spec in report.specs.items():
+        layers = [layer for layer, kernel in report.layer_kernels.items() if kernel == name]
+        task = kernel_task(spec, isa=isa, target=target, name=name, layers=layers)
+        if task is None:
+            untuned[name] = "depthwise: fixed schedule, no knobs"
+        else:
+            tasks.append(task)
+    return tasks, untuned
