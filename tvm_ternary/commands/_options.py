@@ -32,19 +32,41 @@ def positive_int(text: str) -> int:
     return value
 
 
-def add_quant_arguments(parser: argparse.ArgumentParser) -> None:
+# dest names of the quantization flags (eval refuses them for an already compiled .so)
+QUANT_FLAGS = ("weight_bits", "group_size", "grouping", "method", "act_bits", "act_calibration", "code_bits")
+
+
+def rgb_triple(text: str) -> tuple[float, float, float]:
+    """argparse type for ``R,G,B``."""
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        values = ()
+    if len(values) != 3:
+        raise argparse.ArgumentTypeError(f"expected three comma-separated numbers R,G,B, got {text!r}")
+    return values
+
+
+def add_quant_arguments(parser: argparse.ArgumentParser, *, defaults: bool = True) -> None:
+    """The quantization flags. ``defaults=False`` leaves every flag None when not given (the
+    defaults are then QuantConfig's), so a caller can tell which flags the user passed."""
+    def d(value):
+        return value if defaults else None
+
     g = parser.add_argument_group("quantization")
-    g.add_argument("--weight-bits", type=int, choices=(2, 4, 8), default=2,
+    g.add_argument("--weight-bits", type=int, choices=(2, 4, 8), default=d(2),
                    help="weights of the quantized layers: 2 = ternary (default), 4 or 8 bit")
-    g.add_argument("--group-size", "-N", type=positive_int, default=4, metavar="N",
+    g.add_argument("--group-size", "-N", type=positive_int, default=d(4), metavar="N",
                    help="N weights along the input channels share one scale (default 4)")
-    g.add_argument("--grouping", choices=("fgq", "cluster"), default="fgq",
-                   help="fgq: N channels at one kernel position; cluster: N whole kernels")
-    g.add_argument("--method", choices=("data-aware", "exact", "twn"), default="data-aware", help=METHOD_HELP)
-    g.add_argument("--act-bits", type=int, choices=(8, 4), default=8, help="activation bits (default 8)")
+    g.add_argument("--grouping", choices=("fgq", "cluster"), default=d("fgq"),
+                   help="fgq: N channels at one kernel position (default); cluster: N whole kernels")
+    g.add_argument("--method", choices=("data-aware", "exact", "twn"), default=d("data-aware"), help=METHOD_HELP)
+    g.add_argument("--act-bits", type=int, choices=(8, 4), default=d(8), help="activation bits (default 8)")
     g.add_argument("--act-calibration", choices=("minmax", "dfp", "percentile", "mse"), default=None,
                    help="activation scales: minmax (8-bit default), dfp (power-of-two, dynamic fixed "
                         "point), percentile, mse (4-bit default: clips outliers)")
+    g.add_argument("--code-bits", type=int, choices=(7, 4), default=d(7),
+                   help="bits of the integer group-scale codes (default 7)")
     g.add_argument("--layer-bits", action="append", default=[], metavar="NAME=BITS",
                    help="override one layer (or op type conv/dense/depthwise): BITS 2, 4, 8, or 0 = float; repeatable")
 
@@ -58,10 +80,9 @@ def quant_config(args: argparse.Namespace):
         if not sep or not name or bits not in ("0", "2", "4", "8"):
             raise OptionError(f"--layer-bits wants NAME=BITS with BITS 0, 2, 4 or 8, got {item!r}")
         overrides.append((name, int(bits)))
+    given = {k: getattr(args, k) for k in QUANT_FLAGS if getattr(args, k, None) is not None}
     try:
-        return QuantConfig(weight_bits=args.weight_bits, group_size=args.group_size, grouping=args.grouping,
-                           method=args.method, act_bits=args.act_bits, act_calibration=args.act_calibration,
-                           overrides=tuple(overrides))
+        return QuantConfig(**given, overrides=tuple(overrides))
     except ValueError as error:
         raise OptionError(str(error)) from None
 
@@ -70,8 +91,8 @@ def add_preprocess_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("image preprocessing")
     g.add_argument("--preprocess", choices=("torchvision", "caffe", "unit"), default=None,
                    help="torchvision: RGB/255, ImageNet mean/std; caffe: BGR 0-255 minus 104,117,123; unit: RGB/255")
-    g.add_argument("--mean", metavar="R,G,B", help="override the preset's mean")
-    g.add_argument("--std", metavar="R,G,B", help="override the preset's std")
+    g.add_argument("--mean", type=rgb_triple, metavar="R,G,B", help="override the preset's mean")
+    g.add_argument("--std", type=rgb_triple, metavar="R,G,B", help="override the preset's std")
     g.add_argument("--bgr", action="store_true", help="feed channels in BGR order")
 
 
@@ -80,20 +101,8 @@ def preprocess_config(args: argparse.Namespace):
 
     if args.preprocess is None and not (args.mean or args.std or args.bgr):
         return None
-    return PreprocessConfig.from_options(preset=args.preprocess, mean=_triple(args.mean, "--mean"),
-                                         std=_triple(args.std, "--std"), bgr=True if args.bgr else None)
-
-
-def _triple(text: str | None, flag: str):
-    if text is None:
-        return None
-    try:
-        values = tuple(float(v) for v in text.split(","))
-    except ValueError:
-        values = ()
-    if len(values) != 3:
-        raise OptionError(f"{flag} wants three comma-separated numbers R,G,B, got {text!r}")
-    return values
+    return PreprocessConfig.from_options(preset=args.preprocess, mean=args.mean, std=args.std,
+                                         bgr=True if args.bgr else None)
 
 
 def load_images(source: Path, *, preprocess, input_shape, limit: int | None, what: str) -> np.ndarray:

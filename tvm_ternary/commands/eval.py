@@ -27,41 +27,11 @@ from dataclasses import replace
 from pathlib import Path
 
 from tvm_ternary.commands import Command
+from tvm_ternary.commands._options import QUANT_FLAGS, add_quant_arguments, positive_int, quant_config, rgb_triple
 from tvm_ternary.errors import OptionError, UserError
 
 DEFAULT_CALIB = 64
-QUANT_DEFAULTS = dict(weight_bits=2, group_size=4, grouping="fgq", method="data-aware", act_bits=8,
-                      act_calibration=None, code_bits=7)
 BATCH = 16
-
-
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
-def _three(text: str) -> tuple[float, ...]:
-    try:
-        return tuple(float(v) for v in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected R,G,B numbers, got {text!r}") from None
-
-
-def add_quant_arguments(parser: argparse.ArgumentParser) -> None:
-    """The compile command's quantization flags (defaults None: a .so refuses them)."""
-    parser.add_argument("--weight-bits", type=int, choices=(2, 4, 8), help="2 = ternary (default), 4, 8")
-    parser.add_argument("--group-size", "-N", type=_positive, metavar="N", help="input channels per scale group (default 4)")
-    parser.add_argument("--grouping", choices=("fgq", "cluster"), help="default fgq")
-    parser.add_argument("--method", choices=("data-aware", "exact", "twn"), help="default data-aware")
-    parser.add_argument("--act-bits", type=int, choices=(8, 4), help="default 8")
-    parser.add_argument("--act-calibration", choices=("minmax", "dfp", "percentile", "mse"),
-                        help="activation scales (default minmax at 8 bits, mse at 4 bits)")
-    parser.add_argument("--code-bits", type=int, choices=(7, 4), help="group-scale code bits (default 7)")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -69,15 +39,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--images", required=True, metavar="DIR", help="images + labels.txt (file,label; 0-based)")
     parser.add_argument("--preprocess", choices=("torchvision", "caffe", "unit"),
                         help="preset (a .so defaults to the one in its sidecar)")
-    parser.add_argument("--mean", type=_three, metavar="R,G,B")
-    parser.add_argument("--std", type=_three, metavar="R,G,B")
+    parser.add_argument("--mean", type=rgb_triple, metavar="R,G,B")
+    parser.add_argument("--std", type=rgb_triple, metavar="R,G,B")
     parser.add_argument("--bgr", action="store_true", default=None, help="feed B,G,R channel order")
-    parser.add_argument("--limit", type=_positive, metavar="N", help="evaluate at most N images")
+    parser.add_argument("--limit", type=positive_int, metavar="N", help="evaluate at most N images")
     parser.add_argument("--calib", metavar="DIR", help="calibration images (default: the first "
                         "--calib-limit images of --images, held out of the evaluation)")
-    parser.add_argument("--calib-limit", type=_positive, default=DEFAULT_CALIB, metavar="N",
+    parser.add_argument("--calib-limit", type=positive_int, default=DEFAULT_CALIB, metavar="N",
                         help=f"calibration images (default {DEFAULT_CALIB})")
-    add_quant_arguments(parser)
+    add_quant_arguments(parser, defaults=False)  # a .so refuses them: tell given from default
     parser.add_argument("--max-drop", type=float, metavar="P", help="per-layer sensitivity policy: "
                         "as many MACs ternary as keep the calibration-set drop within P points")
     parser.add_argument("--label-offset", type=int, metavar="K", help="label = class index - K "
@@ -89,16 +59,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--target", help="compile target for --backend tvm (default host)")
     parser.add_argument("--json", type=Path, metavar="OUT", help="write the results as JSON")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
-
-
-def _quant_config(args):
-    from tvm_ternary.plan import QuantConfig
-
-    values = {k: getattr(args, k) if getattr(args, k) is not None else v for k, v in QUANT_DEFAULTS.items()}
-    try:
-        return QuantConfig(**values)
-    except ValueError as error:
-        raise UserError(str(error)) from None
 
 
 def _preprocess(args, sidecar: dict | None):
@@ -160,7 +120,7 @@ def run(args: argparse.Namespace) -> int:
     if is_library:
         if args.backend != "tvm":
             raise UserError("a compiled .so can only be evaluated with --backend tvm")
-        given = [k for k in QUANT_DEFAULTS if getattr(args, k) is not None]
+        given = [k for k in QUANT_FLAGS if getattr(args, k) is not None] + args.layer_bits
         if given or args.max_drop is not None or args.calib is not None:
             raise UserError(f"{args.model} is already quantized: quantization and calibration "
                             "flags apply to an ONNX MODEL only")
@@ -183,7 +143,7 @@ def run(args: argparse.Namespace) -> int:
         config_json = sidecar.get("quant_config", {})
         config_text = f"as compiled: {json.dumps(config_json)}"
     else:
-        config = _quant_config(args)
+        config = quant_config(args)
         if args.max_drop is not None and args.weight_bits not in (None, 2):
             raise UserError("--max-drop chooses each layer's weight bits itself; drop --weight-bits")
         calib_paths, eval_paths, labels, how = _split(args)

@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from tvm_ternary.commands import Command
+from tvm_ternary.commands._options import positive_int
 from tvm_ternary.errors import NoWeightedLayersError, OptionError, UserError
 from tvm_ternary.onnx_io import LayerWeight, find_weighted_layers, load_model
 from tvm_ternary.quant import (
@@ -294,19 +295,9 @@ def format_report(report: Report) -> str:
 # Command
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", metavar="MODEL.onnx", help="ONNX model to read")
-    parser.add_argument("--group-size", "-N", type=_positive_int, default=4, metavar="N",
+    parser.add_argument("--group-size", "-N", type=positive_int, default=4, metavar="N",
                         help="input channels per scale group (default 4: removes 75%% of the "
                              "multiplications with fgq)")
     parser.add_argument("--threshold", choices=THRESHOLDS, default="exact",
