@@ -26,6 +26,8 @@ import onnx
 from ..numpy_graph import NumpyGraph, conv_geometry
 from ..quant import (
     ActivationQuant,
+    dequantize_activation,
+    quantize_activation,
     quantize_weights,
     relative_error,
     ternarize,
@@ -226,10 +228,11 @@ def make_plan(model: onnx.ModelProto, images: np.ndarray, *, config: QuantConfig
         w = fused.weight.weight
         geometry = {} if fused.weight.op_type == "dense" else conv_geometry(node, x_q.shape[2:], w.shape[2:])
         in_q = quants[fused.input]
-        x_deq = np.rint(np.asarray(x_q, np.float64) / in_q.scale).clip(in_q.qmin, in_q.qmax) * in_q.scale
+        # what the kernel will see: the input on its integer grid (the shared quantizer's rounding)
+        x_deq = dequantize_activation(quantize_activation(x_q, in_q), in_q)
         layer_stats = fit_rows = None
         if config.method == "data-aware" and geometry.get("groups", 1) == 1:
-            x_rows = _patches(fused, x_deq.astype(np.float32), geometry)
+            x_rows = _patches(fused, x_deq, geometry)
             y_rows = _targets(fused, float_env[node.output[0]])
             sel = rng.choice(len(x_rows), min(len(x_rows), FIT_ROWS), replace=False)
             layer_stats = LayerStatistics.empty(in_features=x_rows.shape[1], out_features=y_rows.shape[1])
