@@ -76,11 +76,54 @@ def _preprocess(args, sidecar: dict | None):
 def _decisions_or_error(model, config) -> None:
     from tvm_ternary.plan import analyse, decide
 
+    from tvm_ternary.plan.config import check_override_names
+
     layers = analyse(model).layers
+    check_override_names([(f.name, f.weight.op_type) for f in layers], config)
     for i, fused in enumerate(layers):
         w = fused.weight
         decide(name=fused.name, op_type=w.op_type, depthwise=w.is_depthwise, is_first=w.reads_model_input,
                is_last=i == len(layers) - 1, in_channels=w.in_channels_per_group, config=config)
+
+
+def _eval_target(args, *, is_library: bool):
+    """The compile target of ``--backend tvm``, checked against this host *before* anything is
+    built: eval runs the library in this process, where a missing CPU feature is a SIGILL."""
+    from tvm_ternary import cpu_features
+    from tvm_ternary.commands.compile import _target
+    from tvm_ternary.errors import TargetError
+
+    if args.target is None:
+        return None
+    if is_library or args.backend != "tvm":
+        raise OptionError("--target applies to an ONNX MODEL with --backend tvm only "
+                          "(a .so was compiled for its target; simulate needs none)")
+    target = _target(args.target)
+    from tvm_ternary import tvm_adapter as ta
+
+    missing = cpu_features.missing_features(ta.target_features(target))
+    if missing:
+        raise TargetError(f"--target {ta.target_mcpu(target)} needs CPU features this host lacks "
+                          f"({', '.join(missing)}) and eval runs the library here; use --target host, "
+                          "or compile for it and evaluate on such a CPU")
+    return target
+
+
+def _check_labels(labels, *, num_classes: int, offset: int, images) -> None:
+    """Labels must be class indices of this model: one outside 0..classes-1 (after the offset)
+    can never be predicted, and would be counted as a silent miss."""
+    from tvm_ternary.errors import InputDataError
+
+    if labels is None:
+        return
+    valid = range(-offset, num_classes - offset)
+    bad = [label for label in labels if label not in valid]
+    if bad:
+        raise InputDataError(
+            f"{images}/labels.txt: {len(bad)} of {len(labels)} labels outside the model's "
+            f"{num_classes} classes (valid {valid.start}..{valid.stop - 1}"
+            f"{f' with --label-offset {offset}' if offset else ''}; e.g. {bad[0]}): wrong labels "
+            "file, or a model trained on other classes")
 
 
 def _split(args):
@@ -115,6 +158,11 @@ def run(args: argparse.Namespace) -> int:
 
     progress = not args.quiet
     is_library = args.model.endswith(".so")
+    if args.json is not None:
+        from tvm_ternary.commands._options import check_output
+
+        check_output(args.json, inputs=(args.model, args.float_model, args.images), what="JSON results")
+    target = _eval_target(args, is_library=is_library)
     shapes = dict([parse_input_shape(args.input_shape)]) if args.input_shape else None
     sidecar, loaded = None, None
     if is_library:
@@ -161,6 +209,7 @@ def run(args: argparse.Namespace) -> int:
     if args.label_offset is None and offset:
         print(f"note: the model has {num_classes} outputs: class 0 taken as background "
               f"(--label-offset {offset}); pass --label-offset 0 to change", file=sys.stderr)
+    _check_labels(labels, num_classes=num_classes, offset=offset, images=args.images)
 
     summary, sensitivity_text, plan = None, None, None
     if is_library:
@@ -201,7 +250,7 @@ def run(args: argparse.Namespace) -> int:
                                 f"({error}); --backend simulate runs the numpy reference") from None
             # the original model, as `tvm-ternary compile` gets it; the plan refers to its
             # normalized copy, which compile_model makes the same way
-            compiled = compile_model(onnx_model, config=config, calib_images=x_calib, target=args.target,
+            compiled = compile_model(onnx_model, config=config, calib_images=x_calib, target=target,
                                      input_shapes=shapes, plan=plan, progress=progress)
             quant_fn, backend = compiled.run, "tvm (compiled library)"
     quant_scores, quant_ips = ev.run_batched(quant_fn, x, batch=BATCH, label="quantized", progress=progress)

@@ -89,6 +89,16 @@ def _check_extra() -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    _check_extra()  # psutil among them, which the cleanup needs
+    from ..tuning.processes import end_children
+
+    try:
+        return _run(args)
+    finally:  # every exit path: MetaSchedule's popen workers would outlive us otherwise
+        end_children()
+
+
+def _run(args: argparse.Namespace) -> int:
     from .. import cpu_features, onnx_io
     from ..errors import OptionError
     from .compile import _target
@@ -102,7 +112,7 @@ def run(args: argparse.Namespace) -> int:
     if args.time_budget is not None and args.time_budget <= 0:
         raise OptionError(f"--time-budget wants a positive number of minutes, got {args.time_budget}")
     rpc = _device(args)
-    target = _target(None if args.target == "host" else args.target)
+    target = _target(args.target)
     model = onnx_io.load_model(args.model)
     shapes = parse_input_shapes(args.input_shape)
 
@@ -117,6 +127,8 @@ def run(args: argparse.Namespace) -> int:
     # cheap checks first: the device and the database, before calibration
     check_device(target=target, rpc=rpc, host_features=cpu_features.host_features())
     tdb = open_database(args.db, target=target, create=True)
+    for note in tdb.notes:
+        print(f"note: {note}", flush=True)
 
     from ..passes.onnx_normalize import normalize_onnx
 

@@ -93,7 +93,8 @@ class _Interrupts:
 
     A KeyboardInterrupt raised inside MetaSchedule (it calls our Python code from its C++
     worker threads) ends in std::terminate, so the first SIGINT only sets a flag that the
-    batch callback acts on; a second one interrupts at once.
+    batch callback acts on; a second one stops at once: the workers are ended and the process
+    exits with 130 (:func:`.processes.stop_now`), the records measured so far kept.
     """
 
     def __init__(self, log):
@@ -110,7 +111,10 @@ class _Interrupts:
 
     def _handle(self, signum, frame):
         if self.requested:
-            raise KeyboardInterrupt
+            from .processes import stop_now
+
+            stop_now("tvm-ternary: error: interrupted twice: stopped now (every record measured "
+                     "before is kept in the database)")
         self.requested = True
         self.log("interrupt: stopping after the running batch (its records are kept); "
                  "Ctrl-C again to stop now", flush=True)
