@@ -85,7 +85,19 @@ def check(sidecar: dict, library: str | Path, *, side_name: str) -> dict:
                            "tvm-ternary compile); recompile it")
     for key in FIELDS:
         if sidecar.get(key) != embedded.get(key):
-            raise LibraryError(f"{side_name}: {key} {json.dumps(sidecar.get(key))} disagrees with the "
-                               f"library's own record {json.dumps(embedded.get(key))} (edited sidecar?); "
-                               "use the sidecar compile wrote")
+            raise LibraryError(f"{side_name}: {_difference(key, sidecar.get(key), embedded.get(key))} "
+                               "(edited sidecar?); use the sidecar compile wrote")
     return embedded
+
+
+def _difference(key: str, side, lib) -> str:
+    """``output.dtype: the sidecar says "int8", the library "float32"`` (short, one line)."""
+    if isinstance(side, dict) and isinstance(lib, dict):
+        sub = next(k for k in sorted(set(side) | set(lib)) if side.get(k) != lib.get(k))
+        return _difference(f"{key}.{sub}", side.get(sub), lib.get(sub))
+    if isinstance(side, list) and isinstance(lib, list) and all(isinstance(v, str) for v in side + lib):
+        added, dropped = sorted(set(side) - set(lib)), sorted(set(lib) - set(side))
+        parts = ([f"the sidecar adds {', '.join(added)}"] if added else []) + \
+                ([f"drops {', '.join(dropped)}"] if dropped else [])
+        return f"{key}: {'; '.join(parts) or 'order differs'} against the library's own record"
+    return f"{key}: the sidecar says {json.dumps(side)}, the library's own record {json.dumps(lib)}"

@@ -178,6 +178,13 @@ def rpc_runner(*, host: str, port: int, key: str, session_timeout_s: int = 60, n
                                max_workers=1)
 
 
+def close_runner(runner) -> None:
+    """End a runner's worker pool now (LocalRunner keeps one for its lifetime)."""
+    pool = getattr(runner, "pool", None)
+    if pool is not None and not getattr(pool, "_shutdown", True):
+        pool.shutdown(wait=False)
+
+
 def measure(mod, *, target, builder, runner) -> tuple[list[float] | None, str | None]:
     """Build and run one scheduled module: ``(seconds per repeat, None)`` or ``(None, error)``."""
     built = builder.build([ms.builder.BuilderInput(mod, target)])[0]

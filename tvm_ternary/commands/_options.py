@@ -87,6 +87,25 @@ def quant_config(args: argparse.Namespace):
         raise OptionError(str(error)) from None
 
 
+def check_config(model, config) -> None:
+    """The per-layer policy on ``model`` (a normalized ONNX model) without calibrating: an
+    unknown ``--layer-bits`` name, N larger than a layer's channels, a model with nothing to
+    quantize are one-line errors before any image is read or TVM is loaded."""
+    from ..errors import NoWeightedLayersError
+    from ..plan import analyse, decide
+    from ..plan.config import check_override_names
+
+    layers = analyse(model).layers
+    if not layers:
+        raise NoWeightedLayersError("the model has no Conv/Gemm/MatMul layer with constant weights: "
+                                    "nothing to quantize")
+    check_override_names([(f.name, f.weight.op_type) for f in layers], config)
+    for i, fused in enumerate(layers):
+        w = fused.weight
+        decide(name=fused.name, op_type=w.op_type, depthwise=w.is_depthwise, is_first=w.reads_model_input,
+               is_last=i == len(layers) - 1, in_channels=w.in_channels_per_group, config=config)
+
+
 def add_preprocess_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("image preprocessing")
     g.add_argument("--preprocess", choices=("torchvision", "caffe", "unit"), default=None,

@@ -12,6 +12,7 @@ from . import Command
 from ._options import (
     add_preprocess_arguments,
     add_quant_arguments,
+    check_config,
     check_output,
     load_images,
     parse_input_shapes,
@@ -63,13 +64,18 @@ def run(args: argparse.Namespace) -> int:
     model = onnx_io.load_model(args.model)
     shapes = parse_input_shapes(args.input_shape)
 
-    from ..compiler import compile_model
     from ..passes.onnx_normalize import normalize_onnx
 
+    # every check that needs neither TVM nor calibration first: a mistake costs no waiting
     prep = normalize_onnx(model, input_shapes=shapes)
+    check_config(prep.model, config)
     images = load_images(args.calib, preprocess=preprocess, input_shape=prep.input_shape,
                          limit=args.calib_limit, what="calibration")
     target = _target(args.target)
+    if ta_isa(target) == "plain":
+        print(f"warning: --target {args.target}: no AVX2 or better, every kernel runs the plain "
+              "(slow, unvectorized) reference schedule", file=sys.stderr)
+    from ..compiler import compile_model
     kernels = None
     if args.tuning_db is not None:
         from ..tuning import TunedKernels, open_database
@@ -89,6 +95,12 @@ def run(args: argparse.Namespace) -> int:
     print(f"wrote {args.output} and {args.output}.json for {meta['target']['mcpu']} ({meta['target']['isa']}); "
           f"compile time {time.perf_counter() - start:.1f} s ({steps}); peak memory {peak_mb:.0f} MB")
     return 0
+
+
+def ta_isa(target) -> str:
+    from .. import tvm_adapter as ta
+
+    return ta.choose_isa(target)
 
 
 def _target(name):

@@ -27,7 +27,14 @@ from dataclasses import replace
 from pathlib import Path
 
 from tvm_ternary.commands import Command
-from tvm_ternary.commands._options import QUANT_FLAGS, add_quant_arguments, positive_int, quant_config, rgb_triple
+from tvm_ternary.commands._options import (
+    QUANT_FLAGS,
+    add_quant_arguments,
+    check_config,
+    positive_int,
+    quant_config,
+    rgb_triple,
+)
 from tvm_ternary.errors import OptionError, UserError
 
 DEFAULT_CALIB = 64
@@ -71,19 +78,6 @@ def _preprocess(args, sidecar: dict | None):
         raise UserError("say how to preprocess the images: --preprocess torchvision|caffe|unit "
                         "or --mean/--std/--bgr (wrong preprocessing is the classic accuracy bug)")
     return PreprocessConfig.from_options(preset=args.preprocess, mean=args.mean, std=args.std, bgr=args.bgr)
-
-
-def _decisions_or_error(model, config) -> None:
-    from tvm_ternary.plan import analyse, decide
-
-    from tvm_ternary.plan.config import check_override_names
-
-    layers = analyse(model).layers
-    check_override_names([(f.name, f.weight.op_type) for f in layers], config)
-    for i, fused in enumerate(layers):
-        w = fused.weight
-        decide(name=fused.name, op_type=w.op_type, depthwise=w.is_depthwise, is_first=w.reads_model_input,
-               is_last=i == len(layers) - 1, in_channels=w.in_channels_per_group, config=config)
 
 
 def _eval_target(args, *, is_library: bool):
@@ -192,6 +186,7 @@ def run(args: argparse.Namespace) -> int:
         config_text = f"as compiled: {json.dumps(config_json)}"
     else:
         config = quant_config(args)
+        check_config(prep.model, config)  # before any image is read (e.g. N > a layer's channels)
         if args.max_drop is not None and args.weight_bits not in (None, 2):
             raise UserError("--max-drop chooses each layer's weight bits itself; drop --weight-bits")
         calib_paths, eval_paths, labels, how = _split(args)
@@ -222,10 +217,6 @@ def run(args: argparse.Namespace) -> int:
         from tvm_ternary.plan import calibration_stats, make_plan, simulate
 
         start = time.perf_counter()
-        try:  # the policy validates the config against the model (e.g. N > a layer's channels)
-            _decisions_or_error(prep.model, config)
-        except ValueError as error:
-            raise OptionError(str(error)) from None
         stats = calibration_stats(prep.model, x_calib, progress=progress)
         if args.max_drop is not None:
             from tvm_ternary.plan.sensitivity import choose_precision

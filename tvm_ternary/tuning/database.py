@@ -55,6 +55,11 @@ class TuningDatabase:
     notes: tuple[str, ...] = ()  # what opening did (a cut last line dropped)
     lock: object = None  # the open lock file: the flock lasts as long as it is open
 
+    def close(self) -> None:
+        """Release the lock (the records stay readable in ``db``; write no more)."""
+        if self.lock is not None:
+            self.lock.close()
+
 
 LOCK_FILE = ".lock"
 

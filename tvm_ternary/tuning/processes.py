@@ -25,12 +25,23 @@ import threading
 import time
 
 
-def end_children(*, timeout_s: float = 3.0) -> list[int]:
-    """Terminate, then kill, every descendant process; returns the pids that were running."""
+def child_pids() -> set[int]:
+    """The pids of this process's descendants now (what :func:`end_children` must spare:
+    an in-process caller may have started processes of its own, e.g. an RPC tracker)."""
     import psutil
 
     try:
-        children = psutil.Process().children(recursive=True)
+        return {p.pid for p in psutil.Process().children(recursive=True)}
+    except psutil.Error:
+        return set()
+
+
+def end_children(*, keep: set[int] = frozenset(), timeout_s: float = 3.0) -> list[int]:
+    """Terminate, then kill, every descendant process not in ``keep``; returns their pids."""
+    import psutil
+
+    try:
+        children = [p for p in psutil.Process().children(recursive=True) if p.pid not in keep]
     except psutil.Error:
         return []
     for child in children:
@@ -48,11 +59,12 @@ def end_children(*, timeout_s: float = 3.0) -> list[int]:
     return [c.pid for c in children]
 
 
-def stop_now(message: str, *, code: int = 130) -> None:
-    """End the children and this process at once, with ``code`` (from a signal handler)."""
+def stop_now(message: str, *, keep: set[int] = frozenset(), code: int = 130) -> None:
+    """End the children (but ``keep``) and this process at once, with ``code`` (from a
+    signal handler: the process ends, an in-process caller included; it asked for it)."""
     try:
         print(message, file=sys.stderr, flush=True)
-        end_children(timeout_s=2.0)
+        end_children(keep=keep, timeout_s=2.0)
         sys.stdout.flush()
     finally:
         os._exit(code)
