@@ -226,13 +226,17 @@ def open_database(root, *, target, create: bool, log=print) -> TuningDatabase:
             if lock is not None:  # read into memory: the files are not needed any more
                 lock.close()
         return TuningDatabase(folder, mcpu, feats, db, notes=tuple(notes))
+    # checks that write nothing first (a folder that is not ours is left untouched); a folder
+    # with only a lock in it is one another tune is making right now: wait for it below
     existed = folder.exists()
-    if existed:
+    if existed and (folder / META_FILE).exists():
         _check_meta(folder, target)
         present = [(folder / name).is_file() for name in DB_FILES]
         if any(present) and not all(present):
             raise TuningDatabaseError(f"{folder}: one of {', '.join(DB_FILES)} is missing; left untouched")
         _ensure_writable(folder)
+    elif existed and any(p.name not in (LOCK_FILE, f".{META_FILE}.tmp") for p in folder.iterdir()):
+        _check_meta(folder, target)  # raises: not a tvm-ternary tuning database
     else:
         try:
             folder.mkdir(parents=True, exist_ok=True)  # another tune may be making it too
@@ -242,8 +246,7 @@ def open_database(root, *, target, create: bool, log=print) -> TuningDatabase:
     lock = _lock(folder, exclusive=True, log=log)
     try:
         if (folder / META_FILE).exists():
-            if not existed:  # the other tune made it while we waited
-                _check_meta(folder, target)
+            _check_meta(folder, target)  # again: another tune may have made it while we waited
         else:
             tmp = folder / f".{META_FILE}.tmp"
             tmp.write_text(json.dumps(_meta(target), indent=1))
