@@ -29,6 +29,10 @@ LLVM_TO_CPUINFO = {
     "avxifma": "avx_ifma", "avxvnniint8": "avx_vnni_int8", "avxvnniint16": "avx_vnni_int16",
     "avxneconvert": "avx_ne_convert", "amx-tile": "amx_tile", "amx-int8": "amx_int8",
     "amx-bf16": "amx_bf16", "amx-fp16": "amx_fp16",
+    # scalar/SSE extensions LLVM's instruction selection uses on its own: a znver4 library
+    # really contains SSE4A's extrq (AMD only) and dies with SIGILL on an Intel CPU
+    "sse3": "pni", "ssse3": "ssse3", "sse4a": "sse4a", "lzcnt": "abm", "movbe": "movbe",
+    "prfchw": "3dnowprefetch", "cx16": "cx16", "fma4": "fma4", "xop": "xop", "tbm": "tbm",
 }
 
 # The features a tuning database folder name hashes (tuning/database.py): the table as it was

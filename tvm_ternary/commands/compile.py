@@ -53,7 +53,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from .. import onnx_io
-    from ..errors import OptionError, UserError
+    from ..errors import OptionError
 
     start = time.perf_counter()
     config = quant_config(args)
@@ -72,7 +72,9 @@ def run(args: argparse.Namespace) -> int:
     images = load_images(args.calib, preprocess=preprocess, input_shape=prep.input_shape,
                          limit=args.calib_limit, what="calibration")
     target = _target(args.target)
-    if ta_isa(target) == "plain":
+    from .. import tvm_adapter as ta
+
+    if ta.choose_isa(target) == "plain":
         print(f"warning: --target {args.target}: no AVX2 or better, every kernel runs the plain "
               "(slow, unvectorized) reference schedule", file=sys.stderr)
     from ..compiler import compile_model
@@ -95,12 +97,6 @@ def run(args: argparse.Namespace) -> int:
     print(f"wrote {args.output} and {args.output}.json for {meta['target']['mcpu']} ({meta['target']['isa']}); "
           f"compile time {time.perf_counter() - start:.1f} s ({steps}); peak memory {peak_mb:.0f} MB")
     return 0
-
-
-def ta_isa(target) -> str:
-    from .. import tvm_adapter as ta
-
-    return ta.choose_isa(target)
 
 
 def _target(name):

@@ -23,10 +23,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..errors import UserError
-    from ..runtime import load
+    import tempfile
 
-    from ..runtime import sidecar_path
+    from ..runtime import load, sidecar_path
     from ._options import check_output, load_array
 
     # checked first: do not load and run for nothing
@@ -34,9 +33,14 @@ def run(args: argparse.Namespace) -> int:
     x = load_array(args.input, what="input")
     model = load(args.library)
     y = model.run(x)
-    tmp = args.output.with_name(f".{args.output.name}.tmp.npy")
+    fd, name = tempfile.mkstemp(dir=args.output.parent, prefix=f".{args.output.name}.", suffix=".tmp.npy")
+    os.close(fd)
+    tmp = Path(name)  # unique: two runs to one output never share it
     try:
         np.save(tmp, y)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; an output is an ordinary file
         os.replace(tmp, args.output)  # never leave a partial output behind
     finally:
         tmp.unlink(missing_ok=True)
