@@ -75,24 +75,37 @@ class CompiledModel:
         }
 
     def export(self, path: str | Path, *, preprocess=None) -> dict:
-        """Write ``path`` (.so, weights embedded) and its sidecar ``path.json``; returns the
-        sidecar. Both are written under temporary names first: a failure leaves neither."""
+        """Write ``path`` (.so, weights and :mod:`manifest` embedded) and its sidecar
+        ``path.json``; returns the sidecar. Both are written under temporary names unique to
+        this call first (two compiles to one path never share one), then renamed: a failure
+        leaves neither, and the sidecar's SHA-256 ties it to its very library."""
         import json
         import os
+        import tempfile
 
+        from . import manifest
         from .runtime import file_sha256, sidecar_path
 
         path = Path(path)
-        tmp_lib = path.with_name(f".{path.name}.tmp.so")
-        tmp_side = path.with_name(f".{path.name}.tmp.json")
+        tmps = []
         try:
-            ta.export_library(self.executable, str(tmp_lib))
+            for suffix in (".tmp.so", ".tmp.json"):
+                fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
+                os.close(fd)
+                tmps.append(Path(name))
+            tmp_lib, tmp_side = tmps
+            fields = manifest.manifest_of(self.sidecar(library_sha256="", preprocess=preprocess))
+            with tempfile.TemporaryDirectory(prefix="tvm_ternary_manifest_") as work:
+                ta.export_library(self.executable, str(tmp_lib),
+                                  addons=[str(manifest.write_source(fields, work))])
             meta = self.sidecar(library_sha256=file_sha256(tmp_lib), preprocess=preprocess)
             tmp_side.write_text(json.dumps(meta, indent=1))
+            os.chmod(tmp_lib, 0o755 & ~_umask())  # mkstemp makes 0600; a library is 0755
+            os.chmod(tmp_side, 0o644 & ~_umask())
             os.replace(tmp_lib, path)
             os.replace(tmp_side, sidecar_path(path))
         finally:
-            for tmp in (tmp_lib, tmp_side):
+            for tmp in tmps:
                 tmp.unlink(missing_ok=True)
         return meta
 
@@ -101,11 +114,26 @@ class CompiledModel:
 
     def run(self, x: np.ndarray) -> np.ndarray:
         """Run on ``x`` stacked along axis 0 (one call per sample when the model's batch is 1)."""
+        from .cpu_features import missing_features
+        from .errors import TargetError
+
+        missing = missing_features(ta.target_features(self.target))
+        if missing:  # running it here would be a SIGILL, not an error
+            raise TargetError(f"this model was compiled for {ta.target_mcpu(self.target)}, which needs CPU "
+                              f"features this host lacks: {', '.join(missing)}; export it and run it there")
         vm = self.vm()
         batch = self.imported.input_shape[0]
         x = np.asarray(x, dtype=np.float32)
         outs = [ta.run_relax_vm(vm, x[i : i + batch])[0] for i in range(0, len(x), batch)]
         return np.concatenate(outs)
+
+
+def _umask() -> int:
+    import os
+
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 _INTEGER_OP_TYPES = {"max_pool2d": "MaxPool", "concat": "Concat"}

@@ -24,7 +24,20 @@ LLVM_TO_CPUINFO = {
     "avx512vbmi2": "avx512_vbmi2", "avx512bitalg": "avx512_bitalg",
     "avx512vpopcntdq": "avx512_vpopcntdq", "avx512bf16": "avx512_bf16", "avx512ifma": "avx512ifma",
     "avxvnni": "avx_vnni", "gfni": "gfni", "vaes": "vaes", "vpclmulqdq": "vpclmulqdq",
+    # newer ones: LLVM may use them for a target that has them (e.g. vp2intersect on znver5)
+    "avx512fp16": "avx512_fp16", "avx512vp2intersect": "avx512_vp2intersect",
+    "avxifma": "avx_ifma", "avxvnniint8": "avx_vnni_int8", "avxvnniint16": "avx_vnni_int16",
+    "avxneconvert": "avx_ne_convert", "amx-tile": "amx_tile", "amx-int8": "amx_int8",
+    "amx-bf16": "amx_bf16", "amx-fp16": "amx_fp16",
+    # scalar/SSE extensions LLVM's instruction selection uses on its own: a znver4 library
+    # really contains SSE4A's extrq (AMD only) and dies with SIGILL on an Intel CPU
+    "sse3": "pni", "ssse3": "ssse3", "sse4a": "sse4a", "lzcnt": "abm", "movbe": "movbe",
+    "prfchw": "3dnowprefetch", "cx16": "cx16", "fma4": "fma4", "xop": "xop", "tbm": "tbm",
 }
+
+# The features a tuning database folder name hashes (tuning/database.py): the table as it was
+# when databases were first written, so that extending the table above does not rename them.
+TUNING_KEY_FEATURES = tuple(list(LLVM_TO_CPUINFO)[:26])
 
 
 @functools.lru_cache(maxsize=1)
@@ -40,3 +53,8 @@ def host_features() -> frozenset[str]:
             flags.update(line.split(":", 1)[1].split())
             break
     return frozenset(llvm for llvm, linux in LLVM_TO_CPUINFO.items() if linux in flags)
+
+
+def missing_features(required) -> list[str]:
+    """The features of ``required`` (LLVM names) this host's CPU lacks, sorted."""
+    return sorted(set(required) - host_features())

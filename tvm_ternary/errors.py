@@ -50,8 +50,27 @@ class BadWeightError(UserError):
     """A layer's weight cannot be used (NaN/Inf values, unsupported encoding)."""
 
 
-class OptionError(UserError):
-    """A command-line option does not fit the model (e.g. group size larger than a layer)."""
+class OptionError(UserError, ValueError):
+    """A command-line option does not fit the model (e.g. group size larger than a layer).
+
+    Also a ``ValueError``: the configuration checks in the core raise it where a bad value
+    used to be a plain ``ValueError``, so older ``except ValueError`` callers still catch it."""
+
+
+class TargetError(OptionError):
+    """The target CPU is not one LLVM knows, or the host cannot run what it needs."""
+
+
+class OutputPathError(UserError):
+    """An output path would overwrite an input or a file that is not ours, or is not writable."""
+
+
+class InputDataError(UserError):
+    """An input or calibration array/image is unusable (wrong type, empty, NaN/Inf, bad label)."""
+
+
+class LibraryError(UserError):
+    """A compiled library or its sidecar is missing, damaged, edited, or built for another CPU."""
 
 
 class RuntimeFailure(Exception):

@@ -67,6 +67,11 @@ def load_model(path: str | Path) -> onnx.ModelProto:
     # A byte string can decode as a protobuf without being a model (unknown fields are skipped).
     if model.ir_version <= 0 or not model.HasField("graph"):
         raise ModelFileError(f"{path}: not an ONNX model (no IR version or no graph)")
+    newest = onnx.defs.onnx_opset_version()
+    for entry in model.opset_import:
+        if entry.domain in ("", "ai.onnx") and entry.version > newest:
+            raise InvalidModelError(f"{path}: ONNX opset {entry.version} is newer than this onnx package "
+                                    f"knows (up to {newest}); export the model with opset {newest} or lower")
     try:
         onnx.checker.check_model(model)
     except onnx.checker.ValidationError as error:

@@ -128,6 +128,19 @@ def _three(values, what: str) -> tuple[float, float, float]:
     return out
 
 
+def _to_rgb(image):
+    """8-bit RGB by the image's real bit depth. Pillow's ``convert("RGB")`` clips a 16-bit
+    grayscale image (mode ``I;16``/``I``) at 255 instead of scaling it: all white."""
+    from PIL import Image
+
+    if image.mode.startswith("I;16") or image.mode == "I":
+        values = np.asarray(image, dtype=np.float64)
+        top = 65535.0 if image.mode.startswith("I;16") or values.max(initial=0) <= 65535 else values.max()
+        gray = np.clip(np.rint(values * (255.0 / top)), 0, 255).astype(np.uint8)
+        return Image.fromarray(gray, mode="L").convert("RGB")
+    return image.convert("RGB")
+
+
 def load_image(
     path: str | Path, *, config: PreprocessConfig, size: tuple[int, int] = (224, 224)
 ) -> np.ndarray:
@@ -141,7 +154,7 @@ def load_image(
     height, width = size
     try:
         with Image.open(path) as image:
-            image = image.convert("RGB")
+            image = _to_rgb(image)
             short = round(config.resize * min(height, width) / 224)
             w, h = image.size
             ratio = short / min(w, h)

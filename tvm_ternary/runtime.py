@@ -21,8 +21,9 @@ from pathlib import Path
 
 import numpy as np
 
+from . import manifest
 from .cpu_features import host_features
-from .errors import UserError
+from .errors import InputDataError, LibraryError, UserError
 
 SIDECAR_FORMAT = "tvm_ternary.sidecar/1"
 
@@ -54,10 +55,13 @@ def read_sidecar(library: str | Path) -> dict:
     if not isinstance(meta, dict) or meta.get("format") != SIDECAR_FORMAT:
         raise UserError(f"{side}: not a tvm_ternary sidecar (format {SIDECAR_FORMAT} expected)")
     if meta.get("library_sha256") != file_sha256(library):
-        raise UserError(f"{side}: sidecar does not match {library.name} (rebuilt or replaced library?)")
-    missing = sorted(set(meta.get("required_cpu_features", [])) - host_features())
+        raise LibraryError(f"{side}: sidecar does not match {library.name} (rebuilt or replaced library?)")
+    # the features and the input/output signature come from the library itself, not the
+    # editable sidecar (which must agree with it)
+    embedded = manifest.check(meta, library, side_name=side.name)
+    missing = sorted(set(embedded["required_cpu_features"]) - host_features())
     if missing:
-        raise UserError(f"{library.name} was built for {meta.get('target', {}).get('mcpu', '?')} and needs "
+        raise LibraryError(f"{library.name} was built for {meta.get('target', {}).get('mcpu', '?')} and needs "
                         f"CPU features this host lacks: {', '.join(missing)}; recompile with --target host")
     return meta
 
@@ -78,12 +82,21 @@ class LoadedModel:
     def check_input(self, x: np.ndarray) -> np.ndarray:
         shape = self.input_shape
         x = np.asarray(x)
+        if x.dtype.kind not in "biuf":
+            raise InputDataError(f"input is an array of {x.dtype.name}, not numbers")
         if x.dtype.name != self.input_dtype:
             raise UserError(f"input dtype {x.dtype.name} does not match the model's {self.input_dtype} "
                             f"(convert with x.astype('{self.input_dtype}'))")
         if x.ndim != len(shape) or tuple(x.shape[1:]) != shape[1:] or x.shape[0] % shape[0]:
             raise UserError(f"input shape {tuple(x.shape)} does not match the model's {shape} "
                             f"(samples may be stacked along axis 0)")
+        if x.shape[0] == 0:
+            raise InputDataError(f"input has 0 samples (shape {tuple(x.shape)})")
+        if x.dtype.kind == "f" and not np.isfinite(x).all():
+            bad = np.argwhere(~np.isfinite(x))[0]
+            raise InputDataError(f"input has {int((~np.isfinite(x)).sum())} NaN/Inf value(s), first at "
+                                 f"index {tuple(int(i) for i in bad)}; the integer kernels would turn "
+                                 "them into plausible numbers")
         return x
 
     def run(self, x: np.ndarray) -> np.ndarray:

@@ -34,12 +34,51 @@ def make_target(mcpu: str | None = None, *, num_cores: int | None = None) -> Tar
     ``mcpu=None`` means the host CPU (``"native"`` is not accepted by 0.27: it silently
     compiles for ``generic``).
     """
-    if mcpu is None:
-        mcpu = host_cpu()
+    mcpu = host_cpu() if mcpu is None else check_mcpu(mcpu)
     cfg = {"kind": "llvm", "mcpu": mcpu}
     if num_cores is not None:
         cfg["num-cores"] = int(num_cores)
     return Target(cfg)
+
+
+# Named in the error for an unknown CPU: the x86 CPUs the kernels have an ISA path for.
+EXAMPLE_MCPUS = ("znver3", "znver4", "znver5", "haswell", "skylake-avx512", "cascadelake",
+                 "icelake-server", "sapphirerapids", "alderlake", "x86-64-v3", "x86-64-v4")
+
+
+def known_cpus() -> list[str]:
+    """LLVM's CPU names for the host's triple (``llvm_get_cpu_archlist``)."""
+    return [str(c) for c in codegen.llvm_get_cpu_archlist(Target({"kind": "llvm"}))]
+
+
+def check_mcpu(text: str) -> str:
+    """The LLVM mcpu named by ``text`` (``znver4`` or ``llvm -mcpu=znver4``), or a
+    :class:`~tvm_ternary.errors.TargetError` naming the accepted forms and the close matches.
+
+    LLVM itself only logs "not a recognized processor" and compiles for ``generic`` (no
+    vector kernels), so an unknown name is checked here against LLVM's own CPU list.
+    """
+    import difflib
+
+    from .errors import TargetError
+
+    name = str(text).strip()
+    words = name.split()
+    if words and words[0] == "llvm":  # the pre-0.20 string form; only -mcpu= is understood
+        mcpus = [w.split("=", 1)[1] for w in words[1:] if w.startswith("-mcpu=")]
+        if len(mcpus) != 1 or len(words) != 2:
+            raise TargetError(f"--target {name!r}: only 'llvm -mcpu=NAME' or a bare CPU name is "
+                              f"understood (e.g. --target {EXAMPLE_MCPUS[1]})")
+        name = mcpus[0]
+    known = known_cpus()
+    if name in known:
+        return name
+    close = [k for k in known if k.startswith(name) and "_" not in k][:3]  # icelake: icelake-server
+    close += [k for k in difflib.get_close_matches(name, known, n=4, cutoff=0.6) if k not in close]
+    close = close[:4]
+    hint = f"did you mean {', '.join(close)}? " if close else ""
+    raise TargetError(f"--target {name!r}: not a CPU LLVM knows; {hint}accepted: host, an LLVM "
+                      f"mcpu such as {', '.join(EXAMPLE_MCPUS)} (or 'llvm -mcpu=NAME')")
 
 
 def host_cpu() -> str:
@@ -306,9 +345,10 @@ def relax_vm(executable):
     return relax.VirtualMachine(executable, device())
 
 
-def export_library(executable, path: str) -> None:
-    """Write the compiled module (weights embedded) as a shared library."""
-    executable.export_library(str(path))
+def export_library(executable, path: str, *, addons: list[str] | None = None) -> None:
+    """Write the compiled module (weights embedded) as a shared library; ``addons``: more
+    source/object files linked in (the C++ compiler builds a ``.cc``)."""
+    executable.export_library(str(path), addons=list(addons) if addons else None)
 
 
 def target_features(target) -> list[str]:

@@ -150,7 +150,10 @@ def _build(mod, target, _params):
 
 def local_builder(*, workers: int, timeout_s: float = 120.0):
     """Compiles candidates locally (cross-compiling when the target is another CPU)."""
-    return ms.builder.LocalBuilder(max_workers=workers, timeout_sec=timeout_s, f_build=_build)
+    from .tuning.processes import watch_parent
+
+    return ms.builder.LocalBuilder(max_workers=workers, timeout_sec=timeout_s, f_build=_build,
+                                   initializer=watch_parent)
 
 
 def _evaluator(number: int, repeat: int, min_repeat_ms: int):
@@ -160,8 +163,10 @@ def _evaluator(number: int, repeat: int, min_repeat_ms: int):
 
 def local_runner(*, number: int = 3, repeat: int = 3, min_repeat_ms: int = 50, timeout_s: float = 60.0):
     """Measures on this machine (one worker: concurrent runs would disturb each other)."""
+    from .tuning.processes import watch_parent
+
     return ms.runner.LocalRunner(evaluator_config=_evaluator(number, repeat, min_repeat_ms),
-                                 timeout_sec=timeout_s)
+                                 timeout_sec=timeout_s, initializer=watch_parent)
 
 
 def rpc_runner(*, host: str, port: int, key: str, session_timeout_s: int = 60, number: int = 3,
@@ -171,6 +176,13 @@ def rpc_runner(*, host: str, port: int, key: str, session_timeout_s: int = 60, n
                                  session_priority=1, session_timeout_sec=int(session_timeout_s))
     return ms.runner.RPCRunner(rpc_config=config, evaluator_config=_evaluator(number, repeat, min_repeat_ms),
                                max_workers=1)
+
+
+def close_runner(runner) -> None:
+    """End a runner's worker pool now (LocalRunner keeps one for its lifetime)."""
+    pool = getattr(runner, "pool", None)
+    if pool is not None and not getattr(pool, "_shutdown", True):
+        pool.shutdown(wait=False)
 
 
 def measure(mod, *, target, builder, runner) -> tuple[list[float] | None, str | None]:

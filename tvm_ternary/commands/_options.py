@@ -87,6 +87,25 @@ def quant_config(args: argparse.Namespace):
         raise OptionError(str(error)) from None
 
 
+def check_config(model, config) -> None:
+    """The per-layer policy on ``model`` (a normalized ONNX model) without calibrating: an
+    unknown ``--layer-bits`` name, N larger than a layer's channels, a model with nothing to
+    quantize are one-line errors before any image is read or TVM is loaded."""
+    from ..errors import NoWeightedLayersError
+    from ..plan import analyse, decide
+    from ..plan.config import check_override_names
+
+    layers = analyse(model).layers
+    if not layers:
+        raise NoWeightedLayersError("the model has no Conv/Gemm/MatMul layer with constant weights: "
+                                    "nothing to quantize")
+    check_override_names([(f.name, f.weight.op_type) for f in layers], config)
+    for i, fused in enumerate(layers):
+        w = fused.weight
+        decide(name=fused.name, op_type=w.op_type, depthwise=w.is_depthwise, is_first=w.reads_model_input,
+               is_last=i == len(layers) - 1, in_channels=w.in_channels_per_group, config=config)
+
+
 def add_preprocess_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("image preprocessing")
     g.add_argument("--preprocess", choices=("torchvision", "caffe", "unit"), default=None,
@@ -110,23 +129,125 @@ def load_images(source: Path, *, preprocess, input_shape, limit: int | None, wha
     from ..preprocess import load_image_folder, preprocess_images
 
     source = Path(source)
-    if source.suffix == ".npy":
-        try:
-            arr = np.load(source, allow_pickle=False)
-        except (OSError, ValueError) as error:
-            raise UserError(f"{source}: cannot read {what} array ({error})") from None
+    if source.suffix == ".npy" or source.is_file():
+        arr = load_array(source, what=what)
         if arr.ndim != len(input_shape) or tuple(arr.shape[1:]) != tuple(input_shape[1:]):
             raise UserError(f"{source}: {what} shape {arr.shape} does not fit the model input {tuple(input_shape)}")
-        return arr[:limit].astype(np.float32)
+        return check_samples(arr[:limit].astype(np.float32), source=source, what=what)
     if preprocess is None:
         raise OptionError(f"{what} images from a folder need --preprocess (or --mean/--std)")
     paths, _ = load_image_folder(source, limit=limit)
     if not paths:
         raise UserError(f"{source}: no images found")
-    return preprocess_images(paths, config=preprocess, input_shape=input_shape).astype(np.float32)
+    images = preprocess_images(paths, config=preprocess, input_shape=input_shape).astype(np.float32)
+    return check_samples(images, source=source, what=what)
+
+
+def load_array(source: Path, *, what: str) -> np.ndarray:
+    """A numeric array from a ``.npy`` file; a one-line :class:`InputDataError` for anything
+    else (a text file, an ``.npz`` archive, strings, pickled objects, no samples)."""
+    from ..errors import InputDataError
+
+    source = Path(source)
+    try:
+        arr = np.load(source, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as error:
+        raise InputDataError(f"{source}: cannot read {what} array ({error}); expected a .npy file "
+                             "written by numpy.save") from None
+    if not isinstance(arr, np.ndarray):  # np.load opens an .npz archive as a dict of arrays
+        close = getattr(arr, "close", None)
+        names = list(getattr(arr, "files", []))
+        if close:
+            close()
+        raise InputDataError(f"{source}: an .npz archive ({', '.join(names[:4]) or 'empty'}), not one array; "
+                             "save the array with numpy.save to a .npy")
+    if arr.dtype.kind not in "biuf":
+        raise InputDataError(f"{source}: {what} array holds {arr.dtype.name} values, not numbers")
+    if arr.ndim == 0 or arr.shape[0] == 0:
+        raise InputDataError(f"{source}: {what} array has no samples (shape {arr.shape})")
+    return arr
+
+
+def check_samples(images: np.ndarray, *, source, what: str) -> np.ndarray:
+    """Calibration/evaluation images must be finite; all zeros gets a warning (scales from
+    nothing: every activation range collapses)."""
+    import sys
+
+    from ..errors import InputDataError
+
+    if len(images) == 0:
+        raise InputDataError(f"{source}: no {what} samples")
+    finite = np.isfinite(images)
+    if not finite.all():
+        raise InputDataError(f"{source}: {what} data has {int((~finite).sum())} NaN/Inf value(s); "
+                             "activation scales cannot be calibrated on them")
+    if not images.any():
+        print(f"warning: {source}: every {what} sample is all zeros; activation scales calibrated on it "
+              "are meaningless (wrong file or preprocessing?)", file=sys.stderr)
+    return images
 
 
 def parse_input_shapes(items: list[str]) -> dict:
     from ..passes.onnx_normalize import parse_input_shape
 
     return dict(parse_input_shape(item) for item in items)
+
+
+def check_output(path: Path, *, inputs=(), what: str = "output", library: bool = False) -> None:
+    """Refuse an output path before any long work: a missing or unwritable folder, a folder,
+    one of the command's ``inputs`` (``-o model.onnx`` would replace the model), and for a
+    ``library`` an existing file that is not a shared library or a sidecar path holding
+    something that is not a tvm-ternary sidecar (another library's ``.so.json``)."""
+    import os
+    import tempfile
+
+    from ..errors import OutputPathError
+
+    path = Path(path)
+    targets = [path]
+    if library:
+        from ..runtime import sidecar_path
+
+        targets.append(sidecar_path(path))
+    for out in targets:
+        for source in inputs:
+            if source is not None and out.exists() and Path(source).exists() and os.path.samefile(out, source):
+                raise OutputPathError(f"{out}: is an input of this command ({source}); refusing to overwrite it")
+    if not path.parent.is_dir():
+        raise OutputPathError(f"{path.parent}: output directory does not exist")
+    if path.is_dir():
+        raise OutputPathError(f"{path}: is a directory, expected a file name for the {what}")
+    if library:
+        if path.exists() and not _is_shared_library(path):
+            raise OutputPathError(f"{path}: exists and is not a shared library; refusing to overwrite it "
+                                  "(choose another -o)")
+        if targets[1].exists() and not _is_our_sidecar(targets[1]):
+            raise OutputPathError(f"{targets[1]}: exists and is not a tvm-ternary sidecar; refusing to "
+                                  "overwrite it (choose another -o)")
+    try:  # try it rather than ask os.access (which says yes to root on a read-only mount)
+        fd, probe = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".probe")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as error:
+        raise OutputPathError(f"{path.parent}: cannot write the {what} there "
+                              f"({error.strerror or error})") from None
+
+
+def _is_shared_library(path: Path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return f.read(4) == b"\x7fELF"
+    except OSError:
+        return False
+
+
+def _is_our_sidecar(path: Path) -> bool:
+    import json
+
+    from ..runtime import SIDECAR_FORMAT
+
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, ValueError, UnicodeDecodeError):
+        return False
+    return isinstance(meta, dict) and meta.get("format") == SIDECAR_FORMAT

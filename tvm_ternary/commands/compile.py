@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import resource
+import sys
 import time
 from pathlib import Path
 
@@ -11,6 +12,8 @@ from . import Command
 from ._options import (
     add_preprocess_arguments,
     add_quant_arguments,
+    check_config,
+    check_output,
     load_images,
     parse_input_shapes,
     positive_int,
@@ -50,32 +53,39 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from .. import onnx_io
-    from ..errors import OptionError, UserError
+    from ..errors import OptionError
 
     start = time.perf_counter()
     config = quant_config(args)
     preprocess = preprocess_config(args)
     if args.calib is None:
         raise OptionError("--calib DIR|FILE.npy is required: activation scales come from calibration images")
-    if not args.output.parent.is_dir():
-        raise UserError(f"{args.output.parent}: output directory does not exist")
-    if args.output.is_dir():
-        raise UserError(f"{args.output}: is a directory, expected a library file name (OUT.so)")
+    check_output(args.output, inputs=(args.model, args.calib), what="library", library=True)
     model = onnx_io.load_model(args.model)
     shapes = parse_input_shapes(args.input_shape)
 
-    from ..compiler import compile_model
     from ..passes.onnx_normalize import normalize_onnx
 
+    # every check that needs neither TVM nor calibration first: a mistake costs no waiting
     prep = normalize_onnx(model, input_shapes=shapes)
+    check_config(prep.model, config)
     images = load_images(args.calib, preprocess=preprocess, input_shape=prep.input_shape,
                          limit=args.calib_limit, what="calibration")
-    target = _target(None if args.target == "host" else args.target)
+    target = _target(args.target)
+    from .. import tvm_adapter as ta
+
+    if ta.choose_isa(target) == "plain":
+        print(f"warning: --target {args.target}: no AVX2 or better, every kernel runs the plain "
+              "(slow, unvectorized) reference schedule", file=sys.stderr)
+    from ..compiler import compile_model
     kernels = None
     if args.tuning_db is not None:
         from ..tuning import TunedKernels, open_database
 
-        kernels = TunedKernels(open_database(args.tuning_db, target=target, create=False))
+        tdb = open_database(args.tuning_db, target=target, create=False)
+        for note in tdb.notes:
+            print(f"note: {note}", file=sys.stderr)
+        kernels = TunedKernels(tdb)
     compiled = compile_model(model, config=config, calib_images=images, target=target,
                              input_shapes=shapes, kernels=kernels)
     meta = compiled.export(args.output, preprocess=preprocess)
@@ -90,13 +100,16 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _target(name):
+    """The target of ``--target`` (None or "host": this CPU); an unknown CPU is a one-line error."""
     from .. import tvm_adapter as ta
-    from ..errors import OptionError
+    from ..errors import TargetError, UserError
 
     try:
-        return ta.as_target(name)
-    except Exception as error:  # TVM raises its own error types for an unknown mcpu
-        raise OptionError(f"--target {name!r}: not a CPU LLVM knows ({error})") from None
+        return ta.as_target(None if name in (None, "host") else name)
+    except UserError:
+        raise
+    except Exception as error:  # TVM raises its own error types for a target it rejects
+        raise TargetError(f"--target {name!r}: not a target TVM accepts ({error})") from None
 
 
 def format_schedules(schedules: dict, path) -> str:

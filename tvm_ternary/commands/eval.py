@@ -27,7 +27,14 @@ from dataclasses import replace
 from pathlib import Path
 
 from tvm_ternary.commands import Command
-from tvm_ternary.commands._options import QUANT_FLAGS, add_quant_arguments, positive_int, quant_config, rgb_triple
+from tvm_ternary.commands._options import (
+    QUANT_FLAGS,
+    add_quant_arguments,
+    check_config,
+    positive_int,
+    quant_config,
+    rgb_triple,
+)
 from tvm_ternary.errors import OptionError, UserError
 
 DEFAULT_CALIB = 64
@@ -73,14 +80,44 @@ def _preprocess(args, sidecar: dict | None):
     return PreprocessConfig.from_options(preset=args.preprocess, mean=args.mean, std=args.std, bgr=args.bgr)
 
 
-def _decisions_or_error(model, config) -> None:
-    from tvm_ternary.plan import analyse, decide
+def _eval_target(args, *, is_library: bool):
+    """The compile target of ``--backend tvm``, checked against this host *before* anything is
+    built: eval runs the library in this process, where a missing CPU feature is a SIGILL."""
+    from tvm_ternary import cpu_features
+    from tvm_ternary.commands.compile import _target
+    from tvm_ternary.errors import TargetError
 
-    layers = analyse(model).layers
-    for i, fused in enumerate(layers):
-        w = fused.weight
-        decide(name=fused.name, op_type=w.op_type, depthwise=w.is_depthwise, is_first=w.reads_model_input,
-               is_last=i == len(layers) - 1, in_channels=w.in_channels_per_group, config=config)
+    if args.target is None:
+        return None
+    if is_library or args.backend != "tvm":
+        raise OptionError("--target applies to an ONNX MODEL with --backend tvm only "
+                          "(a .so was compiled for its target; simulate needs none)")
+    target = _target(args.target)
+    from tvm_ternary import tvm_adapter as ta
+
+    missing = cpu_features.missing_features(ta.target_features(target))
+    if missing:
+        raise TargetError(f"--target {ta.target_mcpu(target)} needs CPU features this host lacks "
+                          f"({', '.join(missing)}) and eval runs the library here; use --target host, "
+                          "or compile for it and evaluate on such a CPU")
+    return target
+
+
+def _check_labels(labels, *, num_classes: int, offset: int, images) -> None:
+    """Labels must be class indices of this model: one outside 0..classes-1 (after the offset)
+    can never be predicted, and would be counted as a silent miss."""
+    from tvm_ternary.errors import InputDataError
+
+    if labels is None:
+        return
+    valid = range(-offset, num_classes - offset)
+    bad = [label for label in labels if label not in valid]
+    if bad:
+        raise InputDataError(
+            f"{images}/labels.txt: {len(bad)} of {len(labels)} labels outside the model's "
+            f"{num_classes} classes (valid {valid.start}..{valid.stop - 1}"
+            f"{f' with --label-offset {offset}' if offset else ''}; e.g. {bad[0]}): wrong labels "
+            "file, or a model trained on other classes")
 
 
 def _split(args):
@@ -115,6 +152,11 @@ def run(args: argparse.Namespace) -> int:
 
     progress = not args.quiet
     is_library = args.model.endswith(".so")
+    if args.json is not None:
+        from tvm_ternary.commands._options import check_output
+
+        check_output(args.json, inputs=(args.model, args.float_model, args.images), what="JSON results")
+    target = _eval_target(args, is_library=is_library)
     shapes = dict([parse_input_shape(args.input_shape)]) if args.input_shape else None
     sidecar, loaded = None, None
     if is_library:
@@ -144,6 +186,7 @@ def run(args: argparse.Namespace) -> int:
         config_text = f"as compiled: {json.dumps(config_json)}"
     else:
         config = quant_config(args)
+        check_config(prep.model, config)  # before any image is read (e.g. N > a layer's channels)
         if args.max_drop is not None and args.weight_bits not in (None, 2):
             raise UserError("--max-drop chooses each layer's weight bits itself; drop --weight-bits")
         calib_paths, eval_paths, labels, how = _split(args)
@@ -161,6 +204,7 @@ def run(args: argparse.Namespace) -> int:
     if args.label_offset is None and offset:
         print(f"note: the model has {num_classes} outputs: class 0 taken as background "
               f"(--label-offset {offset}); pass --label-offset 0 to change", file=sys.stderr)
+    _check_labels(labels, num_classes=num_classes, offset=offset, images=args.images)
 
     summary, sensitivity_text, plan = None, None, None
     if is_library:
@@ -173,10 +217,6 @@ def run(args: argparse.Namespace) -> int:
         from tvm_ternary.plan import calibration_stats, make_plan, simulate
 
         start = time.perf_counter()
-        try:  # the policy validates the config against the model (e.g. N > a layer's channels)
-            _decisions_or_error(prep.model, config)
-        except ValueError as error:
-            raise OptionError(str(error)) from None
         stats = calibration_stats(prep.model, x_calib, progress=progress)
         if args.max_drop is not None:
             from tvm_ternary.plan.sensitivity import choose_precision
@@ -201,7 +241,7 @@ def run(args: argparse.Namespace) -> int:
                                 f"({error}); --backend simulate runs the numpy reference") from None
             # the original model, as `tvm-ternary compile` gets it; the plan refers to its
             # normalized copy, which compile_model makes the same way
-            compiled = compile_model(onnx_model, config=config, calib_images=x_calib, target=args.target,
+            compiled = compile_model(onnx_model, config=config, calib_images=x_calib, target=target,
                                      input_shapes=shapes, plan=plan, progress=progress)
             quant_fn, backend = compiled.run, "tvm (compiled library)"
     quant_scores, quant_ips = ev.run_batched(quant_fn, x, batch=BATCH, label="quantized", progress=progress)

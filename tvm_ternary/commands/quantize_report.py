@@ -318,6 +318,10 @@ def run(args: argparse.Namespace) -> int:
     config = ReportConfig(group_size=args.group_size, threshold=args.threshold,
                           grouping=args.grouping, weight_bits=args.weight_bits,
                           code_bits=args.code_bits)
+    if args.json is not None:
+        from ._options import check_output
+
+        check_output(args.json, inputs=(args.model,), what="JSON report")
     start = time.perf_counter()
     layers = find_weighted_layers(load_model(args.model))
     report = build_report(layers, config=config, model=str(args.model))

@@ -23,22 +23,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..errors import UserError
-    from ..runtime import load
+    import tempfile
 
-    if not args.output.parent.is_dir():  # checked first: do not load and run for nothing
-        raise UserError(f"{args.output.parent}: output directory does not exist")
-    if args.output.is_dir():
-        raise UserError(f"{args.output}: is a directory, expected a .npy file name")
-    try:
-        x = np.load(args.input, allow_pickle=False)
-    except (OSError, ValueError) as error:
-        raise UserError(f"{args.input}: cannot read input array ({error})") from None
+    from ..runtime import load, sidecar_path
+    from ._options import check_output, load_array
+
+    # checked first: do not load and run for nothing
+    check_output(args.output, inputs=(args.input, args.library, sidecar_path(args.library)), what="output array")
+    x = load_array(args.input, what="input")
     model = load(args.library)
     y = model.run(x)
-    tmp = args.output.with_name(f".{args.output.name}.tmp.npy")
+    fd, name = tempfile.mkstemp(dir=args.output.parent, prefix=f".{args.output.name}.", suffix=".tmp.npy")
+    os.close(fd)
+    tmp = Path(name)  # unique: two runs to one output never share it
     try:
         np.save(tmp, y)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; an output is an ordinary file
         os.replace(tmp, args.output)  # never leave a partial output behind
     finally:
         tmp.unlink(missing_ok=True)

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import signal
+import threading
 import time
 from pathlib import Path
 
@@ -10,6 +13,7 @@ from . import Command
 from ._options import (
     add_preprocess_arguments,
     add_quant_arguments,
+    check_config,
     load_images,
     parse_input_shapes,
     positive_int,
@@ -89,6 +93,35 @@ def _check_extra() -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    _check_extra()  # psutil among them, which the cleanup needs
+    from ..tuning.processes import child_pids, end_children
+
+    keep = child_pids()  # an in-process caller's own processes are not ours to end
+    try:
+        return _run(args)
+    finally:  # every exit path: MetaSchedule's popen workers would outlive us otherwise
+        with _ctrl_c_stops_now(keep):
+            end_children(keep=keep)
+
+
+@contextlib.contextmanager
+def _ctrl_c_stops_now(keep):
+    """While cleaning up after a Ctrl-C, another one ends the cleanup at once (exit 130)
+    rather than a traceback from the middle of it."""
+    from ..tuning.processes import stop_now
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, lambda *_: stop_now(
+        "tvm-ternary: error: interrupted twice: stopped now", keep=keep))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _run(args: argparse.Namespace) -> int:
     from .. import cpu_features, onnx_io
     from ..errors import OptionError
     from .compile import _target
@@ -102,7 +135,7 @@ def run(args: argparse.Namespace) -> int:
     if args.time_budget is not None and args.time_budget <= 0:
         raise OptionError(f"--time-budget wants a positive number of minutes, got {args.time_budget}")
     rpc = _device(args)
-    target = _target(None if args.target == "host" else args.target)
+    target = _target(args.target)
     model = onnx_io.load_model(args.model)
     shapes = parse_input_shapes(args.input_shape)
 
@@ -114,36 +147,41 @@ def run(args: argparse.Namespace) -> int:
         tune_tasks,
     )
 
-    # cheap checks first: the device and the database, before calibration
-    check_device(target=target, rpc=rpc, host_features=cpu_features.host_features())
-    tdb = open_database(args.db, target=target, create=True)
-
     from ..passes.onnx_normalize import normalize_onnx
 
+    # cheap checks first: the model and options, the device and the database, before calibration
     prep = normalize_onnx(model, input_shapes=shapes)
-    images = load_images(args.calib, preprocess=preprocess, input_shape=prep.input_shape,
-                         limit=args.calib_limit, what="calibration")
-    tasks, untuned = model_tasks(model, config=config, calib_images=images, target=target, input_shapes=shapes)
-    if args.layers:
-        wanted = {name.strip() for name in args.layers.split(",") if name.strip()}
-        known = {layer for task in tasks for layer in task.layers}
-        unknown = sorted(wanted - known)
-        if unknown:
-            raise OptionError(f"--layers: no tunable kernel for {', '.join(unknown)} "
-                              f"(tunable layers: {', '.join(sorted(known))})")
-        tasks = [task for task in tasks if wanted & set(task.layers)]
-    where = f"on {rpc.key} via {rpc.host}:{rpc.port}" if rpc else "on this host"
-    print(f"tuning {len(tasks)} kernels for {tdb.mcpu} {where} into {tdb.path}"
-          + (f"; not tunable: {', '.join(f'{k} ({v})' for k, v in untuned.items())}" if untuned else ""),
-          flush=True)
-    options = TuneOptions(trials_per_task=args.trials_per_task, max_trials=args.trials,
-                          time_budget_s=None if args.time_budget is None else args.time_budget * 60, rpc=rpc)
+    check_config(prep.model, config)
+    check_device(target=target, rpc=rpc, host_features=cpu_features.host_features())
+    tdb = open_database(args.db, target=target, create=True)
     try:
-        results = tune_tasks(tasks, tdb=tdb, target=target, options=options)
-    except KeyboardInterrupt:
-        print(f"interrupted: every measured record is kept in {tdb.path}; run the same command to continue",
+        for note in tdb.notes:
+            print(f"note: {note}", flush=True)
+        images = load_images(args.calib, preprocess=preprocess, input_shape=prep.input_shape,
+                             limit=args.calib_limit, what="calibration")
+        tasks, untuned = model_tasks(model, config=config, calib_images=images, target=target, input_shapes=shapes)
+        if args.layers:
+            wanted = {name.strip() for name in args.layers.split(",") if name.strip()}
+            known = {layer for task in tasks for layer in task.layers}
+            unknown = sorted(wanted - known)
+            if unknown:
+                raise OptionError(f"--layers: no tunable kernel for {', '.join(unknown)} "
+                                  f"(tunable layers: {', '.join(sorted(known))})")
+            tasks = [task for task in tasks if wanted & set(task.layers)]
+        where = f"on {rpc.key} via {rpc.host}:{rpc.port}" if rpc else "on this host"
+        print(f"tuning {len(tasks)} kernels for {tdb.mcpu} {where} into {tdb.path}"
+              + (f"; not tunable: {', '.join(f'{k} ({v})' for k, v in untuned.items())}" if untuned else ""),
               flush=True)
-        raise
+        options = TuneOptions(trials_per_task=args.trials_per_task, max_trials=args.trials,
+                              time_budget_s=None if args.time_budget is None else args.time_budget * 60, rpc=rpc)
+        try:
+            results = tune_tasks(tasks, tdb=tdb, target=target, options=options)
+        except KeyboardInterrupt:
+            print(f"interrupted: every measured record is kept in {tdb.path}; run the same command to continue",
+                  flush=True)
+            raise
+    finally:
+        tdb.close()  # releases the database lock (an in-process caller may compile with it next)
     print(format_results(results))
     print(f"database {tdb.path}: {len(tdb.db)} records; tune time {time.perf_counter() - start:.1f} s")
     return 0

@@ -157,6 +157,11 @@ def _dtype_name(elem_type: int) -> str:
     return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(elem_type)).name
 
 
+# Largest input (values per call) accepted: 1 GiB of float32. ImageNet CNNs take 150k; a shape
+# past this is a typo or a bogus declaration, and would end in a MemoryError much later.
+MAX_INPUT_VALUES = 1 << 28
+
+
 def _static_input_shape(
     value: onnx.ValueInfoProto, overrides: Mapping[str, Sequence[int]], notes: list[str]
 ) -> tuple[int, ...]:
@@ -181,11 +186,21 @@ def _static_input_shape(
     else:
         if not dims or None in declared:
             which = "batch" if dims and declared[0] is None else "a"
-            example = ",".join(str(d or 1) for d in declared) if dims else "1,3,224,224"
+            # the batch is 1; any other free dim is the user's to choose (its symbolic name, e.g. H)
+            example = ",".join(str(d) if d else "1" if i == 0 else (dims[i].dim_param or "?")
+                               for i, d in enumerate(declared)) if dims else "1,3,224,224"
+            free = [i for i, d in enumerate(declared) if d is None and i > 0] if dims else []
+            hint = (f" with {', '.join(dims[i].dim_param or f'dim {i}' for i in free)} the size the model "
+                    "expects (e.g. 224)") if free else ""
             raise UserError(
                 f"input {value.name!r} has {which} dynamic dimension; give a static shape with "
-                f"--input-shape {value.name}:{example}")
+                f"--input-shape {value.name}:{example}{hint}")
         shape = tuple(declared)
+    values = int(np.prod(shape, dtype=np.int64))
+    if values > MAX_INPUT_VALUES:
+        raise UserError(f"input {value.name!r} of shape {shape} has {values:,} values ({values * 4 / 2**30:.0f} GiB "
+                        f"as float32), more than the {MAX_INPUT_VALUES:,} this compiler handles; check the "
+                        "model's declared shape or --input-shape")
     # Write the static shape into the graph, so the frontend and shape inference agree.
     del value.type.tensor_type.shape.dim[:]
     for d in shape:

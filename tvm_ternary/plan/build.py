@@ -36,7 +36,7 @@ from ..quant import (
 from ..quant import reference as ref
 from ..quant.data_aware import LayerStatistics, fit_layer
 from .calibrate import TensorStats, collect_stats
-from .config import LayerDecision, QuantConfig, decide
+from .config import LayerDecision, QuantConfig, check_override_names, decide
 from .graph import FusedLayer, GraphAnalysis, analyse, node_key
 from .layer import LayerPlan, requantize_params
 
@@ -76,6 +76,12 @@ class QuantPlan:
 
 def _decisions(analysis: GraphAnalysis, config: QuantConfig) -> dict[str, LayerDecision]:
     layers = analysis.layers
+    if not layers:
+        from ..errors import NoWeightedLayersError
+
+        raise NoWeightedLayersError("the model has no Conv/Gemm/MatMul layer with constant weights: "
+                                    "nothing to quantize")
+    check_override_names([(f.name, f.weight.op_type) for f in layers], config)
     out = {}
     for i, fused in enumerate(layers):
         w = fused.weight

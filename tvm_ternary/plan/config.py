@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..errors import OptionError
 from ..quant import CALIBRATION_METHODS, GROUPINGS
 
 METHODS = ("data-aware", "exact", "twn")
@@ -91,6 +92,29 @@ def decide(*, name: str, op_type: str, depthwise: bool, is_first: bool, is_last:
     if depthwise:
         return LayerDecision(bits=config.depthwise_bits, reason="depthwise")
     if config.weight_bits != 8 and config.group_size > in_channels and not config.clamp_group_size:
-        raise ValueError(
-            f"layer {name}: group size N={config.group_size} exceeds its {in_channels} input channels")
+        raise OptionError(
+            f"layer {name}: group size N={config.group_size} exceeds its {in_channels} input channels "
+            f"(use -N {in_channels} or less, or --layer-bits {name}=8)")
     return LayerDecision(bits=config.weight_bits, reason="configured")
+
+
+OP_KINDS = ("conv", "dense", "depthwise")
+
+
+def check_override_names(layers: list[tuple[str, str]], config: QuantConfig) -> None:
+    """Every ``--layer-bits`` key must name a layer or an op kind present in the model
+    (``layers``: ``(name, op_type)`` pairs); an unknown one is an :class:`OptionError` with
+    the close matches, never silently ignored (it would be recorded as applied)."""
+    import difflib
+
+    names = [name for name, _ in layers]
+    valid = set(names) | set(OP_KINDS)
+    for key, _ in config.overrides:
+        if key in valid:
+            continue
+        close = difflib.get_close_matches(key, names, n=3, cutoff=0.5)
+        close += [n for n in names if n.startswith(key) and n not in close][:3]
+        hint = f"did you mean {', '.join(close[:3])}? " if close else ""
+        raise OptionError(f"--layer-bits {key}: no layer or op type of that name; {hint}"
+                          f"names are the layers' ({', '.join(names[:6])}{', ...' if len(names) > 6 else ''}) "
+                          f"or {', '.join(OP_KINDS)} (see quantize-report)")

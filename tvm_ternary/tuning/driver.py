@@ -93,11 +93,15 @@ class _Interrupts:
 
     A KeyboardInterrupt raised inside MetaSchedule (it calls our Python code from its C++
     worker threads) ends in std::terminate, so the first SIGINT only sets a flag that the
-    batch callback acts on; a second one interrupts at once.
+    batch callback acts on; a second one stops at once: the workers are ended and the process
+    exits with 130 (:func:`.processes.stop_now`), the records measured so far kept.
     """
 
     def __init__(self, log):
+        from .processes import child_pids
+
         self.log, self.requested, self._previous = log, False, None
+        self.keep = child_pids()  # processes that are not ours to end
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
@@ -110,7 +114,10 @@ class _Interrupts:
 
     def _handle(self, signum, frame):
         if self.requested:
-            raise KeyboardInterrupt
+            from .processes import stop_now
+
+            stop_now("tvm-ternary: error: interrupted twice: stopped now (every record measured "
+                     "before is kept in the database)", keep=self.keep)
         self.requested = True
         self.log("interrupt: stopping after the running batch (its records are kept); "
                  "Ctrl-C again to stop now", flush=True)
@@ -162,10 +169,13 @@ def tune_tasks(tasks: list[KernelTask], *, tdb: TuningDatabase, target, options:
                log=print) -> list[TaskResult]:
     """Tune ``tasks`` into ``tdb``; returns one :class:`TaskResult` per task.  Ctrl-C stops
     after the running batch and raises KeyboardInterrupt (every measured record is kept)."""
-    run = _Run(tdb=tdb, target=target, options=options, log=log, total=len(tasks))
-    with _Interrupts(log) as interrupts:
+    with _Interrupts(log) as interrupts:  # first: making the runner starts its workers
+        run = _Run(tdb=tdb, target=target, options=options, log=log, total=len(tasks))
         run.interrupts = interrupts
-        return [run.task(i, task) for i, task in enumerate(tasks)]
+        try:
+            return [run.task(i, task) for i, task in enumerate(tasks)]
+        finally:  # from this thread: a pool left to the garbage collector ends with noise
+            tta.close_runner(run.runner)
 
 
 class _Run:
