@@ -1,5 +1,7 @@
-"""Helpers shared by the benchmark scripts: machine stamp, vpdpbusd peak, robust timing,
-ONNX Runtime int8 (static QDQ) quantization.
+"""Helpers shared by the benchmark scripts: vpdpbusd peak, robust timing, ONNX Runtime int8
+(static QDQ) quantization, per-op sums of the peers. The machine stamp and the per-call VM
+profile live in :mod:`tvm_ternary.benchmark` (``tvm-ternary bench`` uses them) and are
+re-exported here.
 
 Scripts import it as ``from _bench_common import ...`` (the scripts folder is on sys.path when a
 script runs; the others insert it explicitly).
@@ -8,7 +10,6 @@ script runs; the others insert it explicitly).
 from __future__ import annotations
 
 import os
-import platform
 import statistics
 import subprocess
 import tempfile
@@ -17,9 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
-from tvm_ternary import tvm_adapter as ta
+from tvm_ternary.benchmark import machine_stamp, profile_vm  # noqa: F401  (re-exported: one copy, in the package)
 
-# ---------------------------------------------------------------- peak and machine stamp
+# ---------------------------------------------------------------- vpdpbusd peak
 
 _ACCS = 12  # independent accumulator chains: more than latency x issue width
 _PEAK_C = "\n".join([
@@ -65,40 +66,6 @@ def measure_vnni_peak(threads: int) -> float | None:
         except (OSError, subprocess.CalledProcessError, ValueError):
             return None
     return max(runs)
-
-
-def machine_stamp(threads: int) -> dict:
-    """CPU model, ISA flags, thread count, versions and the load average, for a result JSON."""
-    cpu = "unknown"
-    flags: set = set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name") and cpu == "unknown":
-                cpu = line.split(":", 1)[1].strip()
-            if line.startswith("flags") and not flags:
-                flags = set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    want = ["avx2", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "avx512_vpopcntdq",
-            "avx512vbmi"]
-    versions = {"python": platform.python_version(), "tvm": ta.tvm_version(),
-                "numpy": np.__version__}
-    try:
-        import onnxruntime
-
-        versions["onnxruntime"] = onnxruntime.__version__
-    except ImportError:
-        pass
-    for name in ("openvino", "torch"):
-        try:
-            versions[name] = __import__(name).__version__
-        except ImportError:
-            pass
-    return {"cpu": cpu, "llvm_cpu": ta.host_cpu(), "isa_flags": [f for f in want if f in flags],
-            "threads": threads, "versions": versions, "cores": os.cpu_count(),
-            "loadavg": [round(v, 2) for v in os.getloadavg()],
-            "nice": os.getpriority(os.PRIO_PROCESS, 0)}  # < 0: run with priority over other jobs
-
 
 
 def median_ms(fn, *, min_runs: int = 10, min_s: float = 0.3) -> float:
@@ -155,47 +122,6 @@ def ort_int8_qdq(fp32_path: Path, out_path: Path, *, input_name: str, images: np
                     activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, per_channel=True)
     pre.unlink(missing_ok=True)
     return out_path
-
-
-# ---------------------------------------------------------------- per-call profile of a Relax VM
-
-
-def profile_vm(vm, args, *, runs: int = 20) -> list[dict]:
-    """Median wall time of every non-builtin call of ``vm["main"](*args)``, in call order.
-
-    TVM 0.27's Relax VM has no ``profile()``; its ``set_instrument`` hook is called before and
-    after every Call instruction, so timing between the two gives each kernel's time with the
-    layer's real shapes and memory state (~1 us of hook overhead per call). Each record:
-    symbol, shapes (arguments; the last one is the output of a call_tir), median_ms.
-    """
-    records: list[list] = []  # per run: [(symbol, shapes, ms)]
-    state = {"t0": 0.0, "run": None}
-
-    def instrument(func, symbol, before, ret, *call_args):
-        symbol = str(symbol)
-        if symbol.startswith("vm.builtin"):
-            return 0
-        if before:
-            state["t0"] = time.perf_counter()
-        else:
-            shapes = [tuple(int(d) for d in a.shape) for a in call_args if hasattr(a, "shape")]
-            state["run"].append((symbol, shapes, (time.perf_counter() - state["t0"]) * 1e3))
-        return 0
-
-    vm.set_instrument(instrument)
-    try:
-        for i in range(runs + 1):
-            state["run"] = []
-            vm["main"](*args)
-            if i:  # the first run warms up
-                records.append(state["run"])
-    finally:
-        vm.set_instrument(lambda *a: 0)
-    out = []
-    for j, (symbol, shapes, _) in enumerate(records[0]):
-        out.append({"symbol": symbol, "shapes": shapes,
-                    "median_ms": statistics.median(run[j][2] for run in records)})
-    return out
 
 
 # ---------------------------------------------------------------- per-op sums of the baselines

@@ -57,6 +57,7 @@ class CompiledModel:
             # which schedule the layer's kernel got: "default", "tuned (...)" or why not tuned
             kernel = self.rewrite.layer_kernels.get(row["layer"])
             row["schedule"] = self.rewrite.schedules.get(kernel) if kernel else None
+            row["kernel"] = kernel  # the library function running the layer (bench --profile)
         return {
             "format": SIDECAR_FORMAT,
             "library_sha256": library_sha256,
