@@ -47,6 +47,11 @@ def host_cpu() -> str:
     return str(codegen.llvm_get_system_cpu())
 
 
+def is_known_cpu(mcpu: str) -> bool:
+    """Whether LLVM knows ``mcpu`` for x86-64 (an unknown one silently builds for ``generic``)."""
+    return bool(codegen.llvm_is_valid_cpu(mcpu, "x86_64-linux-gnu"))
+
+
 def host_target() -> Target:
     """The host CPU as a target (mcpu set, so features are known)."""
     return make_target(host_cpu())

@@ -11,7 +11,6 @@ from . import Command
 from ._options import (
     add_preprocess_arguments,
     add_quant_arguments,
-    load_images,
     parse_input_shapes,
     positive_int,
     preprocess_config,
@@ -44,12 +43,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--input-shape", action="append", default=[], metavar="NAME:1,3,224,224",
                         help="static input shape (needed when the model's batch is dynamic)")
     parser.add_argument("--tuning-db", type=Path, metavar="DIR", help="apply tuned schedules from this database")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars on stderr")
     add_quant_arguments(parser)
     add_preprocess_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
-    from .. import onnx_io
     from ..errors import OptionError, UserError
 
     start = time.perf_counter()
@@ -61,27 +60,18 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"{args.output.parent}: output directory does not exist")
     if args.output.is_dir():
         raise UserError(f"{args.output}: is a directory, expected a library file name (OUT.so)")
-    model = onnx_io.load_model(args.model)
-    shapes = parse_input_shapes(args.input_shape)
+    if args.calib.is_dir() and preprocess is None:
+        raise OptionError("calibration images from a folder need --preprocess (or --mean/--std)")
+    import tvm_ternary
 
-    from ..compiler import compile_model
-    from ..passes.onnx_normalize import normalize_onnx
-
-    prep = normalize_onnx(model, input_shapes=shapes)
-    images = load_images(args.calib, preprocess=preprocess, input_shape=prep.input_shape,
-                         limit=args.calib_limit, what="calibration")
-    target = _target(None if args.target == "host" else args.target)
-    kernels = None
-    if args.tuning_db is not None:
-        from ..tuning import TunedKernels, open_database
-
-        kernels = TunedKernels(open_database(args.tuning_db, target=target, create=False))
-    compiled = compile_model(model, config=config, calib_images=images, target=target,
-                             input_shapes=shapes, kernels=kernels)
-    meta = compiled.export(args.output, preprocess=preprocess)
+    compiled = tvm_ternary.compile(args.model, calib=args.calib, config=config, target=args.target,
+                                   preprocess=preprocess, calib_limit=args.calib_limit,
+                                   input_shapes=parse_input_shapes(args.input_shape),
+                                   tuning_db=args.tuning_db, progress=not args.quiet)
+    meta = compiled.export(args.output)
     print(format_coverage(meta))
-    if kernels is not None:
-        print(format_schedules(compiled.rewrite.schedules, kernels.tdb.path))
+    if args.tuning_db is not None:
+        print(format_schedules(compiled.rewrite.schedules, args.tuning_db))
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     steps = ", ".join(f"{k} {v:.1f} s" for k, v in compiled.seconds.items())
     print(f"wrote {args.output} and {args.output}.json for {meta['target']['mcpu']} ({meta['target']['isa']}); "

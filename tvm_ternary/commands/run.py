@@ -24,7 +24,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..errors import UserError
-    from ..runtime import load
+    from ..api import load  # the public tvm_ternary.load
 
     if not args.output.parent.is_dir():  # checked first: do not load and run for nothing
         raise UserError(f"{args.output.parent}: output directory does not exist")
