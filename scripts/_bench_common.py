@@ -1,7 +1,7 @@
-"""Helpers shared by the benchmark scripts: vpdpbusd peak, robust timing, ONNX Runtime int8
-(static QDQ) quantization, per-op sums of the peers. The machine stamp and the per-call VM
-profile live in :mod:`tvm_ternary.benchmark` (``tvm-ternary bench`` uses them) and are
-re-exported here.
+"""Helpers shared by the benchmark scripts: robust timing, ONNX Runtime int8
+(static QDQ) quantization, per-op sums of the peers. The machine stamp, the per-call VM
+profile (:mod:`tvm_ternary.benchmark`) and the vpdpbusd peak (:mod:`tvm_ternary.peak`) live in
+the package (``tvm-ternary bench`` uses them) and are re-exported here.
 
 Scripts import it as ``from _bench_common import ...`` (the scripts folder is on sys.path when a
 script runs; the others insert it explicitly).
@@ -11,62 +11,15 @@ from __future__ import annotations
 
 import os
 import statistics
-import subprocess
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
-from tvm_ternary.benchmark import machine_stamp, profile_vm  # noqa: F401  (re-exported: one copy, in the package)
-
-# ---------------------------------------------------------------- vpdpbusd peak
-
-_ACCS = 12  # independent accumulator chains: more than latency x issue width
-_PEAK_C = "\n".join([
-    "#include <immintrin.h>", "#include <pthread.h>", "#include <stdio.h>",
-    "#include <stdlib.h>", "#include <time.h>", "#define ITERS 20000000L",
-    "static void *work(void *arg) {",
-    "  __m512i b = _mm512_set1_epi8(1), c = _mm512_set1_epi8(2);",
-    *[f"  __m512i a{i} = _mm512_set1_epi32({i});" for i in range(_ACCS)],
-    "  for (long it = 0; it < ITERS; it++) {",
-    *[f"    a{i} = _mm512_dpbusd_epi32(a{i}, b, c);" for i in range(_ACCS)],
-    # every chain opaque to the compiler (no merging of identical chains), still in registers
-    "    __asm__ volatile(\"\" : " + ", ".join(f"\"+v\"(a{i})" for i in range(_ACCS)) + ");",
-    "  }",
-    "  __m512i s = a0;",
-    *[f"  s = _mm512_add_epi32(s, a{i});" for i in range(1, _ACCS)],
-    "  *(long *)arg = _mm512_reduce_add_epi32(s);",
-    "  return 0;",
-    "}",
-    "int main(int argc, char **argv) {",
-    "  int t = atoi(argv[1]); pthread_t th[64]; long sink[64]; struct timespec t0, t1;",
-    "  clock_gettime(CLOCK_MONOTONIC, &t0);",
-    "  for (int i = 0; i < t; i++) pthread_create(&th[i], 0, work, &sink[i]);",
-    "  for (int i = 0; i < t; i++) pthread_join(th[i], 0);",
-    "  clock_gettime(CLOCK_MONOTONIC, &t1);",
-    "  double s = (t1.tv_sec - t0.tv_sec) + 1e-9 * (t1.tv_nsec - t0.tv_nsec);",
-    f"  printf(\"%f\\n\", {_ACCS}.0 * 64.0 * ITERS * t / s / 1e9);",
-    "  return sink[0] == 42;",
-    "}",
-])
-
-
-def measure_vnni_peak(threads: int) -> float | None:
-    """G MAC/s of back-to-back vpdpbusd zmm on ``threads`` threads (None if it cannot run)."""
-    with tempfile.TemporaryDirectory() as d:
-        src, exe = Path(d) / "peak.c", Path(d) / "peak"
-        src.write_text(_PEAK_C)
-        try:
-            subprocess.run(["gcc", "-O2", "-mavx512f", "-mavx512bw", "-mavx512vnni", "-pthread",
-                            str(src), "-o", str(exe)], check=True, capture_output=True)
-            runs = [float(subprocess.run([str(exe), str(threads)], check=True,
-                                         capture_output=True, text=True).stdout)
-                    for _ in range(3)]
-        except (OSError, subprocess.CalledProcessError, ValueError):
-            return None
-    return max(runs)
-
+# re-exported: one copy of each, in the package (tvm-ternary bench uses them)
+from tvm_ternary.benchmark import machine_stamp, profile_vm  # noqa: F401
+from tvm_ternary.peak import measure_vnni_peak  # noqa: F401
 
 def median_ms(fn, *, min_runs: int = 10, min_s: float = 0.3) -> float:
     fn()

@@ -61,7 +61,8 @@ def test_threads_override_the_environment_in_a_runtime_only_process(library, tmp
 
 def test_profile_names_every_quantized_layer(library, tmp_path, capsys):
     out = tmp_path / "p.json"
-    assert main(["bench", str(library), "--runs", "3", "--profile", "--profile-runs", "2", "--json", str(out)]) == 0
+    assert main(["bench", str(library), "--runs", "3", "--profile", "--profile-runs", "2", "--peak",
+                 "--json", str(out)]) == 0
     printed = capsys.readouterr().out
     r = json.loads(out.read_text())
     meta = json.loads((library.parent / "tiny.so.json").read_text())
@@ -71,6 +72,11 @@ def test_profile_names_every_quantized_layer(library, tmp_path, capsys):
     conv1 = next(row for row in r["profile"] if row["layer"] == "conv1")
     assert conv1["gmacs_per_s"] == pytest.approx(conv1["macs"] / conv1["median_ms"] / 1e6, rel=0.01)
     assert "conv1" in printed and "GMAC/s" in printed
+    if r["peak_gmacs_per_s"]:  # a VNNI library on a host where the peak benchmark builds
+        assert conv1["peak_share"] == pytest.approx(conv1["gmacs_per_s"] / r["peak_gmacs_per_s"], rel=0.01)
+        assert "% peak" in printed
+    else:
+        assert r["peak_note"].startswith("no peak") and r["peak_note"] in printed
 
 
 def test_batch_runs_several_calls(library, tmp_path, capsys):

@@ -15,6 +15,7 @@ MODULES = [
     "tvm_ternary.plan.config",  # QuantConfig (tvm_ternary.QuantConfig)
     "tvm_ternary.progress",
     "tvm_ternary.benchmark",
+    "tvm_ternary.peak",
 ]  # tvm_ternary.api's examples need model files: tests/test_api.py runs them
 
 

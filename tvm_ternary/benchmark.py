@@ -164,9 +164,10 @@ def profile_vm(vm, args, *, runs: int = 20) -> list[dict]:
             for j, (symbol, shapes, _) in enumerate(records[0])]
 
 
-def label_profile(rows: list[dict], coverage: list[dict]) -> list[dict]:
+def label_profile(rows: list[dict], coverage: list[dict], *, peak_gmacs: float | None = None) -> list[dict]:
     """Name each kernel call's layer (the n-th call of a kernel is the n-th layer the sidecar's
-    coverage lists with that kernel) and add its G MAC/s and share of the summed time."""
+    coverage lists with that kernel) and add its G MAC/s, its share of ``peak_gmacs`` (the
+    host's vpdpbusd peak, when known) and its share of the summed time."""
     layers: dict[str, list[dict]] = {}
     for row in coverage:
         if row.get("kernel"):
@@ -175,7 +176,7 @@ def label_profile(rows: list[dict], coverage: list[dict]) -> list[dict]:
     total = sum(r["median_ms"] for r in rows) or 1.0
     out = []
     for r in rows:
-        r = dict(r, layer=None, weights=None, macs=None, gmacs_per_s=None)
+        r = dict(r, layer=None, weights=None, macs=None, gmacs_per_s=None, peak_share=None)
         owners = layers.get(r["symbol"], [])
         i = seen.get(r["symbol"], 0)
         seen[r["symbol"]] = i + 1
@@ -184,18 +185,22 @@ def label_profile(rows: list[dict], coverage: list[dict]) -> list[dict]:
             r.update(layer=cov["layer"], weights=cov["weights"], macs=cov.get("macs"))
             if r["macs"] and r["median_ms"] > 0:
                 r["gmacs_per_s"] = round(r["macs"] / r["median_ms"] / 1e6, 3)
+                if peak_gmacs:
+                    r["peak_share"] = round(r["gmacs_per_s"] / peak_gmacs, 4)
         r["share"] = round(r["median_ms"] / total, 4)
         out.append(r)
     return out
 
 
 def bench_library(path, *, threads: int | None = None, batch: int | None = None, warmup: int = 10,
-                  runs: int | None = None, seconds: float | None = 1.0, profile_runs: int = 0) -> dict:
+                  runs: int | None = None, seconds: float | None = 1.0, profile_runs: int = 0,
+                  peak: bool = False) -> dict:
     """Load ``path`` (runtime only) and time it with a pool of ``threads`` (default: TVM's own
     choice, ``TVM_NUM_THREADS`` or half the logical CPUs). ``batch`` samples per timed call
     (default the model's batch; a multiple of it runs one library call per model batch).
     The result: :func:`latency_stats`'s fields, threads read back from the runtime, batch,
-    warmup, the stamp, and with ``profile_runs`` the labelled per-call profile."""
+    warmup, the stamp, and with ``profile_runs`` the labelled per-call profile (with ``peak``
+    each layer's share of the host's measured vpdpbusd peak at the same thread count)."""
     from .errors import UserError
     from .runtime import load
 
@@ -235,20 +240,31 @@ def bench_library(path, *, threads: int | None = None, batch: int | None = None,
     stamp = machine_stamp(pool)
     result.update(cpu=stamp["cpu"], isa_flags=stamp["isa_flags"], stamp=stamp,
                   target=model.sidecar.get("target"), quant_config=model.sidecar.get("quant_config"))
+    if peak:
+        from .peak import measure_vnni_peak
+
+        isa = (model.sidecar.get("target") or {}).get("isa")
+        result["peak_gmacs_per_s"] = measure_vnni_peak(pool) if isa == "vnni512" else None
+        if result["peak_gmacs_per_s"] is None:
+            result["peak_note"] = (f"no peak: the library's ISA is {isa}, the peak benchmark is AVX512-VNNI"
+                                   if isa != "vnni512" else "no peak: the vpdpbusd benchmark did not build or run (gcc?)")
     if prof is not None:
-        result["profile"] = label_profile(prof, model.sidecar.get("coverage", []))
+        result["profile"] = label_profile(prof, model.sidecar.get("coverage", []),
+                                          peak_gmacs=result.get("peak_gmacs_per_s"))
     return result
 
 
 def format_profile(rows: list[dict]) -> str:
     """The per-call table: time, share of the summed time, G MAC/s of the kernels."""
-    head = ("#", "function", "layer", "weights", "output", "ms", "%", "GMAC/s")
+    with_peak = any(r.get("peak_share") is not None for r in rows)
+    head = ("#", "function", "layer", "weights", "output", "ms", "%", "GMAC/s") + (("% peak",) if with_peak else ())
     table = [head]
     for i, r in enumerate(rows):
         out_shape = "x".join(map(str, r["shapes"][-1])) if r["shapes"] else "-"
         table.append((str(i), r["symbol"], r["layer"] or "-", r["weights"] or "-", out_shape,
                       f"{r['median_ms']:.3f}", f"{100 * r['share']:.1f}",
-                      "-" if r["gmacs_per_s"] is None else f"{r['gmacs_per_s']:.1f}"))
+                      "-" if r["gmacs_per_s"] is None else f"{r['gmacs_per_s']:.1f}")
+                     + ((("-" if r.get("peak_share") is None else f"{100 * r['peak_share']:.1f}"),) if with_peak else ()))
     widths = [max(len(row[i]) for row in table) for i in range(len(head))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in table]
     lines.append(f"sum of per-call medians: {sum(r['median_ms'] for r in rows):.3f} ms")

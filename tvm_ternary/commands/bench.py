@@ -16,7 +16,8 @@ random input of the library's shape: latency median / p90 / p99 / min in ms and 
 stamped with the CPU model, ISA flags, thread count and versions. --threads sizes TVM's
 thread pool for the timing (the count is read back from the runtime and reported); without
 it the runtime's default pool is used (TVM_NUM_THREADS, else half the logical CPUs).
---profile adds the per-call table: each kernel's median time, share and G MAC/s."""
+--profile adds the per-call table: each kernel's median time, share and G MAC/s (with --peak,
+also as a share of the host's measured vpdpbusd peak)."""
 
 EPILOG = """\
 examples:
@@ -55,6 +56,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--profile", action="store_true", help="also the per-call profile table")
     parser.add_argument("--profile-runs", type=positive_int, default=20, metavar="R",
                         help="runs the per-call medians are taken over (default 20)")
+    parser.add_argument("--peak", action="store_true",
+                        help="with --profile: each layer as %% of the host's vpdpbusd peak (AVX512-VNNI "
+                             "libraries; measured with gcc-built code at the same thread count)")
     parser.add_argument("--json", type=Path, metavar="OUT.json", help="write the result here")
 
 
@@ -69,12 +73,16 @@ def run(args: argparse.Namespace) -> int:
             raise UserError(f"{args.json}: is a directory, expected a JSON file name")
     seconds = args.seconds if args.seconds is not None else (None if args.runs else 1.0)
     result = bench_library(args.library, threads=args.threads, batch=args.batch, warmup=args.warmup,
-                           runs=args.runs, seconds=seconds, profile_runs=args.profile_runs if args.profile else 0)
+                           runs=args.runs, seconds=seconds, profile_runs=args.profile_runs if args.profile else 0,
+                           peak=args.peak)
     print(format_result(result))
     if "profile" in result:
         print(f"\nper-call profile ({args.profile_runs} runs, batch {result['input_shape'][0]}, "
               f"{result['threads']} thread(s)):")
         print(format_profile(result["profile"]))
+    if args.peak:
+        print(f"host vpdpbusd peak at {result['threads']} thread(s): {result['peak_gmacs_per_s']:.0f} G MAC/s"
+              if result.get("peak_gmacs_per_s") else result["peak_note"])
     if args.json is not None:
         tmp = args.json.with_name(f".{args.json.name}.tmp")
         try:
