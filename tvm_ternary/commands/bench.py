@@ -11,7 +11,7 @@ from . import Command
 from ._options import positive_int
 
 DESCRIPTION = """\
-Load OUT.so as `run` does (sidecar and CPU features checked, runtime only) and time it on
+Load MODEL.so as `run` does (sidecar and CPU features checked, runtime only) and time it on
 random input of the library's shape: latency median / p90 / p99 / min in ms and throughput,
 stamped with the CPU model, ISA flags, thread count and versions. --threads sizes TVM's
 thread pool for the timing (the count is read back from the runtime and reported); without
