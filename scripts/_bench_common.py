@@ -1,5 +1,7 @@
-"""Helpers shared by the benchmark scripts: machine stamp, vpdpbusd peak, robust timing,
-ONNX Runtime int8 (static QDQ) quantization.
+"""Helpers shared by the benchmark scripts: robust timing, ONNX Runtime int8
+(static QDQ) quantization, per-op sums of the peers. The machine stamp, the per-call VM
+profile (:mod:`tvm_ternary.benchmark`) and the vpdpbusd peak (:mod:`tvm_ternary.peak`) live in
+the package (``tvm-ternary bench`` uses them) and are re-exported here.
 
 Scripts import it as ``from _bench_common import ...`` (the scripts folder is on sys.path when a
 script runs; the others insert it explicitly).
@@ -8,98 +10,16 @@ script runs; the others insert it explicitly).
 from __future__ import annotations
 
 import os
-import platform
 import statistics
-import subprocess
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
-from tvm_ternary import tvm_adapter as ta
-
-# ---------------------------------------------------------------- peak and machine stamp
-
-_ACCS = 12  # independent accumulator chains: more than latency x issue width
-_PEAK_C = "\n".join([
-    "#include <immintrin.h>", "#include <pthread.h>", "#include <stdio.h>",
-    "#include <stdlib.h>", "#include <time.h>", "#define ITERS 20000000L",
-    "static void *work(void *arg) {",
-    "  __m512i b = _mm512_set1_epi8(1), c = _mm512_set1_epi8(2);",
-    *[f"  __m512i a{i} = _mm512_set1_epi32({i});" for i in range(_ACCS)],
-    "  for (long it = 0; it < ITERS; it++) {",
-    *[f"    a{i} = _mm512_dpbusd_epi32(a{i}, b, c);" for i in range(_ACCS)],
-    # every chain opaque to the compiler (no merging of identical chains), still in registers
-    "    __asm__ volatile(\"\" : " + ", ".join(f"\"+v\"(a{i})" for i in range(_ACCS)) + ");",
-    "  }",
-    "  __m512i s = a0;",
-    *[f"  s = _mm512_add_epi32(s, a{i});" for i in range(1, _ACCS)],
-    "  *(long *)arg = _mm512_reduce_add_epi32(s);",
-    "  return 0;",
-    "}",
-    "int main(int argc, char **argv) {",
-    "  int t = atoi(argv[1]); pthread_t th[64]; long sink[64]; struct timespec t0, t1;",
-    "  clock_gettime(CLOCK_MONOTONIC, &t0);",
-    "  for (int i = 0; i < t; i++) pthread_create(&th[i], 0, work, &sink[i]);",
-    "  for (int i = 0; i < t; i++) pthread_join(th[i], 0);",
-    "  clock_gettime(CLOCK_MONOTONIC, &t1);",
-    "  double s = (t1.tv_sec - t0.tv_sec) + 1e-9 * (t1.tv_nsec - t0.tv_nsec);",
-    f"  printf(\"%f\\n\", {_ACCS}.0 * 64.0 * ITERS * t / s / 1e9);",
-    "  return sink[0] == 42;",
-    "}",
-])
-
-
-def measure_vnni_peak(threads: int) -> float | None:
-    """G MAC/s of back-to-back vpdpbusd zmm on ``threads`` threads (None if it cannot run)."""
-    with tempfile.TemporaryDirectory() as d:
-        src, exe = Path(d) / "peak.c", Path(d) / "peak"
-        src.write_text(_PEAK_C)
-        try:
-            subprocess.run(["gcc", "-O2", "-mavx512f", "-mavx512bw", "-mavx512vnni", "-pthread",
-                            str(src), "-o", str(exe)], check=True, capture_output=True)
-            runs = [float(subprocess.run([str(exe), str(threads)], check=True,
-                                         capture_output=True, text=True).stdout)
-                    for _ in range(3)]
-        except (OSError, subprocess.CalledProcessError, ValueError):
-            return None
-    return max(runs)
-
-
-def machine_stamp(threads: int) -> dict:
-    """CPU model, ISA flags, thread count, versions and the load average, for a result JSON."""
-    cpu = "unknown"
-    flags: set = set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name") and cpu == "unknown":
-                cpu = line.split(":", 1)[1].strip()
-            if line.startswith("flags") and not flags:
-                flags = set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    want = ["avx2", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "avx512_vpopcntdq",
-            "avx512vbmi"]
-    versions = {"python": platform.python_version(), "tvm": ta.tvm_version(),
-                "numpy": np.__version__}
-    try:
-        import onnxruntime
-
-        versions["onnxruntime"] = onnxruntime.__version__
-    except ImportError:
-        pass
-    for name in ("openvino", "torch"):
-        try:
-            versions[name] = __import__(name).__version__
-        except ImportError:
-            pass
-    return {"cpu": cpu, "llvm_cpu": ta.host_cpu(), "isa_flags": [f for f in want if f in flags],
-            "threads": threads, "versions": versions, "cores": os.cpu_count(),
-            "loadavg": [round(v, 2) for v in os.getloadavg()],
-            "nice": os.getpriority(os.PRIO_PROCESS, 0)}  # < 0: run with priority over other jobs
-
-
+# re-exported: one copy of each, in the package (tvm-ternary bench uses them)
+from tvm_ternary.benchmark import machine_stamp, profile_vm  # noqa: F401
+from tvm_ternary.peak import measure_vnni_peak  # noqa: F401
 
 def median_ms(fn, *, min_runs: int = 10, min_s: float = 0.3) -> float:
     fn()
@@ -155,47 +75,6 @@ def ort_int8_qdq(fp32_path: Path, out_path: Path, *, input_name: str, images: np
                     activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, per_channel=True)
     pre.unlink(missing_ok=True)
     return out_path
-
-
-# ---------------------------------------------------------------- per-call profile of a Relax VM
-
-
-def profile_vm(vm, args, *, runs: int = 20) -> list[dict]:
-    """Median wall time of every non-builtin call of ``vm["main"](*args)``, in call order.
-
-    TVM 0.27's Relax VM has no ``profile()``; its ``set_instrument`` hook is called before and
-    after every Call instruction, so timing between the two gives each kernel's time with the
-    layer's real shapes and memory state (~1 us of hook overhead per call). Each record:
-    symbol, shapes (arguments; the last one is the output of a call_tir), median_ms.
-    """
-    records: list[list] = []  # per run: [(symbol, shapes, ms)]
-    state = {"t0": 0.0, "run": None}
-
-    def instrument(func, symbol, before, ret, *call_args):
-        symbol = str(symbol)
-        if symbol.startswith("vm.builtin"):
-            return 0
-        if before:
-            state["t0"] = time.perf_counter()
-        else:
-            shapes = [tuple(int(d) for d in a.shape) for a in call_args if hasattr(a, "shape")]
-            state["run"].append((symbol, shapes, (time.perf_counter() - state["t0"]) * 1e3))
-        return 0
-
-    vm.set_instrument(instrument)
-    try:
-        for i in range(runs + 1):
-            state["run"] = []
-            vm["main"](*args)
-            if i:  # the first run warms up
-                records.append(state["run"])
-    finally:
-        vm.set_instrument(lambda *a: 0)
-    out = []
-    for j, (symbol, shapes, _) in enumerate(records[0]):
-        out.append({"symbol": symbol, "shapes": shapes,
-                    "median_ms": statistics.median(run[j][2] for run in records)})
-    return out
 
 
 # ---------------------------------------------------------------- per-op sums of the baselines

@@ -12,7 +12,11 @@ MODULES = [
     "tvm_ternary.quant.packing",
     "tvm_ternary.quant.reference",
     "tvm_ternary.quant.data_aware",
-]
+    "tvm_ternary.plan.config",  # QuantConfig (tvm_ternary.QuantConfig)
+    "tvm_ternary.progress",
+    "tvm_ternary.benchmark",
+    "tvm_ternary.peak",
+]  # tvm_ternary.api's examples need model files: tests/test_api.py runs them
 
 
 @pytest.mark.parametrize("name", MODULES)

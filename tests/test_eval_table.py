@@ -51,3 +51,63 @@ def test_rows_cover_the_sweep():
         assert ("exact", n) in ternary_fgq8 and ("data-aware", n) in ternary_fgq8
     assert {r["weights"] for r in rows} == {"ternary", "int4", "int8"}
     assert any(r["grouping"] == "cluster" for r in rows) and any(r["act_bits"] == 4 for r in rows)
+
+
+def test_latency_column_peers_and_pareto_plot(tmp_path):
+    """--latency: every row's library is built and timed by the bench code, rows with the same
+    kernels share a build, and fp32 / ORT int8 / OpenVINO int8 are measured in the same run."""
+    pytest.importorskip("matplotlib")
+    import json
+
+    model = tiny_cnn()
+    onnx.save(model, tmp_path / "tiny.onnx")
+    images = _write_folder(tmp_path / "images", model)
+    out = tmp_path / "report"
+    assert _script().main([str(tmp_path / "tiny.onnx"), "--images", str(images), "--preprocess", "unit",
+                           "--calib-limit", "16", "--limit", "20", "--quick", "--latency",
+                           "--latency-seconds", "0.05", "--out", str(out)]) == 0
+    with open(out / "table.csv") as f:
+        table = list(csv.DictReader(f))
+    assert all(float(r["latency_ms"]) > 0 for r in table), [r["latency_ms"] for r in table]
+    peers = [r["peer"] for r in table if r["peer"]]
+    try:
+        import openvino  # noqa: F401
+
+        assert peers == ["fp32 (ORT)", "ORT int8 QDQ", "OpenVINO int8"]
+    except ImportError:
+        assert peers == ["fp32 (ORT)", "ORT int8 QDQ"]
+    ours = [r for r in table if not r["peer"]]
+    assert len(ours) == 6
+    info = json.loads((out / "latency.json").read_text())
+    # exact / data-aware at the same bits and N share the kernels: 4 builds for the 6 quick rows
+    assert len(info["libraries"]) == 4 and all(lib["threads"] == 1 for lib in info["libraries"])
+    assert info["stamp"]["cpu"] and "loadavg_after" in info["stamp"]
+    md = (out / "table.md").read_text()
+    assert "top1_vs_latency.png" in md and "ORT int8 QDQ (peer)" in md
+    assert (out / "top1_vs_latency.png").stat().st_size < 300_000
+
+
+def test_labels_do_not_overlap_and_pareto_front():
+    pytest.importorskip("matplotlib")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    script = _script()
+    assert script.pareto_front([(1, 50), (2, 60), (2, 40), (3, 55), (4, 70)]) == [(1, 50), (2, 60), (4, 70)]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    pts = [(1.0, 50 + 0.2 * i) for i in range(8)] + [(1.05, 50.5), (2.0, 60.0)]  # a dense column
+    ax.scatter(*zip(*pts))
+    ax.margins(0.3)
+    script.place_labels(ax, pts, [f"T N{i} da a8" for i in range(len(pts))])
+    from matplotlib.text import Text
+
+    renderer = fig.canvas.get_renderer()
+    boxes = []
+    for t in ax.texts:
+        t.update_positions(renderer)
+        boxes.append(Text.get_window_extent(t, renderer))  # the text itself, not its leader line
+    assert len(boxes) == len(pts)
+    assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:])
+    plt.close(fig)

@@ -30,6 +30,8 @@ from .plan import QuantConfig, QuantPlan, make_plan
 
 @dataclass(frozen=True, eq=False)
 class CompiledModel:
+    """What :func:`tvm_ternary.compile` returns: ``run(x)``, ``export(path)``, ``coverage``."""
+
     executable: object
     imported: ImportedModel
     plan: QuantPlan
@@ -37,15 +39,12 @@ class CompiledModel:
     target: object
     isa: str
     seconds: dict
+    preprocess: object = None  # a PreprocessConfig recorded in the sidecar, or None
 
-    def sidecar(self, *, library_sha256: str, preprocess=None) -> dict:
-        """What a user (and :mod:`tvm_ternary.runtime`) needs to know about the library."""
-        from dataclasses import asdict
-
-        from . import __version__
-        from .runtime import SIDECAR_FORMAT
-
-        im = self.imported
+    @property
+    def coverage(self) -> list[dict]:
+        """One row per conv/dense layer: weights (ternary / int4 / int8 / float), why, what was
+        fused, status (kernel, or why it stayed float), schedule, errors, MACs."""
         coverage = self.plan.coverage()
         for row in coverage:
             if row["weights"] == "float":
@@ -57,6 +56,18 @@ class CompiledModel:
             # which schedule the layer's kernel got: "default", "tuned (...)" or why not tuned
             kernel = self.rewrite.layer_kernels.get(row["layer"])
             row["schedule"] = self.rewrite.schedules.get(kernel) if kernel else None
+            row["kernel"] = kernel  # the library function running the layer (bench --profile)
+        return coverage
+
+    def sidecar(self, *, library_sha256: str, preprocess=None) -> dict:
+        """What a user (and :mod:`tvm_ternary.runtime`) needs to know about the library."""
+        from dataclasses import asdict
+
+        from . import __version__
+        from .runtime import SIDECAR_FORMAT
+
+        im = self.imported
+        preprocess = self.preprocess if preprocess is None else preprocess
         return {
             "format": SIDECAR_FORMAT,
             "library_sha256": library_sha256,
@@ -68,7 +79,7 @@ class CompiledModel:
             "tvm_ternary_version": __version__,
             "target": {"mcpu": ta.target_mcpu(self.target), "isa": self.isa},
             "required_cpu_features": ta.target_features(self.target),
-            "coverage": coverage,
+            "coverage": self.coverage,
             "integer_ops": self.rewrite.integer_ops,
             "float_ops": float_ops(self.plan, self.rewrite),
             "import_notes": list(im.notes),
@@ -115,15 +126,19 @@ class CompiledModel:
     def run(self, x: np.ndarray) -> np.ndarray:
         """Run on ``x`` stacked along axis 0 (one call per sample when the model's batch is 1)."""
         from .cpu_features import missing_features
-        from .errors import TargetError
+        from .errors import TargetError, UserError
 
         missing = missing_features(ta.target_features(self.target))
         if missing:  # running it here would be a SIGILL, not an error
             raise TargetError(f"this model was compiled for {ta.target_mcpu(self.target)}, which needs CPU "
                               f"features this host lacks: {', '.join(missing)}; export it and run it there")
-        vm = self.vm()
-        batch = self.imported.input_shape[0]
+        shape = tuple(self.imported.input_shape)
         x = np.asarray(x, dtype=np.float32)
+        if x.ndim != len(shape) or x.shape[1:] != shape[1:] or x.shape[0] % shape[0]:
+            raise UserError(f"input shape {tuple(x.shape)} does not match the model's {shape} "
+                            f"(samples may be stacked along axis 0)")
+        vm = self.vm()
+        batch = shape[0]
         outs = [ta.run_relax_vm(vm, x[i : i + batch])[0] for i in range(0, len(x), batch)]
         return np.concatenate(outs)
 
@@ -162,11 +177,13 @@ def float_ops(plan: QuantPlan, rewrite: RewriteReport) -> dict[str, int]:
 
 def compile_model(model, *, config: QuantConfig, calib_images: np.ndarray, target=None,
                   input_shapes=None, plan: QuantPlan | None = None, isa: str | None = None,
-                  progress: bool = True, kernels=None) -> CompiledModel:
+                  progress: bool = True, kernels=None, preprocess=None) -> CompiledModel:
     """Quantize and compile an ONNX CNN (path or ModelProto) for ``target`` (default: host).
 
     ``kernels``: a kernel provider for :func:`passes.quantize_graph.apply_plan` (e.g.
-    ``tuning.apply.TunedKernels`` for tuned schedules); default schedules when None."""
+    ``tuning.apply.TunedKernels`` for tuned schedules); default schedules when None.
+    ``preprocess``: recorded in the exported sidecar. The public entry point, which validates
+    its arguments and reads calibration images from files, is :func:`tvm_ternary.compile`."""
     seconds = {}
     start = time.perf_counter()
     if not isinstance(model, onnx.ModelProto):
@@ -189,4 +206,4 @@ def compile_model(model, *, config: QuantConfig, calib_images: np.ndarray, targe
     executable = ta.build_relax(mod, target=target)
     seconds["build"] = time.perf_counter() - t0
     return CompiledModel(executable=executable, imported=imported, plan=plan, rewrite=report,
-                         target=target, isa=isa, seconds=seconds)
+                         target=target, isa=isa, seconds=seconds, preprocess=preprocess)

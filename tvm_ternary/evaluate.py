@@ -15,13 +15,13 @@ Example::
 
 from __future__ import annotations
 
-import sys
 import time
 from collections.abc import Callable, Sequence
 
 import numpy as np
 
 from .errors import UserError
+from .progress import progress as progress_bar
 
 # Guard: with this many labelled images, a float top-1 under this is no model's real accuracy.
 # (SqueezeNet fed torchvision-normalised input scores 0.3%; any real ImageNet model scores >50%.)
@@ -119,36 +119,15 @@ def overlap_warning(calib_paths: Sequence, eval_paths: Sequence) -> str | None:
             "separate folder (--calib DIR) or let eval hold the first --calib-limit images out")
 
 
-class Progress:
-    """A one-line progress bar on stderr: ``label [#####.....] 40/100  12.3 img/s``."""
-
-    def __init__(self, label: str, total: int, *, enabled: bool = True, stream=None):
-        self.label, self.total, self.enabled = label, max(total, 0), enabled
-        self.stream = stream or sys.stderr
-        self.start = time.perf_counter()
-        self.done = 0
-
-    def update(self, n: int) -> None:
-        self.done += n
-        if not self.enabled:
-            return
-        frac = self.done / self.total if self.total else 1.0
-        bar = "#" * int(frac * 24)
-        rate = self.done / max(time.perf_counter() - self.start, 1e-9)
-        end = "\n" if self.done >= self.total else ""
-        print(f"\r{self.label} [{bar:<24}] {self.done}/{self.total}  {rate:.1f} img/s",
-              end=end, file=self.stream, flush=True)
-
-
 def run_batched(fn: Callable[[np.ndarray], np.ndarray], x: np.ndarray, *, batch: int, label: str,
                 progress: bool = True) -> tuple[np.ndarray, float]:
     """``fn`` over ``x`` in batches with a progress bar; (stacked outputs, images per second)."""
-    bar = Progress(label, len(x), enabled=progress)
     outs = []
     start = time.perf_counter()
-    for i in range(0, len(x), batch):
-        outs.append(class_scores(fn(x[i : i + batch])))
-        bar.update(len(outs[-1]))
+    with progress_bar(len(x), desc=label, unit="images", enabled=progress) as bar:
+        for i in range(0, len(x), batch):
+            outs.append(class_scores(fn(x[i : i + batch])))
+            bar.update(len(outs[-1]))
     seconds = time.perf_counter() - start
     return np.concatenate(outs) if outs else np.zeros((0, 0)), len(x) / max(seconds, 1e-9)
 

@@ -72,6 +72,11 @@ class LoadedModel:
     vm: object
 
     @property
+    def metadata(self) -> dict:
+        """The sidecar: input/output, preprocessing, quantization config, target, coverage."""
+        return self.sidecar
+
+    @property
     def input_shape(self) -> tuple[int, ...]:
         return tuple(self.sidecar["input"]["shape"])
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import resource
-import sys
 import time
 from pathlib import Path
 
@@ -12,9 +11,7 @@ from . import Command
 from ._options import (
     add_preprocess_arguments,
     add_quant_arguments,
-    check_config,
     check_output,
-    load_images,
     parse_input_shapes,
     positive_int,
     preprocess_config,
@@ -47,12 +44,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--input-shape", action="append", default=[], metavar="NAME:1,3,224,224",
                         help="static input shape (needed when the model's batch is dynamic)")
     parser.add_argument("--tuning-db", type=Path, metavar="DIR", help="apply tuned schedules from this database")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars on stderr")
     add_quant_arguments(parser)
     add_preprocess_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
-    from .. import onnx_io
     from ..errors import OptionError
 
     start = time.perf_counter()
@@ -61,37 +58,16 @@ def run(args: argparse.Namespace) -> int:
     if args.calib is None:
         raise OptionError("--calib DIR|FILE.npy is required: activation scales come from calibration images")
     check_output(args.output, inputs=(args.model, args.calib), what="library", library=True)
-    model = onnx_io.load_model(args.model)
-    shapes = parse_input_shapes(args.input_shape)
+    import tvm_ternary
 
-    from ..passes.onnx_normalize import normalize_onnx
-
-    # every check that needs neither TVM nor calibration first: a mistake costs no waiting
-    prep = normalize_onnx(model, input_shapes=shapes)
-    check_config(prep.model, config)
-    images = load_images(args.calib, preprocess=preprocess, input_shape=prep.input_shape,
-                         limit=args.calib_limit, what="calibration")
-    target = _target(args.target)
-    from .. import tvm_adapter as ta
-
-    if ta.choose_isa(target) == "plain":
-        print(f"warning: --target {args.target}: no AVX2 or better, every kernel runs the plain "
-              "(slow, unvectorized) reference schedule", file=sys.stderr)
-    from ..compiler import compile_model
-    kernels = None
-    if args.tuning_db is not None:
-        from ..tuning import TunedKernels, open_database
-
-        tdb = open_database(args.tuning_db, target=target, create=False)
-        for note in tdb.notes:
-            print(f"note: {note}", file=sys.stderr)
-        kernels = TunedKernels(tdb)
-    compiled = compile_model(model, config=config, calib_images=images, target=target,
-                             input_shapes=shapes, kernels=kernels)
-    meta = compiled.export(args.output, preprocess=preprocess)
+    compiled = tvm_ternary.compile(args.model, calib=args.calib, config=config, target=args.target,
+                                   preprocess=preprocess, calib_limit=args.calib_limit,
+                                   input_shapes=parse_input_shapes(args.input_shape),
+                                   tuning_db=args.tuning_db, progress=not args.quiet)
+    meta = compiled.export(args.output)
     print(format_coverage(meta))
-    if kernels is not None:
-        print(format_schedules(compiled.rewrite.schedules, kernels.tdb.path))
+    if args.tuning_db is not None:
+        print(format_schedules(compiled.rewrite.schedules, args.tuning_db))
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     steps = ", ".join(f"{k} {v:.1f} s" for k, v in compiled.seconds.items())
     print(f"wrote {args.output} and {args.output}.json for {meta['target']['mcpu']} ({meta['target']['isa']}); "
@@ -101,15 +77,9 @@ def run(args: argparse.Namespace) -> int:
 
 def _target(name):
     """The target of ``--target`` (None or "host": this CPU); an unknown CPU is a one-line error."""
-    from .. import tvm_adapter as ta
-    from ..errors import TargetError, UserError
+    from ..api import _target as target_of
 
-    try:
-        return ta.as_target(None if name in (None, "host") else name)
-    except UserError:
-        raise
-    except Exception as error:  # TVM raises its own error types for a target it rejects
-        raise TargetError(f"--target {name!r}: not a target TVM accepts ({error})") from None
+    return target_of(name)
 
 
 def format_schedules(schedules: dict, path) -> str:

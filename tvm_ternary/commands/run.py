@@ -25,7 +25,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import tempfile
 
-    from ..runtime import load, sidecar_path
+    from ..api import load  # the public tvm_ternary.load
+    from ..runtime import sidecar_path
     from ._options import check_output, load_array
 
     # checked first: do not load and run for nothing

@@ -51,6 +51,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--trials", type=positive_int, metavar="N", help="at most N trials in this run, all kernels together")
     parser.add_argument("--time-budget", type=float, metavar="MIN",
                         help="stop starting new batches after MIN minutes (records so far are kept)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars on stderr")
     parser.add_argument("--layers", metavar="NAME[,NAME...]",
                         help="tune only the kernels of these layers (default: every kernel)")
     rpc = parser.add_argument_group("remote measurement (TVM RPC tracker)")
@@ -159,7 +160,8 @@ def _run(args: argparse.Namespace) -> int:
             print(f"note: {note}", flush=True)
         images = load_images(args.calib, preprocess=preprocess, input_shape=prep.input_shape,
                              limit=args.calib_limit, what="calibration")
-        tasks, untuned = model_tasks(model, config=config, calib_images=images, target=target, input_shapes=shapes)
+        tasks, untuned = model_tasks(model, config=config, calib_images=images, target=target, input_shapes=shapes,
+                                     progress=not args.quiet)
         if args.layers:
             wanted = {name.strip() for name in args.layers.split(",") if name.strip()}
             known = {layer for task in tasks for layer in task.layers}
@@ -175,7 +177,7 @@ def _run(args: argparse.Namespace) -> int:
         options = TuneOptions(trials_per_task=args.trials_per_task, max_trials=args.trials,
                               time_budget_s=None if args.time_budget is None else args.time_budget * 60, rpc=rpc)
         try:
-            results = tune_tasks(tasks, tdb=tdb, target=target, options=options)
+            results = tune_tasks(tasks, tdb=tdb, target=target, options=options, progress=not args.quiet)
         except KeyboardInterrupt:
             print(f"interrupted: every measured record is kept in {tdb.path}; run the same command to continue",
                   flush=True)

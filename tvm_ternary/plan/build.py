@@ -16,7 +16,6 @@ Example::
 
 from __future__ import annotations
 
-import sys
 import time
 from dataclasses import dataclass, field
 
@@ -24,6 +23,7 @@ import numpy as np
 import onnx
 
 from ..numpy_graph import NumpyGraph, conv_geometry
+from ..progress import progress as progress_bar
 from ..quant import (
     ActivationQuant,
     dequantize_activation,
@@ -307,7 +307,7 @@ def _run(graph, analysis, layers, x, *, quantized, fit=None, progress=False, kee
     env[name_in] = np.asarray(x, np.float32)
     if float_env is not None:
         float_env[name_in] = env[name_in]
-    done = 0
+    bar = progress_bar(total, desc="quantizing layers", unit="layers", enabled=progress and fit is not None)
     for i, node in enumerate(graph.nodes):
         key = node_key(node)
         if float_env is not None:
@@ -320,16 +320,14 @@ def _run(graph, analysis, layers, x, *, quantized, fit=None, progress=False, kee
         else:
             if fit is not None:
                 layers[fused.name] = fit(fused, env[fused.input], float_env)
-                done += 1
-                if progress:
-                    print(f"\rquantizing layers: {done}/{total}", end="" if done < total else "\n",
-                          file=sys.stderr, flush=True)
+                bar.update(1)
             residual = env[fused.residual] if fused.residual else None
             y, y_int = layers[fused.name].run(env[fused.input], residual)
             env[fused.output] = y
             if keep_int is not None:
                 keep_int[fused.name] = y_int
         walk.free(env, i, node)
+    bar.close()
     return env[graph.output_names[0]]
 
 

@@ -15,12 +15,12 @@ Example::
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from ..numpy_graph import NumpyGraph
+from ..progress import progress as progress_bar
 from ..quant import ActivationQuant, calibrate_activation
 
 SAMPLE_SIZE = 200_000  # values kept per tensor for percentile / MSE scales
@@ -65,6 +65,7 @@ def collect_stats(graph: NumpyGraph, images: np.ndarray, *, tensors: set[str],
     rng = np.random.default_rng(seed)
     stats = {t: TensorStats.empty() for t in tensors}
     total = len(images)
+    bar = progress_bar(total, desc="calibrating", unit="images", enabled=progress)
     for start in range(0, total, batch):
         kept = graph.run(images[start : start + batch], keep=set(tensors))
         for name in tensors:
@@ -72,8 +73,6 @@ def collect_stats(graph: NumpyGraph, images: np.ndarray, *, tensors: set[str],
                 stats[name].update(kept[name], rng=rng)
             elif name == graph.input_names[0]:
                 stats[name].update(images[start : start + batch], rng=rng)
-        if progress:
-            done = min(start + batch, total)
-            print(f"\rcalibrating: {done}/{total} images", end="" if done < total else "\n",
-                  file=sys.stderr, flush=True)
+        bar.update(min(start + batch, total) - start)
+    bar.close()
     return stats

@@ -40,6 +40,7 @@ import onnx
 
 from ..evaluate import class_scores, compare
 from ..numpy_graph import NumpyGraph
+from ..progress import progress as progress_bar
 from .build import QuantPlan, calibration_stats, make_plan, simulate
 from .config import LayerDecision, QuantConfig
 from .summary import plan_summary
@@ -155,6 +156,7 @@ def choose_precision(model: onnx.ModelProto, images: np.ndarray, *, config: Quan
     base_probe = measure(base, on_probe=True)
 
     sens = {}
+    bar = progress_bar(len(eligible), desc="sensitivity", unit="layers", enabled=progress)
     for i, layer in enumerate(eligible, 1):
         t = measure(_swapped(base, {layer.name: 2}), on_probe=True)
         int4 = base.alternatives[layer.name][4]
@@ -163,9 +165,8 @@ def choose_precision(model: onnx.ModelProto, images: np.ndarray, *, config: Quan
             kl_ternary=max(t["kl_divergence"] - base_probe["kl_divergence"], 0.0),
             error_int4=int4.output_error if int4.output_error is not None else int4.weight_error,
             agreement_ternary=t["agreement_top1"])
-        if progress:
-            print(f"\rsensitivity: {i}/{len(eligible)} layers", end="\n" if i == len(eligible) else "",
-                  file=sys.stderr, flush=True)
+        bar.update(1)
+    bar.close()
     # Greedy on sensitivity per MAC: a big layer that hurts a little is worth more ternary MACs
     # than a small one that hurts nothing. The tiny constant orders zero-sensitivity layers by size.
     order = sorted(sens, key=lambda n: (sens[n].kl_ternary + 1e-9) / macs[n])

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 from .. import tvm_tuning_adapter as tta
 from ..errors import RuntimeFailure, UserError
+from ..progress import progress as progress_bar
 from ..schedules import Tiling
 from .database import TuningDatabase
 from .space import (
@@ -166,16 +167,24 @@ def _state(tdb, task: KernelTask, mod):
 
 
 def tune_tasks(tasks: list[KernelTask], *, tdb: TuningDatabase, target, options: TuneOptions,
-               log=print) -> list[TaskResult]:
+               log=print, progress: bool = True) -> list[TaskResult]:
     """Tune ``tasks`` into ``tdb``; returns one :class:`TaskResult` per task.  Ctrl-C stops
-    after the running batch and raises KeyboardInterrupt (every measured record is kept)."""
-    with _Interrupts(log) as interrupts:  # first: making the runner starts its workers
-        run = _Run(tdb=tdb, target=target, options=options, log=log, total=len(tasks))
-        run.interrupts = interrupts
-        try:
-            return [run.task(i, task) for i, task in enumerate(tasks)]
-        finally:  # from this thread: a pool left to the garbage collector ends with noise
-            tta.close_runner(run.runner)
+    after the running batch and raises KeyboardInterrupt (every measured record is kept).
+    ``progress``: a bar over the tasks on stderr (the running task's trials as its postfix)."""
+    with progress_bar(len(tasks), desc="tuning", unit="kernels", enabled=progress) as bar:
+        log = bar.wrap(log)
+        with _Interrupts(log) as interrupts:  # first: making the runner starts its workers
+            run = _Run(tdb=tdb, target=target, options=options, log=log, total=len(tasks))
+            run.bar = bar
+            run.interrupts = interrupts
+            try:
+                results = []
+                for i, task in enumerate(tasks):
+                    results.append(run.task(i, task))
+                    bar.update(1)
+                return results
+            finally:  # from this thread: a pool left to the garbage collector ends with noise
+                tta.close_runner(run.runner)
 
 
 class _Run:
@@ -189,6 +198,7 @@ class _Run:
             host=rpc.host, port=rpc.port, key=rpc.key, session_timeout_s=rpc.timeout_s)
         self.trials_left = options.max_trials if options.max_trials is not None else float("inf")
         self.interrupts = None
+        self.bar = None
 
     def left(self) -> str:
         if self.deadline is None:
@@ -253,6 +263,8 @@ class _Run:
             known = [x for x in (best[0], default_s) if x is not None]
             cur = min(known) if known else None
             gain = f" ({default_s / cur:.2f}x)" if cur and default_s else ""
+            if self.bar is not None:
+                self.bar.set_postfix(f"{task.name} {n + done[0]}/{goal} trials, best {format_time(cur)}")
             bad = f", {len(errors)} failed ({errors[0].strip().splitlines()[-1][:120]})" if errors else ""
             self.log(f"  {task.name}: {n + done[0]}/{goal} trials, best {format_time(cur)} vs default "
                      f"{format_time(default_s)}{gain}{bad}; tasks done {i}/{self.total}; {self.left()}", flush=True)
