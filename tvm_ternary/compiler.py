@@ -57,6 +57,10 @@ class CompiledModel:
             # which schedule the layer's kernel got: "default", "tuned (...)" or why not tuned
             kernel = self.rewrite.layer_kernels.get(row["layer"])
             row["schedule"] = self.rewrite.schedules.get(kernel) if kernel else None
+            # which kernel: its function, weight format, group size and ISA
+            spec = self.rewrite.specs.get(kernel) if kernel else None
+            row["kernel"] = None if spec is None else (
+                f"{kernel} ({row['weights']}, N={spec.group_size}, {self.rewrite.kernels[kernel]})")
         return {
             "format": SIDECAR_FORMAT,
             "library_sha256": library_sha256,

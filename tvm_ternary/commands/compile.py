@@ -20,7 +20,9 @@ from ._options import (
 
 DESCRIPTION = """\
 Quantize a float ONNX CNN (ternary weights by default, 8-bit activations) and compile it for an
-x86 CPU. Every eligible conv/dense runs as a tvm_ternary kernel with its epilogue fused;
+x86 CPU. A model that is already quantized (QDQ ONNX from onnxruntime.quantization, NNCF,
+brevitas, ...) is compiled as it is: its activation scales and zero points, its weights (ternary
+per group where they are, else 4/8-bit), no --calib. Every eligible conv/dense runs as a tvm_ternary kernel with its epilogue fused;
 activations stay integer between quantized layers. Writes OUT.so (weights embedded) and
 OUT.so.json (inputs, outputs, preprocessing, quantization config, target, required CPU
 features, per-layer coverage). Prints the coverage report, compile time and peak memory."""
@@ -38,7 +40,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="CPU to compile for: host (detected) or an LLVM mcpu such as znver4, "
                              "icelake-server, skylake-avx512, haswell")
     parser.add_argument("--calib", type=Path, metavar="DIR|FILE.npy",
-                        help="calibration images: a folder (with --preprocess) or a stacked .npy (required)")
+                        help="calibration images: a folder (with --preprocess) or a stacked .npy "
+                             "(required for a float model; a QDQ model carries its own scales)")
     parser.add_argument("--calib-limit", type=positive_int, default=64, metavar="N",
                         help="use the first N calibration images (default 64)")
     parser.add_argument("--input-shape", action="append", default=[], metavar="NAME:1,3,224,224",
@@ -55,8 +58,6 @@ def run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     config = quant_config(args)
     preprocess = preprocess_config(args)
-    if args.calib is None:
-        raise OptionError("--calib DIR|FILE.npy is required: activation scales come from calibration images")
     if not args.output.parent.is_dir():
         raise UserError(f"{args.output.parent}: output directory does not exist")
     if args.output.is_dir():
@@ -68,8 +69,17 @@ def run(args: argparse.Namespace) -> int:
     from ..passes.onnx_normalize import normalize_onnx
 
     prep = normalize_onnx(model, input_shapes=shapes)
-    images = load_images(args.calib, preprocess=preprocess, input_shape=prep.input_shape,
-                         limit=args.calib_limit, what="calibration")
+    images = None
+    if prep.is_quantized:
+        if args.calib is not None:
+            print(f"note: {args.model} is already quantized (QDQ): its own activation scales are used, "
+                  "--calib is not")
+    elif args.calib is None:
+        raise OptionError("--calib DIR|FILE.npy is required for a float model: activation scales come "
+                          "from calibration images (a QDQ-quantized model needs none)")
+    else:
+        images = load_images(args.calib, preprocess=preprocess, input_shape=prep.input_shape,
+                             limit=args.calib_limit, what="calibration")
     target = _target(None if args.target == "host" else args.target)
     kernels = None
     if args.tuning_db is not None:
@@ -109,8 +119,9 @@ def format_schedules(schedules: dict, path) -> str:
 
 def format_coverage(meta: dict) -> str:
     rows = meta["coverage"]
-    head = ("layer", "op", "weights", "reason", "fused", "status", "w-err", "out-err")
+    head = ("layer", "op", "weights", "reason", "fused", "status", "kernel", "w-err", "out-err")
     table = [head] + [(r["layer"], r["op"], r["weights"], r["reason"], r["fused"], r["status"],
+                       r.get("kernel") or "-",
                        "-" if r["weight_error"] is None else f"{r['weight_error']:.3f}",
                        "-" if r["output_error"] is None else f"{r['output_error']:.3f}") for r in rows]
     widths = [max(len(str(row[i])) for row in table) for i in range(len(head))]
@@ -124,6 +135,9 @@ def format_coverage(meta: dict) -> str:
     total = sum(macs.values()) or 1
     summary = ", ".join(f"{counts[k]} {k} ({100 * macs[k] / total:.1f}% of MACs)" for k in sorted(counts))
     already = sum(1 for r in rows if r["already_ternary"])
+    if meta.get("quantization") == "model":
+        lines.append("quantization: read from the model (QDQ scales, zero points and weights); "
+                     "no calibration")
     lines.append(f"coverage: {len(rows)} conv/dense layers: {summary}"
                  + (f"; {already} already ternary, kept exactly" if already else ""))
     lines.append(f"integer ops between layers: {len(meta['integer_ops'])} ({', '.join(sorted(set(meta['integer_ops']))) or 'none'})")

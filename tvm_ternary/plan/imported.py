@@ -44,13 +44,15 @@ def _out_axis(node) -> int:
     return 1  # MatMul: [C, K]
 
 
-def plan_from_model(prep, *, config: QuantConfig | None = None) -> QuantPlan:
+def plan_from_model(prep, *, config: QuantConfig | None = None, exact_roundings: bool = True) -> QuantPlan:
     """The :class:`QuantPlan` a QDQ model carries (``prep``: its :class:`NormalizedOnnx`)."""
     start = time.perf_counter()
     model = prep.model
     quants = dict(prep.activation_quants)
     graph = NumpyGraph(model)
-    analysis = analyse(model)
+    # A tensor the model rounds stays a tensor: no fusion past it (e.g. ORT quantizes a conv's
+    # output before the residual Add; the Add then runs on the dequantized values, as in ORT).
+    analysis = analyse(model, materialized=frozenset(quants) if exact_roundings else frozenset())
     nodes = {node_key(n): n for n in model.graph.node}
     decisions: dict[str, LayerDecision] = {}
     found: dict[str, object] = {}
