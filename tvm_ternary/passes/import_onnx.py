@@ -33,7 +33,7 @@ from tvm_ternary import onnx_io
 from tvm_ternary import tvm_adapter as ta
 from tvm_ternary.errors import UserError
 from tvm_ternary.passes.cleanup import FoldBatchNormIntoConv, RemoveDropout
-from tvm_ternary.passes.onnx_normalize import normalize_onnx, weight_source_dtype
+from tvm_ternary.passes.onnx_normalize import NormalizedOnnx, normalize_onnx, weight_source_dtype
 
 __all__ = ["LayerInfo", "ImportedModel", "import_onnx", "cleanup_pipeline"]
 
@@ -92,21 +92,27 @@ def import_onnx(
     model: str | Path | onnx.ModelProto,
     *,
     input_shapes: Mapping[str, Sequence[int]] | None = None,
+    prepared: NormalizedOnnx | None = None,
 ) -> ImportedModel:
     """Import an ONNX CNN as a cleaned-up float32 Relax module.
 
     ``model`` is a path (loaded and checked by :func:`onnx_io.load_model`) or a ModelProto.
     ``input_shapes`` maps the input name to a static shape (the CLI's ``--input-shape``); it is
     required when the model's input has a dynamic dimension. Bad models raise
-    :class:`UserError` subclasses.
+    :class:`UserError` subclasses. ``prepared``: the model already normalised (the compile
+    flow passes the graph its plan was made on, so that normalisation runs once and the Relax
+    module is built from that very graph); ``model`` and ``input_shapes`` are then unused.
 
     Example::
 
         >>> imported = import_onnx("model.onnx", input_shapes={"input": (1, 3, 224, 224)})  # doctest: +SKIP
     """
-    if not isinstance(model, onnx.ModelProto):
-        model = onnx_io.load_model(model)
-    prep = normalize_onnx(model, input_shapes=input_shapes)
+    if prepared is not None:
+        prep = prepared
+    else:
+        if not isinstance(model, onnx.ModelProto):
+            model = onnx_io.load_model(model)
+        prep = normalize_onnx(model, input_shapes=input_shapes)
     notes = list(prep.notes)
     try:
         mod = ta.relax_from_onnx(prep.model, shape_dict={prep.input_name: list(prep.input_shape)},

@@ -102,6 +102,56 @@ def plan_from_model(prep, *, config: QuantConfig | None = None, exact_roundings:
     # One walk over a blank input: each layer's geometry comes from the shapes it sees.
     blank = np.zeros(prep.input_shape, np.float32)
     _run(graph, analysis, layers, blank, quantized=quantized, fit=fit)
+    if exact_roundings:
+        model = with_float_roundings(model, analysis, quantized, quants)
     return QuantPlan(config=config or QuantConfig(), model=model, analysis=analysis,
                      layers=layers, decisions=decisions, seconds=time.perf_counter() - start,
                      source="model")
+
+
+def with_float_roundings(model, analysis, quantized: set[str], quants: dict):
+    """``model`` with a QuantizeLinear -> DequantizeLinear pair put back on every edge where a
+    float op reads a tensor the quantized model rounds but no integer layer produces (a float
+    Concat of differently scaled inputs, a float residual Add, a pool): the float op then sees
+    the rounded value, as in the model. Integer layers read the tensor itself (they quantize it)."""
+    import onnx
+    from onnx import numpy_helper
+
+    fused_nodes: set[str] = set()
+    produced = set()
+    for fused in analysis.layers:
+        if fused.name in quantized:
+            fused_nodes.update((fused.name, fused.root, *fused.skipped))
+            produced.add(fused.output)
+    graph = model.graph
+    wanted = {t for node in graph.node if node_key(node) not in fused_nodes
+              for t in node.input if t in quants and t not in produced}
+    if not wanted:
+        return model
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    g = out.graph
+    nodes = []
+    inserted: set[str] = set()
+    for node in g.node:
+        if node_key(node) not in fused_nodes:
+            for i, t in enumerate(node.input):
+                if t not in wanted:
+                    continue
+                if t not in inserted:
+                    q = quants[t]
+                    zp_dtype = np.int8 if q.signed else np.uint8
+                    g.initializer.extend([
+                        numpy_helper.from_array(np.array(q.scale, np.float32), f"{t}__fq_scale"),
+                        numpy_helper.from_array(np.array(q.zero_point, zp_dtype), f"{t}__fq_zp")])
+                    args = [f"{t}__fq_scale", f"{t}__fq_zp"]
+                    nodes.append(onnx.helper.make_node("QuantizeLinear", [t, *args], [f"{t}__fq_q"],
+                                                       name=f"{t}__fq_quantize"))
+                    nodes.append(onnx.helper.make_node("DequantizeLinear", [f"{t}__fq_q", *args],
+                                                       [f"{t}__fq"], name=f"{t}__fq_dequantize"))
+                    inserted.add(t)
+                node.input[i] = f"{t}__fq"
+        nodes.append(node)
+    del g.node[:]
+    g.node.extend(nodes)
+    return out
