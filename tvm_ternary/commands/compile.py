@@ -47,6 +47,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--input-shape", action="append", default=[], metavar="NAME:1,3,224,224",
                         help="static input shape (needed when the model's batch is dynamic)")
     parser.add_argument("--tuning-db", type=Path, metavar="DIR", help="apply tuned schedules from this database")
+    parser.add_argument("--emit-onnx", type=Path, metavar="PATH.onnx",
+                        help="also write the quantized model as standard QDQ ONNX (int8 weights "
+                             "q_g*t per channel, our activation scales); ONNX Runtime runs it and "
+                             "compile re-imports it to the same library")
     add_quant_arguments(parser)
     add_preprocess_arguments(parser)
 
@@ -62,6 +66,11 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"{args.output.parent}: output directory does not exist")
     if args.output.is_dir():
         raise UserError(f"{args.output}: is a directory, expected a library file name (OUT.so)")
+    if args.emit_onnx is not None:
+        if not args.emit_onnx.parent.is_dir():
+            raise UserError(f"{args.emit_onnx.parent}: --emit-onnx directory does not exist")
+        if args.emit_onnx.resolve() == args.model.resolve():
+            raise UserError(f"--emit-onnx {args.emit_onnx}: would overwrite the input model")
     model = onnx_io.load_model(args.model)
     shapes = parse_input_shapes(args.input_shape)
 
@@ -90,6 +99,11 @@ def run(args: argparse.Namespace) -> int:
                              input_shapes=shapes, kernels=kernels)
     meta = compiled.export(args.output, preprocess=preprocess)
     print(format_coverage(meta))
+    if args.emit_onnx is not None:
+        from ..export_onnx import emit_qdq_onnx
+
+        emit_qdq_onnx(compiled.plan, args.emit_onnx)
+        print(f"wrote {args.emit_onnx}: the quantized model as QDQ ONNX")
     if kernels is not None:
         print(format_schedules(compiled.rewrite.schedules, kernels.tdb.path))
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

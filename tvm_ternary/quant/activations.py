@@ -100,7 +100,7 @@ def calibrate_activation(
     if top == 0.0:
         return ActivationQuant(bits=bits, signed=signed, scale=1.0)
     if method == "dfp":
-        frac_bits = np.floor(np.log2(qmax / top))
+        frac_bits = np.floor(np.log2(qmax / top))  # a power of two: float32-exact
         return ActivationQuant(bits=bits, signed=signed, scale=float(2.0 ** (-frac_bits)))
     if method == "percentile":
         if not 0 < percentile <= 100:
@@ -111,4 +111,6 @@ def calibrate_activation(
         clip = float(grid[np.argmin([_fake_quant_error(mag, c, qmax) for c in grid])])
     else:
         clip = top
-    return ActivationQuant(bits=bits, signed=signed, scale=clip / qmax)
+    # float32-representable: an ONNX scale is float32, so an exported model (compile
+    # --emit-onnx) carries exactly this scale and re-imports to the same library
+    return ActivationQuant(bits=bits, signed=signed, scale=float(np.float32(clip / qmax)))
