@@ -134,6 +134,39 @@ def measure(key: str, *, workdir: Path, calib_count: int, val_limit: int | None,
     return result
 
 
+def measure_ours(key: str, *, workdir: Path, calib_count: int, val_limit: int | None) -> dict:
+    """Round trip of OUR quantization (ternary FGQ N=4, data-aware, 8-bit activations, the
+    compile defaults): compile the float model with calibration, ``--emit-onnx``, compile the
+    emitted QDQ file without calibration, compare on val200."""
+    from tvm_ternary import onnx_io
+    from tvm_ternary.compiler import compile_model
+    from tvm_ternary.passes.onnx_normalize import normalize_onnx
+    from tvm_ternary.plan import QuantConfig
+    from tvm_ternary.preprocess import PreprocessConfig, preprocess_images
+
+    rel, preset = MODELS[key]
+    pre = PreprocessConfig.preset(preset)
+    model = onnx_io.load_model(SHARED / rel)
+    shape = normalize_onnx(model).input_shape
+    calib_paths, _ = labelled_folder(SHARED / "images" / "calib1000", calib_count, 1000 // calib_count)
+    calib = preprocess_images(calib_paths, config=pre, input_shape=shape).astype(np.float32)
+    val_paths, labels = labelled_folder(SHARED / "images" / "val200", val_limit)
+    val = preprocess_images(val_paths, config=pre, input_shape=shape).astype(np.float32)
+    t0 = time.perf_counter()
+    cm = compile_model(model, config=QuantConfig(), calib_images=calib, progress=False)
+    seconds = time.perf_counter() - t0
+    kinds: dict[str, int] = {}
+    for row in cm.plan.coverage():
+        kinds[row["weights"]] = kinds.get(row["weights"], 0) + 1
+    ours = cm.run(val)
+    result = {"model": key, "quantization": "ours (ternary N=4, data-aware)", "layers": kinds,
+              "calib_images": len(calib), "val_images": len(val),
+              "top1_ours": float(np.mean(ours.reshape(len(val), -1).argmax(1) == labels)),
+              "seconds": {"compile": round(seconds, 1)}}
+    result["emit_onnx"] = roundtrip(cm, ours, val, labels, workdir / f"{key}_ours_emitted.onnx")
+    return result
+
+
 def agreement(a: np.ndarray, b: np.ndarray, *, ties: bool = False) -> float:
     """Share of images where ``a``'s top-1 is ``b``'s; ``ties``: or is tied with it in ``b``
     (a quantized output often has two classes on the same step)."""
@@ -170,14 +203,19 @@ def main(argv=None) -> int:
     parser.add_argument("--calib", type=int, default=100, help="calibration images (spread over calib1000)")
     parser.add_argument("--val-limit", type=int, default=None)
     parser.add_argument("--emit-onnx", action="store_true", help="also check the --emit-onnx round trip")
+    parser.add_argument("--ours", action="store_true",
+                        help="round trip of our own quantization (ternary) instead of ORT's")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/qdq_agreement"))
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
     args.workdir.mkdir(parents=True, exist_ok=True)
     results = []
     for key in args.models:
-        res = measure(key, workdir=args.workdir, calib_count=args.calib, val_limit=args.val_limit,
-                      emit_onnx=args.emit_onnx)
+        if args.ours:
+            res = measure_ours(key, workdir=args.workdir, calib_count=args.calib, val_limit=args.val_limit)
+        else:
+            res = measure(key, workdir=args.workdir, calib_count=args.calib, val_limit=args.val_limit,
+                          emit_onnx=args.emit_onnx)
         print(json.dumps(res), flush=True)
         results.append(res)
     if args.out:
