@@ -36,8 +36,14 @@ def qdq_model(plan: QuantPlan) -> onnx.ModelProto:
     """The QDQ ModelProto of ``plan`` (see the module docstring)."""
     model = onnx.ModelProto()
     model.CopyFrom(plan.model)
+    # Weights listed as graph inputs too (IR < 4 exporters) would be overridable inputs to ORT.
+    inits_names = {t.name for t in model.graph.initializer}
+    data_inputs = [v for v in model.graph.input if v.name not in inits_names]
+    del model.graph.input[:]
+    model.graph.input.extend(data_inputs)
+    model.ir_version = max(model.ir_version, 7)
+    _require_opset(model, 13)  # per-axis DequantizeLinear (before taking .graph: it replaces it)
     graph = model.graph
-    _require_opset(model, 13)  # per-axis DequantizeLinear
     nodes = {node_key(n): n for n in graph.node}
     inits: list[onnx.TensorProto] = []
     quants: dict[str, object] = {}
