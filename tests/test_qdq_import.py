@@ -149,3 +149,49 @@ def test_blocked_ternary_without_channel_scale_is_approximated_and_says_so():
     found = import_weights(t * alpha)  # opset-21 blocked scales: no per-channel grid
     assert found.weights.bits == 2 and found.weights.group_size == 4
     assert not found.exact and "7-bit codes" in found.description and found.error < 0.01
+
+
+def _blocked(model, layer: str, n: int):
+    """``model`` (our emitted QDQ) with ``layer``'s weight as opset-21 blocked DequantizeLinear:
+    int8 ternary values, one scale per block of ``n`` input channels (s_k * q_g)."""
+    model = onnx.ModelProto.FromString(model.SerializeToString())
+    inits = {t.name: t for t in model.graph.initializer}
+    w = numpy_helper.to_array(inits[f"{layer}__qweight"]).astype(np.int32)
+    s = numpy_helper.to_array(inits[f"{layer}__qweight_scale"])
+    k, c = w.shape[:2]
+    q = np.abs(w).reshape(k, c // n, n, *w.shape[2:]).max(axis=2)
+    scale = (q.astype(np.float32) * s.reshape((-1,) + (1,) * (q.ndim - 1))).astype(np.float32)
+    inits[f"{layer}__qweight"].CopyFrom(numpy_helper.from_array(np.sign(w).astype(np.int8), f"{layer}__qweight"))
+    inits[f"{layer}__qweight_scale"].CopyFrom(numpy_helper.from_array(scale, f"{layer}__qweight_scale"))
+    inits[f"{layer}__qweight_zero_point"].CopyFrom(
+        numpy_helper.from_array(np.zeros(scale.shape, np.int8), f"{layer}__qweight_zero_point"))
+    dq = next(nd for nd in model.graph.node if nd.name == f"{layer}__qweight_DequantizeLinear")
+    del dq.attribute[:]
+    dq.attribute.extend([onnx.helper.make_attribute("axis", 1), onnx.helper.make_attribute("block_size", n)])
+    for entry in model.opset_import:
+        if entry.domain in ("", "ai.onnx"):
+            entry.version = 21
+    model.ir_version = max(model.ir_version, 10)
+    return model
+
+
+def test_blocked_dequantize_weights_import_as_ternary_groups():
+    cm = compile_model(tiny_cnn(conv_head=True), config=QuantConfig(group_size=4),
+                       calib_images=tiny_images(16), progress=False)
+    from tvm_ternary.export_onnx import qdq_model
+
+    model = _blocked(qdq_model(cm.plan), "res_a", 4)
+    onnx.checker.check_model(model)
+    again = compile_model(model, config=QuantConfig(), progress=False)
+    row = next(r for r in again.plan.coverage() if r["layer"] == "res_a")
+    assert row["weights"] == "ternary" and row["reason"].startswith("model: ternary N=")
+    assert again.plan.layers["res_a"].weights.group_size % 4 == 0
+    assert row["weight_error"] < 1e-5  # block scales s_k*q_g: integer ratios, codes recovered
+    x = tiny_images(20, seed=3)
+    ours = again.run(x)
+    np.testing.assert_array_equal(ours, simulate(again.plan, x))
+    # the integer codes come back exactly; the channel scales within a float32 ulp
+    got_w, want_w = again.plan.layers["res_a"].weights, cm.plan.layers["res_a"].weights
+    np.testing.assert_array_equal(got_w.decode_int8(), want_w.decode_int8())
+    np.testing.assert_allclose(got_w.channel_scales, want_w.channel_scales, rtol=2e-7)
+    np.testing.assert_array_equal(ours, cm.run(x))  # (no ulp reaches a rounding: seed fixed)
