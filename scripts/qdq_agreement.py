@@ -187,8 +187,11 @@ def roundtrip(cm, ours: np.ndarray, val: np.ndarray, labels, path: Path) -> dict
     emit_qdq_onnx(cm.plan, path)
     again = compile_model(onnx_io.load_model(path), config=QuantConfig(), progress=False).run(val)
     theirs = ort_run(path, val)
+    written = ort_run(path, val, optimized=False)
     n = len(val)
     return {
+        "top1_agreement_library_vs_ort_unoptimized_on_emitted": agreement(ours, written),
+        "top1_agreement_ort_vs_ort_unoptimized_on_emitted": agreement(theirs, written),
         "reimport_bit_identical": bool(np.array_equal(again, ours)),
         "reimport_max_abs_diff": float(np.abs(again - ours).max()),
         "top1_agreement_ort_on_emitted_vs_library": float(np.mean(
