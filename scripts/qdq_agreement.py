@@ -222,12 +222,9 @@ def main(argv=None) -> int:
         print(json.dumps(res), flush=True)
         results.append(res)
     if args.out:
-        import platform
+        from _bench_common import machine_stamp
 
-        import onnxruntime
-
-        args.out.write_text(json.dumps({"cpu": platform.processor() or platform.machine(),
-                                        "onnxruntime": onnxruntime.__version__,
+        args.out.write_text(json.dumps({"machine": machine_stamp(1), "command": " ".join(sys.argv),
                                         "results": results}, indent=1))
     return 0
 
