@@ -116,3 +116,40 @@ def test_brevitas_ternary_qcdq_compiles_without_calibration_and_matches_ort(expo
     # (one image at a time: the export fixes the batch to 1 in a Reshape)
     want = np.concatenate([simulate(cm.plan, x[i : i + 1]) for i in range(16)])
     np.testing.assert_array_equal(ours[:16], want)
+
+
+def test_brevitas_qonnx_export_with_4bit_activations_matches_brevitas(exported):
+    """QONNX ``Quant`` nodes (brevitas export_qonnx): our own converter; 4-bit activations run on
+    the u4 kernels. ORT cannot run QONNX custom ops: the reference is brevitas itself."""
+    from brevitas.export import export_qonnx
+    from brevitas.quant import Uint8ActPerTensorFloat
+
+    class Uint4Act(Uint8ActPerTensorFloat):
+        bit_width = 4
+
+    torch.manual_seed(1)
+    net = _model()
+    net.r3 = brevitas_nn.QuantReLU(act_quant=Uint4Act, return_quant_tensor=True)
+    x, y = _data(256, seed=0)
+    xt, yt = torch.from_numpy(x), torch.from_numpy(y)
+    opt = torch.optim.Adam(net.parameters(), lr=1e-2)
+    for _ in range(40):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(net(xt), yt).backward()
+        opt.step()
+    net.eval()
+    path = exported[0].with_name("ternary_qonnx.onnx")
+    export_qonnx(net, torch.from_numpy(x[:1]), export_path=str(path))
+    cm = compile_model(onnx_io.load_model(path), config=QuantConfig(), progress=False)
+    coverage = {row["layer"]: row for row in cm.plan.coverage()}
+    assert [r["weights"] for r in coverage.values()] == ["int8", "ternary", "ternary", "int8"]
+    c3 = next(name for name in coverage if "c3" in name or name.endswith("conv2d_2"))
+    assert cm.plan.layers[c3].output_quant.bits == 4  # the 4-bit ReLU's format, from the model
+    assert not cm.rewrite.left_float
+    xv, _ = _data(64, seed=2)
+    ours = cm.run(xv)
+    with torch.no_grad():
+        theirs = net(torch.from_numpy(xv)).numpy()
+    step = cm.plan.layers[list(coverage)[-1]].output_quant.scale
+    assert np.abs(ours - theirs).max() <= step * (1 + 1e-4)
+    assert np.array_equal(ours.argmax(1), theirs.argmax(1))

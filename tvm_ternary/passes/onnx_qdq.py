@@ -53,6 +53,8 @@ FOLDABLE_OPS = ("QuantizeLinear", "DequantizeLinear", "Clip", "Slice", "Reshape"
                 "Identity", "Cast", "Squeeze", "Unsqueeze", "Mul", "Div", "Neg", "Round",
                 "Sign", "Abs", "Concat", "Constant")
 ACTIVATION_DTYPES = {np.dtype(np.uint8): False, np.dtype(np.int8): True}  # dtype -> signed
+# QONNX (FINN / brevitas export_qonnx): Quant(x, scale, zeropt, bitwidth) = fake quantization
+QONNX_OPS = ("Quant", "BipolarQuant")
 
 
 class UnsupportedQuantizationError(UserError):
@@ -109,12 +111,20 @@ def fold_constant_chains(graph: onnx.GraphProto, opset: int,
     keep, folded = [], 0
     for node in graph.node:
         args = [n for n in node.input if n]
-        if node.op_type not in FOLDABLE_OPS or not all(n in values for n in args) \
+        if (node.op_type not in FOLDABLE_OPS and node.op_type not in QONNX_OPS) \
+                or not all(n in values for n in args) \
                 or len(node.output) != 1 or any(a.type in (onnx.AttributeProto.GRAPH,) for a in node.attribute):
             keep.append(node)
             continue
         attrs = _attrs(node)
-        if node.op_type == "DequantizeLinear":
+        if node.op_type in QONNX_OPS:
+            out, scale = _qonnx_value(node, [values[n] for n in node.input])
+            axes = [i for i, d in enumerate(scale.shape) if d > 1]
+            if scale.size == 1 or len(axes) == 1:
+                weight_scales[node.output[0]] = WeightScale(
+                    scale.reshape(-1).astype(np.float32), axes[0] if axes else 0, 0, "qonnx")
+            source_dtypes[node.output[0]] = "qonnx"
+        elif node.op_type == "DequantizeLinear":
             q, scale = values[args[0]], values[args[1]]
             zp = values[args[2]] if len(args) > 2 else None
             axis, block = int(attrs.get("axis", 1)), int(attrs.get("block_size", 0))
@@ -155,15 +165,25 @@ def strip_activation_qdq(graph: onnx.GraphProto) -> QdqFound:
             consumers.setdefault(name, []).append(node)
     outputs = {o.name for o in graph.output}
     found = QdqFound()
+    producer = {out: n for n in graph.node for out in n.output}
     drop: set[int] = set()
     rename: dict[str, str] = {}  # DequantizeLinear output -> the float tensor it stands for
     for node in graph.node:
         if node.op_type == "DequantizeLinear" and node.input[0] not in inits:
-            producers = [n for n in graph.node if node.input[0] in n.output]
-            if not producers or producers[0].op_type != "QuantizeLinear":
+            source = producer.get(node.input[0])
+            if source is None or source.op_type != "QuantizeLinear":
                 raise UnsupportedQuantizationError(
                     f"{_node_label(node)}: dequantizes a run-time tensor that no QuantizeLinear "
                     "produces (integer model inputs are not supported)")
+        if node.op_type in QONNX_OPS:
+            found.activations.setdefault(node.input[0], _qonnx_activation(node, inits))
+            if found.activations[node.input[0]] != _qonnx_activation(node, inits):
+                raise UnsupportedQuantizationError(
+                    f"{_node_label(node)}: tensor {node.input[0]!r} is quantized twice with different scales")
+            rename[node.output[0]] = node.input[0]
+            drop.add(id(node))
+            found.pairs += 1
+            continue
         if node.op_type != "QuantizeLinear":
             continue
         quant = _activation_quant(node, inits)
@@ -242,3 +262,59 @@ def _activation_quant(node: onnx.NodeProto, inits: dict, what: str = "QuantizeLi
         raise UnsupportedQuantizationError(f"{label}: scale {value} is not a positive number")
     return ActivationQuant(bits=8, signed=ACTIVATION_DTYPES[dtype], scale=value,
                            zero_point=0 if zp is None else int(zp.reshape(())))
+
+
+def _qonnx_bounds(signed: bool, narrow: bool, bits: int) -> tuple[int, int]:
+    if signed:
+        return -(2 ** (bits - 1)) + int(narrow), 2 ** (bits - 1) - 1
+    return 0, 2**bits - 1 - int(narrow)
+
+
+def _qonnx_value(node: onnx.NodeProto, args: list) -> tuple[np.ndarray, np.ndarray]:
+    """QONNX semantics of a constant Quant / BipolarQuant: (fake-quantized value, scale)."""
+    attrs = _attrs(node)
+    x, scale = np.asarray(args[0], np.float32), np.asarray(args[1], np.float32)
+    if node.op_type == "BipolarQuant":
+        return (np.where(x >= 0, 1.0, -1.0).astype(np.float32) * scale).astype(np.float32), scale
+    zp, bits = np.asarray(args[2], np.float32), int(np.asarray(args[3]).reshape(()))
+    mode = attrs.get("rounding_mode", b"ROUND")
+    mode = mode.decode() if isinstance(mode, bytes) else str(mode)
+    rounders = {"ROUND": np.rint, "FLOOR": np.floor, "CEIL": np.ceil, "ROUND_TO_ZERO": np.trunc}
+    if mode not in rounders:
+        raise UnsupportedQuantizationError(f"{_node_label(node)}: rounding mode {mode} is not supported")
+    lo, hi = _qonnx_bounds(bool(attrs.get("signed", 1)), bool(attrs.get("narrow", 0)), bits)
+    q = np.clip(rounders[mode](x.astype(np.float64) / scale + zp), lo, hi)
+    return ((q - zp) * scale).astype(np.float32), scale
+
+
+def _qonnx_activation(node: onnx.NodeProto, inits: dict) -> ActivationQuant:
+    """The format a QONNX Quant gives a run-time tensor (per tensor, 4 or 8 bits, full range)."""
+    label = _node_label(node)
+    if node.op_type == "BipolarQuant":
+        raise UnsupportedQuantizationError(f"{label}: binary (bipolar) activations are not supported")
+    if any(n not in inits for n in node.input[1:4]):
+        raise UnsupportedQuantizationError(f"{label}: scale, zero point and bit width must be constants")
+    scale, zp, bits = (np.asarray(inits[n]) for n in node.input[1:4])
+    attrs = _attrs(node)
+    mode = attrs.get("rounding_mode", b"ROUND")
+    mode = mode.decode() if isinstance(mode, bytes) else str(mode)
+    if scale.size != 1 or zp.size != 1:
+        raise UnsupportedQuantizationError(
+            f"{label}: per-channel activation scale ({scale.size} scales) is not supported; "
+            "activations must be quantized per tensor")
+    bits = float(bits.reshape(()))
+    signed, narrow = bool(attrs.get("signed", 1)), bool(attrs.get("narrow", 0))
+    if bits not in (4.0, 8.0) or narrow or mode != "ROUND":
+        raise UnsupportedQuantizationError(
+            f"{label}: {bits:g}-bit{' narrow-range' if narrow else ''} activations with rounding "
+            f"{mode} are not supported (4 or 8 bits, full range, ROUND are)")
+    z = float(zp.reshape(()))
+    if z != round(z):
+        raise UnsupportedQuantizationError(f"{label}: zero point {z} is not an integer")
+    value = float(scale.reshape(()))
+    if not (np.isfinite(value) and value > 0):
+        raise UnsupportedQuantizationError(f"{label}: scale {value} is not a positive number")
+    try:
+        return ActivationQuant(bits=int(bits), signed=signed, scale=value, zero_point=int(z))
+    except ValueError as error:
+        raise UnsupportedQuantizationError(f"{label}: {error}") from None
