@@ -35,4 +35,5 @@ def test_ort_quantized_model_agrees_with_ort(key, tmp_path):
     assert res["top1_agreement_with_ort"] >= min(0.99, res["top1_agreement_ort_vs_ort_unoptimized"])
     rt = res["emit_onnx"]
     assert rt["reimport_bit_identical"]
-    assert rt["top1_agreement_ort_on_emitted_vs_library"] >= 0.99
+    assert rt["top1_agreement_ort_on_emitted_vs_library"] >= min(
+        0.99, rt["top1_agreement_ort_vs_ort_unoptimized_on_emitted"])
