@@ -37,12 +37,14 @@ def make_case(spec: ConvSpec, *, isa: str, seed: int = 0) -> dict:
     weights = quant.pack_ternary(values) if spec.weight_bits == 2 else layout.block_weights(values)
     w = ref.decode_weights(values, codes, group_size=spec.group_size)
 
+    # x ~ s (q - z): the reference works on q - z with zero padding (the real zero)
+    x_ref = x.astype(np.int32) - spec.x_zero_point if spec.x_zero_point else x
     if spec.dense:
-        acc = ref.dense_int(x, w[:, :, 0, 0])  # [N, K]
+        acc = ref.dense_int(x_ref, w[:, :, 0, 0])  # [N, K]
         to_out = lambda a: a  # noqa: E731
         axis = 1
     else:
-        acc = ref.conv2d_int(layout.nhwc_to_nchw(x), w, stride=spec.stride,
+        acc = ref.conv2d_int(layout.nhwc_to_nchw(x_ref), w, stride=spec.stride,
                              padding=spec.padding, dilation=spec.dilation, groups=spec.groups)
         to_out = layout.nchw_to_nhwc
         acc = to_out(acc)
@@ -71,7 +73,9 @@ def make_case(spec: ConvSpec, *, isa: str, seed: int = 0) -> dict:
         expected = ref.requantize(acc, multiplier=mult, shift=shift, residual=res,
                                   residual_multiplier=case.get("residual_multiplier"),
                                   relu=spec.relu, bits=8 if spec.out in ("u8", "s8") else 4,
-                                  signed=spec.out[0] == "s", channel_axis=axis)
+                                  signed=spec.out[0] == "s", channel_axis=axis,
+                                  zero_point=spec.out_zero_point,
+                                  residual_zero_point=spec.residual_zero_point)
     elif spec.out == "f32":
         scale = rng.uniform(1e-4, 1e-2, size=k).astype(np.float32)
         case["scale"] = scale

@@ -81,8 +81,10 @@ def test_report_table_and_json(capsys, tmp_path):
     assert conv2["error_exact"] < conv2["error_twn"] and conv2["error"] == conv2["error_exact"]
     assert 0 <= conv2["integer_scales_extra_error"] < 0.01
     assert by_name["fc"]["op_type"] == "dense" and by_name["fc"]["macs"] == 1280
+    # the compiler's policy: the classifier (last layer) stays 8-bit too
+    assert by_name["fc"]["kept_reason"] == "last layer" and by_name["fc"]["weight_bits"] == 8
     totals = report["totals"]
-    assert totals["layers"] == 3 and totals["layers_in_chosen_format"] == 2
+    assert totals["layers"] == 3 and totals["layers_in_chosen_format"] == 1
     assert totals["multiplications_removed_chosen_layers"] == pytest.approx(0.75)
 
 

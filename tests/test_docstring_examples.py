@@ -16,6 +16,8 @@ MODULES = [
     "tvm_ternary.progress",
     "tvm_ternary.benchmark",
     "tvm_ternary.peak",
+    "tvm_ternary.quant.imported",
+    "tvm_ternary.passes.onnx_qdq",
 ]  # tvm_ternary.api's examples need model files: tests/test_api.py runs them
 
 
@@ -23,6 +25,16 @@ MODULES = [
 def test_examples(name):
     result = doctest.testmod(importlib.import_module(name))
     assert result.attempted > 0 and result.failed == 0
+
+
+def test_qdq_import_does_not_import_tvm():
+    import subprocess
+    import sys
+
+    code = ("import sys, tvm_ternary.passes.onnx_qdq, tvm_ternary.plan.imported, "
+            "tvm_ternary.export_onnx; print('tvm' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
 
 
 def test_quant_core_does_not_import_tvm():

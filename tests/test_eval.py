@@ -168,3 +168,24 @@ def test_eval_tvm_backend_agrees_with_simulate(tiny, tmp_path):
         outs[backend] = json.loads(out.read_text())
     assert outs["tvm"]["backend"] == "tvm"
     assert outs["tvm"]["quantized"] == outs["simulate"]["quantized"]
+
+
+def test_eval_qdq_model_against_ort_on_it(tiny, tmp_path, capsys):
+    """A QDQ model is evaluated against ORT running it (not a float model), with its own plan."""
+    import onnx
+
+    from tiny_models import ort_qdq, tiny_images
+
+    path = tmp_path / "tiny_qdq.onnx"
+    onnx.save(ort_qdq(tiny_cnn(), tiny_images(16)), path)
+    out = tmp_path / "r.json"
+    argv = ["eval", str(path), "--images", str(tiny["images"]), "--preprocess", "unit",
+            "--backend", "simulate", "--quiet", "--json", str(out)]
+    assert main(argv) == 0
+    r = json.loads(out.read_text())
+    assert r["reference"] == "ORT (QDQ model)" and r["config"] == {"quantization": "model (QDQ)"}
+    assert r["n_images"] == N_IMAGES and r["calibration"]["images"] == 0  # nothing held out
+    assert r["agreement_top1"] >= 0.95
+    assert "read from the model" in capsys.readouterr().out
+    # quantization flags do not apply to a model that carries its own
+    assert main(argv + ["--weight-bits", "2"]) == 2

@@ -77,6 +77,38 @@ def test_dense_bit_exact(isa, name, bits):
     run_and_check(spec.as_conv(), isa)
 
 
+# Zero points of imported QDQ models (ONNX Runtime's asymmetric u8): padding holds z_x, the
+# bias pays z_x * sum(w) back, the requantizer subtracts z_residual and adds z_out.
+ZERO_POINT_CASES = {
+    "3x3_u8_zp_res_relu": dict(in_channels=12, height=6, width=7, out_channels=20, kernel=3,
+                               padding=1, act="u8", out="u8", bias=True, relu=True,
+                               residual="u8", x_zero_point=113, out_zero_point=37,
+                               residual_zero_point=90, group_size=4),
+    "3x3_s8_zp_s2": dict(in_channels=6, height=7, width=8, out_channels=16, kernel=3, stride=2,
+                         padding=(1, 2, 0, 1), act="s8", out="s8", bias=True, x_zero_point=-7,
+                         out_zero_point=11, group_size=2),
+    "depthwise_u8_zp": dict(in_channels=16, height=7, width=7, out_channels=16, kernel=3,
+                            padding=1, groups=16, act="u8", out="u8", bias=True, relu=True,
+                            x_zero_point=128, out_zero_point=3),
+    "1x1_u8_zp_f32": dict(in_channels=20, height=3, width=5, out_channels=24, kernel=1,
+                          act="u8", out="f32", bias=True, x_zero_point=200, group_size=20),
+}
+
+
+@pytest.mark.parametrize("bits", [2, 8])
+@pytest.mark.parametrize("name", list(ZERO_POINT_CASES))
+@pytest.mark.parametrize("isa", ISAS)
+def test_conv_zero_points_bit_exact(isa, name, bits):
+    run_and_check(ConvSpec(batch=1, weight_bits=bits, **ZERO_POINT_CASES[name]), isa)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_dense_zero_points_bit_exact(isa):
+    spec = DenseSpec(batch=2, in_features=40, out_features=24, act="u8", out="u8", bias=True,
+                     group_size=8, x_zero_point=131, out_zero_point=60)
+    run_and_check(spec.as_conv(), isa)
+
+
 def test_requantize_ties_round_half_even():
     """multiplier 2^30, shift 31 halves the accumulator: every odd acc is an exact tie."""
     import numpy as np

@@ -70,3 +70,28 @@ def tiny_cnn(seed: int = 0, *, channels: int = 16, size: int = 16, classes: int 
 
 def tiny_images(n: int, *, size: int = 16, seed: int = 1) -> np.ndarray:
     return np.random.default_rng(seed).normal(size=(n, 3, size, size)).astype(np.float32)
+
+
+def ort_qdq(model, images: np.ndarray, *, per_channel: bool = True, **extra):
+    """``model`` quantized by onnxruntime.quantization.quantize_static: QDQ, u8 activations
+    (asymmetric), s8 weights, calibrated (min-max) on ``images``."""
+    import tempfile
+    from pathlib import Path
+
+    import onnx
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.items = iter([{model.graph.input[0].name: images[i : i + 1]} for i in range(len(images))])
+
+        def get_next(self):
+            return next(self.items, None)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        src, dst = Path(tmp) / "float.onnx", Path(tmp) / "qdq.onnx"
+        onnx.save(model, src)
+        quantize_static(str(src), str(dst), Reader(), quant_format=QuantFormat.QDQ,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                        per_channel=per_channel, **extra)
+        return onnx.load(str(dst))

@@ -26,13 +26,14 @@ from .errors import OptionError, UserError
 __all__ = ["compile", "load"]
 
 
-def compile(model, *, calib, config=None, target: str | None = "host", preprocess=None,
+def compile(model, *, calib=None, config=None, target: str | None = "host", preprocess=None,
             calib_limit: int | None = None, input_shapes: dict | None = None, tuning_db=None,
             progress: bool = True):
     """Quantize an ONNX CNN and compile it; returns a ``CompiledModel`` (``.run(x)``,
     ``.export(path)``, ``.coverage``).
 
-    ``model``: path of a float ONNX model or an ``onnx.ModelProto``. ``calib``: calibration
+    ``model``: path of an ONNX model or an ``onnx.ModelProto``: float, or already quantized (QDQ:
+    its own activation scales and weights are used, ``calib`` is not needed). ``calib``: calibration
     images, a stacked float array ``[N, C, H, W]``, a ``.npy`` of one, or an image folder (then
     ``preprocess`` is needed: ``"caffe"``, ``"torchvision"``, ``"unit"`` or a
     ``PreprocessConfig``; it is also recorded in the exported sidecar). ``config``: a
@@ -68,7 +69,7 @@ def compile(model, *, calib, config=None, target: str | None = "host", preproces
         raise OptionError(f"target must be 'host' or an LLVM mcpu name, got {type(target).__name__}")
     if calib_limit is not None and (not isinstance(calib_limit, int) or calib_limit < 1):
         raise OptionError(f"calib_limit must be a positive integer, got {calib_limit!r}")
-    if not isinstance(calib, (np.ndarray, str, Path)):
+    if calib is not None and not isinstance(calib, (np.ndarray, str, Path)):
         raise OptionError(f"calib must be an image array, a .npy file or an image folder, got {type(calib).__name__}")
     if isinstance(calib, (str, Path)) and not Path(calib).exists():
         raise UserError(f"{calib}: cannot read calibration array or folder (no such path)")
@@ -96,11 +97,22 @@ def compile(model, *, calib, config=None, target: str | None = "host", preproces
         model = onnx_io.load_model(model)
     # every check that needs neither TVM nor calibration first: a mistake costs no waiting
     prep = normalize_onnx(model, input_shapes=input_shapes)
-    check_config(prep.model, config)
+    if not prep.is_quantized:  # a QDQ model's formats are its own, not the policy's
+        check_config(prep.model, config)
     if ta.choose_isa(target_obj) == "plain":
         print(f"warning: target {ta.target_mcpu(target_obj)}: no AVX2 or better, every kernel runs the "
               "plain (slow, unvectorized) reference schedule", file=sys.stderr)
-    images = calibration_images(calib, preprocess=preprocess, input_shape=prep.input_shape, limit=calib_limit)
+    images = None
+    if prep.is_quantized:
+        if calib is not None:
+            print("note: the model is already quantized (QDQ): its own activation scales are used, "
+                  "the calibration images are not", file=sys.stderr)
+    elif calib is None:
+        raise OptionError("calibration images (--calib DIR|FILE.npy, calib=) are required for a float "
+                          "model: activation scales come from them (a QDQ-quantized model needs none)")
+    else:
+        images = calibration_images(calib, preprocess=preprocess, input_shape=prep.input_shape,
+                                    limit=calib_limit)
     return compile_model(model, config=config, calib_images=images, target=target_obj, input_shapes=input_shapes,
                          kernels=kernels, progress=progress, preprocess=preprocess)
 

@@ -14,7 +14,7 @@ Example::
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +25,7 @@ from . import tvm_adapter as ta
 from .passes.import_onnx import ImportedModel, import_onnx
 from .passes.onnx_normalize import normalize_onnx
 from .passes.quantize_graph import RewriteReport, apply_plan
-from .plan import QuantConfig, QuantPlan, make_plan
+from .plan import QuantConfig, QuantPlan, make_plan, plan_from_model
 
 
 @dataclass(frozen=True, eq=False)
@@ -57,6 +57,10 @@ class CompiledModel:
             kernel = self.rewrite.layer_kernels.get(row["layer"])
             row["schedule"] = self.rewrite.schedules.get(kernel) if kernel else None
             row["kernel"] = kernel  # the library function running the layer (bench --profile)
+            # which kernel, for a reader: its function, weight format, group size and ISA
+            spec = self.rewrite.specs.get(kernel) if kernel else None
+            row["kernel_format"] = None if spec is None else (
+                f"{kernel} ({row['weights']}, N={spec.group_size}, {self.rewrite.kernels[kernel]})")
         return coverage
 
     def sidecar(self, *, library_sha256: str, preprocess=None) -> dict:
@@ -75,6 +79,7 @@ class CompiledModel:
             "output": {"name": im.output_name, "shape": list(im.output_shape), "dtype": im.output_dtype},
             "preprocess": None if preprocess is None else preprocess.to_dict(),
             "quant_config": asdict(self.plan.config),
+            "quantization": self.plan.source,  # "calibrated" | "model" (imported QDQ)
             "tvm_version": ta.tvm_version(),
             "tvm_ternary_version": __version__,
             "target": {"mcpu": ta.target_mcpu(self.target), "isa": self.isa},
@@ -175,10 +180,15 @@ def float_ops(plan: QuantPlan, rewrite: RewriteReport) -> dict[str, int]:
     return {op: n for op, n in sorted(counts.items()) if n > 0}
 
 
-def compile_model(model, *, config: QuantConfig, calib_images: np.ndarray, target=None,
-                  input_shapes=None, plan: QuantPlan | None = None, isa: str | None = None,
-                  progress: bool = True, kernels=None, preprocess=None) -> CompiledModel:
+def compile_model(model, *, config: QuantConfig, calib_images: np.ndarray | None = None,
+                  target=None, input_shapes=None, plan: QuantPlan | None = None,
+                  isa: str | None = None, progress: bool = True, kernels=None,
+                  preprocess=None) -> CompiledModel:
     """Quantize and compile an ONNX CNN (path or ModelProto) for ``target`` (default: host).
+
+    A model that is already quantized (QDQ: activation QuantizeLinear/DequantizeLinear pairs)
+    is compiled as it is (:func:`plan.plan_from_model`): its scales, zero points and weights,
+    no calibration; ``calib_images`` is then not used. A float model needs ``calib_images``.
 
     ``kernels``: a kernel provider for :func:`passes.quantize_graph.apply_plan` (e.g.
     ``tuning.apply.TunedKernels`` for tuned schedules); default schedules when None.
@@ -188,13 +198,23 @@ def compile_model(model, *, config: QuantConfig, calib_images: np.ndarray, targe
     start = time.perf_counter()
     if not isinstance(model, onnx.ModelProto):
         model = onnx_io.load_model(model)
-    prep = normalize_onnx(model, input_shapes=input_shapes)
-    imported = import_onnx(model, input_shapes=input_shapes)
-    seconds["import"] = time.perf_counter() - start
+    prep = normalize_onnx(model, input_shapes=input_shapes)  # the one normalisation
+    seconds["normalize"] = time.perf_counter() - start
     if plan is None:
         t0 = time.perf_counter()
-        plan = make_plan(prep.model, np.asarray(calib_images, np.float32), config=config, progress=progress)
+        if prep.is_quantized:
+            plan = plan_from_model(prep, config=config)
+        else:
+            if calib_images is None:
+                raise ValueError("a float model needs calib_images (activation scales come from them)")
+            plan = make_plan(prep.model, np.asarray(calib_images, np.float32), config=config,
+                             progress=progress)
         seconds["plan"] = time.perf_counter() - t0
+    # The Relax module is imported from the graph the plan was made on (for an imported QDQ
+    # model: with the model's roundings on float paths, plan.imported.with_float_roundings).
+    t0 = time.perf_counter()
+    imported = import_onnx(None, prepared=replace(prep, model=plan.model))
+    seconds["import"] = time.perf_counter() - t0
     target = ta.as_target(target)
     isa = isa or ta.choose_isa(target)
     t0 = time.perf_counter()

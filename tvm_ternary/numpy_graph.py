@@ -206,6 +206,27 @@ OPS: dict[str, Callable] = {
 }
 
 
+def _quantize_linear(node, x, scale, zero_point=None):
+    """Per-tensor QuantizeLinear with the project's rounding (quant.quantize_activation): the
+    imported plan keeps a quantized model's roundings on float paths this way."""
+    zp = np.zeros((), np.uint8) if zero_point is None else np.asarray(zero_point)
+    info = np.iinfo(zp.dtype)
+    q = np.rint(np.asarray(x, np.float64) / np.float64(np.asarray(scale).reshape(()))) + int(zp.reshape(()))
+    return np.clip(q, info.min, info.max).astype(zp.dtype)
+
+
+def _dequantize_linear_op(node, q, scale, zero_point=None):
+    from .onnx_io import _dequantize_linear
+
+    attrs = _attrs(node)
+    return _dequantize_linear(np.asarray(q), np.asarray(scale), None if zero_point is None else np.asarray(zero_point),
+                              axis=int(attrs.get("axis", 1)), block_size=int(attrs.get("block_size", 0)))
+
+
+OPS["QuantizeLinear"] = _quantize_linear
+OPS["DequantizeLinear"] = _dequantize_linear_op
+
+
 class NumpyGraph:
     """A float32 ONNX graph, ready to run in numpy (see the module docstring)."""
 

@@ -20,7 +20,9 @@ from ._options import (
 
 DESCRIPTION = """\
 Quantize a float ONNX CNN (ternary weights by default, 8-bit activations) and compile it for an
-x86 CPU. Every eligible conv/dense runs as a tvm_ternary kernel with its epilogue fused;
+x86 CPU. A model that is already quantized (QDQ ONNX from onnxruntime.quantization, NNCF,
+brevitas, ...) is compiled as it is: its activation scales and zero points, its weights (ternary
+per group where they are, else 4/8-bit), no --calib. Every eligible conv/dense runs as a tvm_ternary kernel with its epilogue fused;
 activations stay integer between quantized layers. Writes OUT.so (weights embedded) and
 OUT.so.json (inputs, outputs, preprocessing, quantization config, target, required CPU
 features, per-layer coverage). Prints the coverage report, compile time and peak memory."""
@@ -38,26 +40,30 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="CPU to compile for: host (detected) or an LLVM mcpu such as znver4, "
                              "icelake-server, skylake-avx512, haswell")
     parser.add_argument("--calib", type=Path, metavar="DIR|FILE.npy",
-                        help="calibration images: a folder (with --preprocess) or a stacked .npy (required)")
+                        help="calibration images: a folder (with --preprocess) or a stacked .npy "
+                             "(required for a float model; a QDQ model carries its own scales)")
     parser.add_argument("--calib-limit", type=positive_int, default=64, metavar="N",
                         help="use the first N calibration images (default 64)")
     parser.add_argument("--input-shape", action="append", default=[], metavar="NAME:1,3,224,224",
                         help="static input shape (needed when the model's batch is dynamic)")
     parser.add_argument("--tuning-db", type=Path, metavar="DIR", help="apply tuned schedules from this database")
     parser.add_argument("--quiet", action="store_true", help="no progress bars on stderr")
+    parser.add_argument("--emit-onnx", type=Path, metavar="PATH.onnx",
+                        help="also write the quantized model as standard QDQ ONNX (int8 weights "
+                             "q_g*t per channel, our activation scales); ONNX Runtime runs it and "
+                             "compile re-imports it to the same library")
     add_quant_arguments(parser)
     add_preprocess_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..errors import OptionError
 
     start = time.perf_counter()
     config = quant_config(args)
     preprocess = preprocess_config(args)
-    if args.calib is None:
-        raise OptionError("--calib DIR|FILE.npy is required: activation scales come from calibration images")
     check_output(args.output, inputs=(args.model, args.calib), what="library", library=True)
+    if args.emit_onnx is not None:
+        check_output(args.emit_onnx, inputs=(args.model, args.calib, args.output), what="QDQ ONNX model")
     import tvm_ternary
 
     compiled = tvm_ternary.compile(args.model, calib=args.calib, config=config, target=args.target,
@@ -66,6 +72,11 @@ def run(args: argparse.Namespace) -> int:
                                    tuning_db=args.tuning_db, progress=not args.quiet)
     meta = compiled.export(args.output)
     print(format_coverage(meta))
+    if args.emit_onnx is not None:
+        from ..export_onnx import emit_qdq_onnx
+
+        emit_qdq_onnx(compiled.plan, args.emit_onnx)
+        print(f"wrote {args.emit_onnx}: the quantized model as QDQ ONNX")
     if args.tuning_db is not None:
         print(format_schedules(compiled.rewrite.schedules, args.tuning_db))
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -92,8 +103,9 @@ def format_schedules(schedules: dict, path) -> str:
 
 def format_coverage(meta: dict) -> str:
     rows = meta["coverage"]
-    head = ("layer", "op", "weights", "reason", "fused", "status", "w-err", "out-err")
+    head = ("layer", "op", "weights", "reason", "fused", "status", "kernel", "w-err", "out-err")
     table = [head] + [(r["layer"], r["op"], r["weights"], r["reason"], r["fused"], r["status"],
+                       r.get("kernel_format") or "-",
                        "-" if r["weight_error"] is None else f"{r['weight_error']:.3f}",
                        "-" if r["output_error"] is None else f"{r['output_error']:.3f}") for r in rows]
     widths = [max(len(str(row[i])) for row in table) for i in range(len(head))]
@@ -107,6 +119,9 @@ def format_coverage(meta: dict) -> str:
     total = sum(macs.values()) or 1
     summary = ", ".join(f"{counts[k]} {k} ({100 * macs[k] / total:.1f}% of MACs)" for k in sorted(counts))
     already = sum(1 for r in rows if r["already_ternary"])
+    if meta.get("quantization") == "model":
+        lines.append("quantization: read from the model (QDQ scales, zero points and weights); "
+                     "no calibration")
     lines.append(f"coverage: {len(rows)} conv/dense layers: {summary}"
                  + (f"; {already} already ternary, kept exactly" if already else ""))
     lines.append(f"integer ops between layers: {len(meta['integer_ops'])} ({', '.join(sorted(set(meta['integer_ops']))) or 'none'})")

@@ -177,13 +177,26 @@ def run(args: argparse.Namespace) -> int:
     prep = normalize_onnx(onnx_model, input_shapes=shapes)
     pre = _preprocess(args, sidecar)
     warnings = []
-    if is_library:
+    # An already-quantized (QDQ) model is its own reference: ORT runs it as written (its
+    # float graph without the Q/DQ pairs is not a float model: ORT's quantizer drops ReLUs
+    # that the u8 range implies), and the plan is the one it carries (no calibration).
+    imported = prep.is_quantized
+    if imported and not is_library:
+        given = [k for k in QUANT_FLAGS if getattr(args, k) is not None] + args.layer_bits
+        if given or args.max_drop is not None or args.calib is not None:
+            raise UserError(f"{args.model} is already quantized (QDQ): its own scales and weights are "
+                            "used; quantization and calibration flags apply to a float model only")
+    if is_library or imported:
         from tvm_ternary.preprocess import load_image_folder
 
-        calib_paths, how = [], "none (compiled library)"
+        calib_paths, how = [], "none (compiled library)" if is_library else "none (QDQ model: its own scales)"
         eval_paths, labels = load_image_folder(args.images, limit=args.limit)
-        config_json = sidecar.get("quant_config", {})
-        config_text = f"as compiled: {json.dumps(config_json)}"
+        if is_library:
+            config_json = sidecar.get("quant_config", {})
+            config_text = f"as compiled: {json.dumps(config_json)}"
+        else:
+            config_json = {"quantization": "model (QDQ)"}
+            config_text = "read from the model (QDQ scales, zero points and weights)"
     else:
         config = quant_config(args)
         check_config(prep.model, config)  # before any image is read (e.g. N > a layer's channels)
@@ -197,8 +210,10 @@ def run(args: argparse.Namespace) -> int:
         warnings.append(w)
     x = preprocess_images(eval_paths, config=pre, input_shape=prep.input_shape, dtype="float32")
 
-    float_fn = ev.onnxruntime_runner(prep.model)
-    float_scores, float_ips = ev.run_batched(float_fn, x, batch=BATCH, label="float (ORT fp32)", progress=progress)
+    float_fn = ev.onnxruntime_runner(onnx_model if imported else prep.model)
+    float_scores, float_ips = ev.run_batched(
+        float_fn, x, batch=BATCH, label="ORT on the QDQ model" if imported else "float (ORT fp32)",
+        progress=progress)
     num_classes = float_scores.shape[1]
     offset = args.label_offset if args.label_offset is not None else ev.default_label_offset(num_classes)
     if args.label_offset is None and offset:
@@ -212,6 +227,23 @@ def run(args: argparse.Namespace) -> int:
         quant_fn = lambda b: loaded.run(b.astype(loaded.input_dtype))  # noqa: E731
         backend = "tvm (compiled library)"
         summary = sidecar.get("coverage")
+    elif imported:
+        from tvm_ternary.plan import plan_from_model, simulate
+        from tvm_ternary.plan import QuantConfig
+
+        start = time.perf_counter()
+        plan = plan_from_model(prep)
+        plan_seconds = time.perf_counter() - start
+        summary = plan_summary(plan)
+        if args.backend == "simulate":
+            quant_fn = lambda b: simulate(plan, b)  # noqa: E731
+            backend = "simulate (numpy reference of the compiled integer layers)"
+        else:
+            from tvm_ternary.compiler import compile_model
+
+            compiled = compile_model(onnx_model, config=QuantConfig(), target=args.target,
+                                     input_shapes=shapes, plan=plan, progress=progress)
+            quant_fn, backend = compiled.run, "tvm (compiled library)"
     else:
         x_calib = preprocess_images(calib_paths, config=pre, input_shape=prep.input_shape, dtype="float32")
         from tvm_ternary.plan import calibration_stats, make_plan, simulate
@@ -258,6 +290,7 @@ def run(args: argparse.Namespace) -> int:
         "label_offset": offset, "kl_divergence": metrics["kl_divergence"],
         "images_per_second": {"float": float_ips, "quantized": quant_ips},
         "preprocess": pre.to_dict(), "warnings": warnings,
+        "reference": "ORT (QDQ model)" if imported else "float (ORT fp32)",
     }
     if summary is not None and not is_library:
         result["plan"] = {k: v for k, v in summary.items() if k != "layer_formats"}
@@ -291,7 +324,7 @@ def _format(r: dict, *, backend: str, config_text: str) -> str:
                      f"removed; weights {p['weight_bytes'] / 1e6:.2f} MB (fp32 {p['float_weight_bytes'] / 1e6:.2f} MB)")
     ips = r["images_per_second"]
     lines += ["", f"{'':<18}{'top-1':>8}{'top-5':>8}{'images/s':>10}",
-              f"{'float (ORT fp32)':<18}{pct(r['float'], 'top1'):>8}{pct(r['float'], 'top5'):>8}{ips['float']:>10.1f}",
+              f"{r.get('reference', 'float (ORT fp32)'):<18}{pct(r['float'], 'top1'):>8}{pct(r['float'], 'top5'):>8}{ips['float']:>10.1f}",
               f"{'quantized':<18}{pct(r['quantized'], 'top1'):>8}{pct(r['quantized'], 'top5'):>8}{ips['quantized']:>10.1f}"]
     if r["float"] is not None:
         drop = 100 * (r["float"]["top1"] - r["quantized"]["top1"])

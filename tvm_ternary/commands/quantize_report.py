@@ -4,10 +4,10 @@ Per conv/dense layer: shape, group count, share of zero codes, relative weight e
 ``||W - W_hat|| / ||W||`` for both thresholds (``exact`` and ``twn``), the extra error of integer
 group scales, and the share of multiplications removed; then MAC-weighted network totals.
 
-Layer policy (shared with what the compiler is meant to do): layers that read the model input
-directly (3 colour channels, and the papers keep them precise) and depthwise convs (one input
-channel per group: nothing to share a scale with) stay 8-bit per output channel; every other
-conv/dense gets the chosen weight format.
+Layer policy: the compiler's own (:func:`tvm_ternary.plan.config.decide`): the first layer
+(reads the model input: 3 colour channels, and the papers keep it precise), the last layer (the
+classifier) and depthwise convs (one input channel per group: nothing to share a scale with)
+stay 8-bit per output channel; every other conv/dense gets the chosen weight format.
 
 Example::
 
@@ -43,8 +43,8 @@ Per conv/dense layer: weight shape, group count, share of zero codes, relative w
 ||W - W_hat|| / ||W|| for both ternary thresholds (exact and twn), the extra error of integer
 group scales, and the share of multiplications removed; then MAC-weighted network totals.
 
-Layers that read the model input directly and depthwise convs stay 8-bit per output channel;
-every other conv/dense layer gets the chosen weight format."""
+The first layer, the last layer and depthwise convs stay 8-bit per output channel (the policy
+compile uses); every other conv/dense layer gets the chosen weight format."""
 
 THRESHOLDS = ("exact", "twn")
 GROUPINGS = ("fgq", "cluster")
@@ -152,13 +152,16 @@ class Report:
         }
 
 
-def kept_reason(layer: LayerWeight) -> str | None:
-    """Why the policy keeps ``layer`` at 8-bit, or None when it gets the chosen format."""
-    if layer.reads_model_input:
-        return "first layer"
-    if layer.is_depthwise:
-        return "depthwise"
-    return None
+def kept_reason(layer: LayerWeight, *, is_last: bool = False) -> str | None:
+    """Why the compiler's policy keeps ``layer`` at 8-bit, or None when it gets the chosen
+    format (one policy: :func:`tvm_ternary.plan.config.decide` with its defaults)."""
+    from tvm_ternary.plan.config import QuantConfig, decide
+
+    decision = decide(name=layer.name, op_type=layer.op_type, depthwise=layer.is_depthwise,
+                      is_first=layer.reads_model_input, is_last=is_last,
+                      in_channels=layer.in_channels_per_group,
+                      config=QuantConfig(weight_bits=2, clamp_group_size=True))
+    return None if decision.reason == "configured" else decision.reason
 
 
 def build_report(layers: list[LayerWeight], *, config: ReportConfig, model: str = "") -> Report:
@@ -172,12 +175,12 @@ def build_report(layers: list[LayerWeight], *, config: ReportConfig, model: str 
             f"{model or 'model'}: no conv or dense layer with constant weights")
     start = time.perf_counter()
     reports = []
-    for layer in layers:
+    for i, layer in enumerate(layers):
         try:
-            reports.append(_layer_report(layer, config=config))
+            reports.append(_layer_report(layer, config=config, is_last=i == len(layers) - 1))
         except ValueError as error:  # the quantizer validates N against the layer itself
-            largest_allowed = min(other.in_channels_per_group for other in layers
-                                  if kept_reason(other) is None)
+            largest_allowed = min(other.in_channels_per_group for j, other in enumerate(layers)
+                                  if kept_reason(other, is_last=j == len(layers) - 1) is None)
             raise OptionError(
                 f"layer {layer.name} ({layer.op_type} weight {list(layer.weight.shape)}): {error}"
                 f"; this model allows --group-size 1 to {largest_allowed}"
@@ -186,9 +189,9 @@ def build_report(layers: list[LayerWeight], *, config: ReportConfig, model: str 
                   seconds=time.perf_counter() - start)
 
 
-def _layer_report(layer: LayerWeight, *, config: ReportConfig) -> LayerReport:
+def _layer_report(layer: LayerWeight, *, config: ReportConfig, is_last: bool = False) -> LayerReport:
     weight = layer.weight
-    reason = kept_reason(layer)
+    reason = kept_reason(layer, is_last=is_last)
     bits = KEPT_BITS if reason else config.weight_bits
     errors = {}
     if bits == 2:
@@ -262,7 +265,7 @@ def format_report(report: Report) -> str:
         f"{report.model}: {totals['layers']} conv/dense layers{macs}",
         f"{fmt_name} weights{threshold}, grouping {config.grouping}, "
         f"group size N={config.group_size}, {config.code_bits}-bit integer group scales; "
-        f"first and depthwise layers stay {KEPT_BITS}-bit",
+        f"first, last and depthwise layers stay {KEPT_BITS}-bit (compile's policy)",
         "",
         line(header),
         line(["-" * w for w in widths]),

@@ -60,7 +60,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     rpc.add_argument("--rpc-timeout", type=positive_int, default=60, metavar="S",
                      help="seconds to wait for a device session / one measurement (default 60)")
     parser.add_argument("--calib", type=Path, metavar="DIR|FILE.npy",
-                        help="calibration images: a folder (with --preprocess) or a stacked .npy (required)")
+                        help="calibration images: a folder (with --preprocess) or a stacked .npy "
+                             "(required for a float model)")
     parser.add_argument("--calib-limit", type=positive_int, default=64, metavar="N",
                         help="use the first N calibration images (default 64)")
     parser.add_argument("--input-shape", action="append", default=[], metavar="NAME:1,3,224,224",
@@ -131,14 +132,18 @@ def _run(args: argparse.Namespace) -> int:
     _check_extra()
     config = quant_config(args)
     preprocess = preprocess_config(args)
-    if args.calib is None:
-        raise OptionError("--calib DIR|FILE.npy is required: kernel specs depend on calibrated activation formats")
     if args.time_budget is not None and args.time_budget <= 0:
         raise OptionError(f"--time-budget wants a positive number of minutes, got {args.time_budget}")
     rpc = _device(args)
     target = _target(args.target)
     model = onnx_io.load_model(args.model)
     shapes = parse_input_shapes(args.input_shape)
+    from ..passes.onnx_normalize import normalize_onnx
+
+    prep = normalize_onnx(model, input_shapes=shapes)
+    if not prep.is_quantized and args.calib is None:  # a QDQ model carries its activation formats
+        raise OptionError("--calib DIR|FILE.npy is required for a float model: kernel specs depend "
+                          "on calibrated activation formats (a QDQ-quantized model needs none)")
 
     from ..tuning import (
         TuneOptions,
@@ -148,18 +153,18 @@ def _run(args: argparse.Namespace) -> int:
         tune_tasks,
     )
 
-    from ..passes.onnx_normalize import normalize_onnx
-
     # cheap checks first: the model and options, the device and the database, before calibration
-    prep = normalize_onnx(model, input_shapes=shapes)
-    check_config(prep.model, config)
+    if not prep.is_quantized:  # a QDQ model's formats are its own, not the policy's
+        check_config(prep.model, config)
     check_device(target=target, rpc=rpc, host_features=cpu_features.host_features())
     tdb = open_database(args.db, target=target, create=True)
     try:
         for note in tdb.notes:
             print(f"note: {note}", flush=True)
-        images = load_images(args.calib, preprocess=preprocess, input_shape=prep.input_shape,
-                             limit=args.calib_limit, what="calibration")
+        images = None
+        if not prep.is_quantized:
+            images = load_images(args.calib, preprocess=preprocess, input_shape=prep.input_shape,
+                                 limit=args.calib_limit, what="calibration")
         tasks, untuned = model_tasks(model, config=config, calib_images=images, target=target, input_shapes=shapes,
                                      progress=not args.quiet)
         if args.layers:

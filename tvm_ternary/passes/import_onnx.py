@@ -2,8 +2,8 @@
 
 Steps: normalise the ONNX graph in numpy (static input shape, fp16 -> fp32, int8
 ``DequantizeLinear`` weights folded; :mod:`.onnx_normalize`), import with TVM's frontend, then
-``FoldConstant`` -> :class:`RemoveDropout` -> :class:`FoldBatchNormIntoConv` ->
-``DecomposeOpsForInference`` (batch norms not after a conv) -> canonicalise and remove dead code.
+``FoldConstant`` -> :class:`RemoveDropout` -> ``DecomposeOpsForInference`` (batch norms the
+ONNX fold left) -> canonicalise and remove dead code.
 ONNX ``Identity`` needs nothing: the frontend maps it to its input.
 
 Every conv2d/matmul with a constant weight is a *layer*; :attr:`ImportedModel.layers` names them
@@ -32,8 +32,8 @@ from tvm import relax
 from tvm_ternary import onnx_io
 from tvm_ternary import tvm_adapter as ta
 from tvm_ternary.errors import UserError
-from tvm_ternary.passes.cleanup import FoldBatchNormIntoConv, RemoveDropout
-from tvm_ternary.passes.onnx_normalize import normalize_onnx, weight_source_dtype
+from tvm_ternary.passes.cleanup import RemoveDropout
+from tvm_ternary.passes.onnx_normalize import NormalizedOnnx, normalize_onnx, weight_source_dtype
 
 __all__ = ["LayerInfo", "ImportedModel", "import_onnx", "cleanup_pipeline"]
 
@@ -80,8 +80,9 @@ def cleanup_pipeline() -> tvm.ir.transform.Pass:
     return tvm.ir.transform.Sequential([
         relax.transform.FoldConstant(),  # reshape(bias), permute_dims(W) of Gemm, ...
         RemoveDropout(),
-        FoldBatchNormIntoConv(),
-        relax.transform.DecomposeOpsForInference(),  # remaining batch norms -> scale/shift
+        # BatchNorm after a conv was folded once, on the ONNX graph (onnx_normalize); the rest
+        # become scale/shift, as the plan's numpy graph runs them
+        relax.transform.DecomposeOpsForInference(),
         relax.transform.FoldConstant(),
         relax.transform.CanonicalizeBindings(),
         relax.transform.DeadCodeElimination(),
@@ -92,21 +93,27 @@ def import_onnx(
     model: str | Path | onnx.ModelProto,
     *,
     input_shapes: Mapping[str, Sequence[int]] | None = None,
+    prepared: NormalizedOnnx | None = None,
 ) -> ImportedModel:
     """Import an ONNX CNN as a cleaned-up float32 Relax module.
 
     ``model`` is a path (loaded and checked by :func:`onnx_io.load_model`) or a ModelProto.
     ``input_shapes`` maps the input name to a static shape (the CLI's ``--input-shape``); it is
     required when the model's input has a dynamic dimension. Bad models raise
-    :class:`UserError` subclasses.
+    :class:`UserError` subclasses. ``prepared``: the model already normalised (the compile
+    flow passes the graph its plan was made on, so that normalisation runs once and the Relax
+    module is built from that very graph); ``model`` and ``input_shapes`` are then unused.
 
     Example::
 
         >>> imported = import_onnx("model.onnx", input_shapes={"input": (1, 3, 224, 224)})  # doctest: +SKIP
     """
-    if not isinstance(model, onnx.ModelProto):
-        model = onnx_io.load_model(model)
-    prep = normalize_onnx(model, input_shapes=input_shapes)
+    if prepared is not None:
+        prep = prepared
+    else:
+        if not isinstance(model, onnx.ModelProto):
+            model = onnx_io.load_model(model)
+        prep = normalize_onnx(model, input_shapes=input_shapes)
     notes = list(prep.notes)
     try:
         mod = ta.relax_from_onnx(prep.model, shape_dict={prep.input_name: list(prep.input_shape)},
@@ -120,8 +127,7 @@ def import_onnx(
     if n_dropout:
         notes.append(f"{n_dropout} Dropout removed")
     if n_bn:
-        notes.append(f"{n_bn} BatchNormalization folded (into the conv before it, "
-                     "else into a scale/shift)")
+        notes.append(f"{n_bn} BatchNormalization (not after a conv) decomposed into a scale/shift")
     layers, layer_note = _name_layers(mod, prep)
     if layer_note:
         notes.append(layer_note)

@@ -31,7 +31,9 @@ def layer_spec(layer: LayerPlan, *, x_shape: tuple[int, ...]) -> ConvSpec | Dens
     """The kernel spec of ``layer`` for an input of NCHW (or [N, C]) ``x_shape``."""
     iw = layer.weights
     common = dict(weight_bits=iw.bits, group_size=iw.group_size, act=act_kind(layer.input_quant),
-                  out=act_kind(layer.output_quant), bias=True, relu=layer.fused.relu)
+                  out=act_kind(layer.output_quant), bias=True, relu=layer.fused.relu,
+                  x_zero_point=layer.input_quant.zero_point,
+                  out_zero_point=0 if layer.output_quant is None else layer.output_quant.zero_point)
     if layer.is_dense:
         return DenseSpec(batch=x_shape[0], in_features=int(np.prod(x_shape[1:])),
                          out_features=iw.values.shape[0], **common)
@@ -40,7 +42,9 @@ def layer_spec(layer: LayerPlan, *, x_shape: tuple[int, ...]) -> ConvSpec | Dens
     return ConvSpec(batch=x_shape[0], in_channels=x_shape[1], height=x_shape[2], width=x_shape[3],
                     out_channels=k, kernel=(r, s), stride=g["stride"], padding=g["padding"],
                     dilation=g["dilation"], groups=g["groups"],
-                    residual=act_kind(layer.residual_quant) if layer.residual_quant else None, **common)
+                    residual=act_kind(layer.residual_quant) if layer.residual_quant else None,
+                    residual_zero_point=layer.residual_quant.zero_point if layer.residual_quant else 0,
+                    **common)
 
 
 def layer_kernel_args(layer: LayerPlan, spec: ConvSpec | DenseSpec, *, isa: str) -> dict[str, np.ndarray]:

@@ -30,6 +30,7 @@ from onnx import TensorProto, numpy_helper
 # One DequantizeLinear implementation for the project: onnx_io's (per tensor, per axis, blocked).
 from tvm_ternary.onnx_io import _dequantize_linear
 from tvm_ternary.errors import UserError
+from tvm_ternary.passes.onnx_qdq import fold_constant_chains, strip_activation_qdq
 
 __all__ = ["NormalizedOnnx", "normalize_onnx", "parse_input_shape"]
 
@@ -52,6 +53,15 @@ class NormalizedOnnx:
     # tensor name -> original storage dtype, for every constant that was not float32
     source_dtypes: Mapping[str, str] = field(default_factory=dict)
     notes: tuple[str, ...] = ()
+    # QDQ models (onnx_qdq): the format of every tensor a Q/DQ pair quantized, and the
+    # DequantizeLinear scale of every folded weight
+    activation_quants: Mapping[str, object] = field(default_factory=dict)
+    weight_scales: Mapping[str, object] = field(default_factory=dict)
+
+    @property
+    def is_quantized(self) -> bool:
+        """The model carries its own activation quantization (QDQ): no calibration needed."""
+        return bool(self.activation_quants)
 
 
 def parse_input_shape(text: str) -> tuple[str, tuple[int, ...]]:
@@ -109,9 +119,16 @@ def normalize_onnx(
         if out_dims and all(d.HasField("dim_value") for d in out_dims) else None
     )
 
-    folded = _fold_weight_dequantize(graph, source_dtypes)
-    if folded:
-        notes.append(f"{folded} DequantizeLinear weights folded to float32 constants")
+    weight_scales: dict = {}
+    n_before = sum(node.op_type == "DequantizeLinear" for node in graph.node)
+    if fold_constant_chains(graph, opset, weight_scales, source_dtypes):
+        folded = n_before - sum(node.op_type == "DequantizeLinear" for node in graph.node)
+        if folded:
+            notes.append(f"{folded} DequantizeLinear weights folded to float32 constants")
+    qdq = strip_activation_qdq(graph)
+    if qdq.pairs:
+        notes.append(f"{qdq.pairs} activation QuantizeLinear/DequantizeLinear pairs read "
+                     f"({len(qdq.activations)} quantized tensors)")
     fp16 = _convert_fp16(graph, source_dtypes)
     if fp16:
         notes.append("float16 model converted to float32 compute (input dtype kept: float16)")
@@ -123,6 +140,7 @@ def normalize_onnx(
         input_dtype=input_dtype, output_name=output.name, output_shape=output_shape,
         output_dtype=output_dtype, opset=opset, fp16_converted=fp16,
         source_dtypes=source_dtypes, notes=tuple(notes),
+        activation_quants=qdq.activations, weight_scales=weight_scales,
     )
 
 
@@ -206,33 +224,6 @@ def _static_input_shape(
     for d in shape:
         value.type.tensor_type.shape.dim.add().dim_value = d
     return shape
-
-
-def _fold_weight_dequantize(graph: onnx.GraphProto, source_dtypes: dict[str, str]) -> int:
-    """Replace DequantizeLinear nodes whose inputs are all initializers by float32 initializers."""
-    inits = {t.name: t for t in graph.initializer}
-    keep, folded = [], 0
-    for node in graph.node:
-        args = [n for n in node.input if n]
-        if node.op_type != "DequantizeLinear" or not all(n in inits for n in args):
-            keep.append(node)
-            continue
-        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
-        quantized = numpy_helper.to_array(inits[args[0]])
-        scale = numpy_helper.to_array(inits[args[1]])
-        zero_point = numpy_helper.to_array(inits[args[2]]) if len(args) > 2 else None
-        values = _dequantize_linear(quantized, scale, zero_point,
-                                    axis=int(attrs.get("axis", 1)),
-                                    block_size=int(attrs.get("block_size", 0)))
-        graph.initializer.append(numpy_helper.from_array(
-            values.astype(np.float32), node.output[0]))
-        source_dtypes[node.output[0]] = quantized.dtype.name
-        folded += 1
-    if folded:
-        del graph.node[:]
-        graph.node.extend(keep)
-        _drop_unused_initializers(graph)
-    return folded
 
 
 def _drop_unused_initializers(graph: onnx.GraphProto) -> None:

@@ -129,7 +129,8 @@ class _Rewriter(PyExprMutator):
         shape = ta.static_shape(value)
         out_shape = (shape[0], shape[2], shape[3], shape[1]) if nhwc else shape
         gv = self._func(("q", shape, quant), lambda: quantize_func(
-            shape=shape, scale=quant.scale, bits=quant.bits, signed=quant.signed), "tt_quantize")
+            shape=shape, scale=quant.scale, bits=quant.bits, signed=quant.signed,
+            zero_point=quant.zero_point), "tt_quantize")
         return self._call(gv, [value], out_shape, quant.dtype.name)
 
     def _expose(self, old_var, int_var, quant: ActivationQuant):
@@ -137,8 +138,8 @@ class _Rewriter(PyExprMutator):
         self.shadows[old_var] = _Shadow(int_var, quant)
         shape = ta.static_shape(int_var)
         dtype = ta.tensor_dtype(int_var)
-        gv = self._func(("dq", shape, dtype, quant.scale), lambda: dequantize_func(
-            shape=shape, dtype=dtype, scale=quant.scale), "tt_dequantize")
+        gv = self._func(("dq", shape, dtype, quant.scale, quant.zero_point), lambda: dequantize_func(
+            shape=shape, dtype=dtype, scale=quant.scale, zero_point=quant.zero_point), "tt_dequantize")
         out_shape = (shape[0], shape[3], shape[1], shape[2]) if len(shape) == 4 else shape
         self.set_var_remap(old_var, self._call(gv, [int_var], out_shape, "float32"))
 

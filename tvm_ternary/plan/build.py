@@ -56,6 +56,9 @@ class QuantPlan:
     # make_plan(alternatives=...): the same layer fitted at other weight bits on the same
     # inputs, {layer: {bits: LayerPlan}}; the sensitivity policy swaps them in.
     alternatives: dict[str, dict[int, LayerPlan]] = field(default_factory=dict)
+    # "calibrated": decided by the policy and fitted here; "model": read from a quantized
+    # (QDQ) model by plan.imported.plan_from_model
+    source: str = "calibrated"
 
     def coverage(self) -> list[dict]:
         rows = []

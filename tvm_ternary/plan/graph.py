@@ -61,7 +61,12 @@ def node_key(node: onnx.NodeProto) -> str:
     return node.name or node.output[0]
 
 
-def analyse(model: onnx.ModelProto) -> GraphAnalysis:
+def analyse(model: onnx.ModelProto, *, materialized: frozenset[str] = frozenset()) -> GraphAnalysis:
+    """Fused layers and shared-scale groups of ``model``.
+
+    ``materialized``: tensors that must exist with their own format (a quantized model rounds
+    them: its Q/DQ pairs); a chain does not grow past one, so the rounding is kept.
+    """
     graph = model.graph
     consumers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
     for n in graph.node:
@@ -82,14 +87,14 @@ def analyse(model: onnx.ModelProto) -> GraphAnalysis:
     for weight in find_weighted_layers(model):
         node = next(n for n in graph.node if node_key(n) == weight.name)
         out, root, skipped, relu, residual = node.output[0], node, [], False, None
-        add = only_consumer(out, "Add")
+        add = None if out in materialized else only_consumer(out, "Add")
         if add is not None and node_key(add) not in claimed:
             other = add.input[1] if add.input[0] == out else add.input[0]
             if other not in constants and other != out:
                 skipped.append(node_key(root))
                 out, root, residual = add.output[0], add, other
                 claimed.add(node_key(add))
-        act = only_consumer(out, "Relu")
+        act = None if out in materialized else only_consumer(out, "Relu")
         if act is not None:
             skipped.append(node_key(root))
             out, root, relu = act.output[0], act, True

@@ -3,8 +3,8 @@
 ``LayerPlan.run`` is the reference the compiled kernel must match bit for bit::
 
     x_int = quantize(x)                                  (round half to even, saturate)
-    acc   = conv2d_int(x_int, q_g * v) + bias_int        (int32)
-    y_int = clip(rhe(acc * M + res_int * R, shift))      (requantize; ReLU raises the floor)
+    acc   = conv2d_int(x_int - z_x, q_g * v) + bias_int  (int32; z_x = 0 unless imported)
+    y_int = clip(rhe(acc * M + (res_int - z_r) * R, shift) + z_y)   (requantize; ReLU: floor z_y)
        or y = acc * (s_x * s_k)  [ReLU]                  (dequantize: the float exit)
 """
 
@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..quant import ActivationQuant, IntegerWeights, quantize_activation
+from ..quant import ActivationQuant, IntegerWeights, dequantize_activation, quantize_activation
 from ..quant import reference as ref
 from .config import LayerDecision
 from .graph import FusedLayer
@@ -49,6 +49,8 @@ class LayerPlan:
 
     def accumulate(self, x_int: np.ndarray) -> np.ndarray:
         w = self.weights.decode_int8()
+        if self.input_quant.zero_point:  # the padded border is the real zero: z_x
+            x_int = x_int.astype(np.int32) - np.int32(self.input_quant.zero_point)
         if self.is_dense:
             acc = ref.dense_int(x_int.reshape(x_int.shape[0], -1), w)
             return acc + self.bias_int[None, :]
@@ -65,8 +67,10 @@ class LayerPlan:
         y_int = ref.requantize(
             acc, multiplier=self.multiplier, shift=self.shift, residual=res_int,
             residual_multiplier=self.residual_multiplier, relu=self.fused.relu,
-            bits=self.output_quant.bits, signed=self.output_quant.signed)
-        return y_int.astype(np.float32) * np.float32(self.output_quant.scale), y_int
+            bits=self.output_quant.bits, signed=self.output_quant.signed,
+            zero_point=self.output_quant.zero_point,
+            residual_zero_point=0 if self.residual_quant is None else self.residual_quant.zero_point)
+        return dequantize_activation(y_int, self.output_quant), y_int
 
 
 def requantize_params(*, dequant_scale: np.ndarray, out_scale: float, residual_scale: float | None):

@@ -1,4 +1,7 @@
-"""Activation quantizers: 8- and 4-bit, unsigned (after ReLU) or signed, zero point 0.
+"""Activation quantizers: 8- and 4-bit, unsigned (after ReLU) or signed.
+
+Calibrated formats have zero point 0; an imported quantized model (QDQ ONNX) may carry an
+integer zero point (ONNX Runtime's asymmetric u8): ``x ~ scale * (q - zero_point)``.
 
 Scales come from calibration statistics:
 
@@ -30,17 +33,20 @@ MSE_GRID = 100  # candidate clipping values between 1% and 100% of max |x|
 
 @dataclass(frozen=True)
 class ActivationQuant:
-    """Per-tensor activation format: ``x ~ scale * q``, q in [qmin, qmax]."""
+    """Per-tensor activation format: ``x ~ scale * (q - zero_point)``, q in [qmin, qmax]."""
 
     bits: int
     signed: bool
     scale: float
+    zero_point: int = 0  # non-zero only for formats read from a quantized model
 
     def __post_init__(self):
         if self.bits not in (4, 8):
             raise ValueError(f"activation bits must be 4 or 8, got {self.bits}")
         if not (np.isfinite(self.scale) and self.scale > 0):
             raise ValueError(f"activation scale must be a positive finite number, got {self.scale}")
+        if not self.qmin <= self.zero_point <= self.qmax:
+            raise ValueError(f"zero point {self.zero_point} is outside [{self.qmin}, {self.qmax}]")
 
     @property
     def qmin(self) -> int:
@@ -57,13 +63,15 @@ class ActivationQuant:
 
 
 def quantize_activation(x: np.ndarray, quant: ActivationQuant) -> np.ndarray:
-    """Round half to even, saturate, store in the int8/uint8 container."""
-    q = np.rint(np.asarray(x, dtype=np.float64) / quant.scale)
+    """Round half to even, add the zero point, saturate, store in the int8/uint8 container."""
+    q = np.rint(np.asarray(x, dtype=np.float64) / quant.scale) + quant.zero_point
     return np.clip(q, quant.qmin, quant.qmax).astype(quant.dtype)
 
 
 def dequantize_activation(q: np.ndarray, quant: ActivationQuant) -> np.ndarray:
-    return (np.asarray(q, dtype=np.float32) * np.float32(quant.scale)).astype(np.float32)
+    """``f32(q - zero_point) * f32(scale)`` (exact integer difference, one float rounding)."""
+    values = np.asarray(q, dtype=np.int32) - np.int32(quant.zero_point)
+    return (values.astype(np.float32) * np.float32(quant.scale)).astype(np.float32)
 
 
 def _fake_quant_error(mag: np.ndarray, clip: float, levels: int) -> float:
@@ -92,7 +100,7 @@ def calibrate_activation(
     if top == 0.0:
         return ActivationQuant(bits=bits, signed=signed, scale=1.0)
     if method == "dfp":
-        frac_bits = np.floor(np.log2(qmax / top))
+        frac_bits = np.floor(np.log2(qmax / top))  # a power of two: float32-exact
         return ActivationQuant(bits=bits, signed=signed, scale=float(2.0 ** (-frac_bits)))
     if method == "percentile":
         if not 0 < percentile <= 100:
@@ -103,4 +111,6 @@ def calibrate_activation(
         clip = float(grid[np.argmin([_fake_quant_error(mag, c, qmax) for c in grid])])
     else:
         clip = top
-    return ActivationQuant(bits=bits, signed=signed, scale=clip / qmax)
+    # float32-representable: an ONNX scale is float32, so an exported model (compile
+    # --emit-onnx) carries exactly this scale and re-imports to the same library
+    return ActivationQuant(bits=bits, signed=signed, scale=float(np.float32(clip / qmax)))

@@ -190,11 +190,15 @@ def requantize(
     bits: int = 8,
     signed: bool = False,
     channel_axis: int = 1,
+    zero_point: int = 0,
+    residual_zero_point: int = 0,
 ) -> np.ndarray:
     """int32 accumulator (bias already added) -> int8/uint8 container holding ``bits``-bit values.
 
     ``multiplier``/``shift`` are per channel (or scalars) along ``channel_axis``; a residual
     (same shape as ``acc``, integer) enters before rounding with ``residual_multiplier``.
+    Zero points (imported models): the residual enters as ``residual - residual_zero_point``;
+    ``zero_point`` is added after rounding, and a ReLU clips at it (the real zero).
     """
     a = np.asarray(acc, dtype=np.int64)
     ndim = a.ndim
@@ -205,9 +209,11 @@ def requantize(
         res = np.asarray(residual, dtype=np.int64)
         if res.shape != a.shape:
             raise ValueError(f"residual shape {res.shape} does not match output {a.shape}")
-        v = v + res * _per_channel(residual_multiplier, ndim, channel_axis)
-    y = rounding_rshift(v, _per_channel(shift, ndim, channel_axis))
-    lo, hi = activation_range(bits=bits, signed=signed, relu=relu)
+        v = v + (res - residual_zero_point) * _per_channel(residual_multiplier, ndim, channel_axis)
+    y = rounding_rshift(v, _per_channel(shift, ndim, channel_axis)) + zero_point
+    lo, hi = activation_range(bits=bits, signed=signed)
+    if relu:
+        lo = max(lo, zero_point)
     return np.clip(y, lo, hi).astype(np.int8 if signed else np.uint8)
 
 

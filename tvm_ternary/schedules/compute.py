@@ -45,8 +45,9 @@ def _pad_stage(spec: ConvSpec, x_at, blk: Block, shift: bool, acc_width: int):
     # columns read by the padded accumulator width (garbage pixels the epilogue drops)
     wp = max(wp, (acc_width - 1) * spec.stride[1] + (spec.kernel[1] - 1) * spec.dilation[1] + 1)
     cp = -(-cg // blk.depth) * blk.depth
-    # The value a padded element must have so that it contributes 0: 128 after the shift.
-    pad_val = ta.const(128 if shift else 0, blk.a_dtype)
+    # The value a padded element must have so that it contributes 0 once the bias has paid the
+    # offsets back: the zero point (imported models), plus 128 after the shift.
+    pad_val = ta.const(spec.x_zero_point + (128 if shift else 0), blk.a_dtype)
 
     def fn(n, h, w, g, c):
         inside = te.all(h >= pt, h < pt + spec.height, w >= pl, w < pl + spec.width, c < cg)
@@ -220,7 +221,7 @@ def depthwise_compute(spec: ConvSpec) -> ConvParts:
     def pad_fn(n, h, w, c):
         inside = te.all(h >= pt, h < pt + spec.height, w >= pl, w < pl + spec.width)
         return ta.if_then_else(inside, x[n, h - pt, w - pl, c].astype("int16"),
-                               ta.const(0, "int16"))
+                               ta.const(spec.x_zero_point, "int16"))
 
     xp = te.compute((spec.batch, hp, wp, k_), pad_fn, name="pad")
 

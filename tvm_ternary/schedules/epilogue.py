@@ -1,6 +1,7 @@
 """The fused epilogue as a TE expression (ARCHITECTURE.md, "Epilogue").
 
-requantize: ``y = clip(rhe(acc*M[k] + res*R[k], shift[k]), lo, hi)`` in int64;
+requantize: ``y = clip(rhe(acc*M[k] + (res - z_r)*R[k], shift[k]) + z_out, lo, hi)`` in int64
+(zero points z are 0 except for imported models; a ReLU raises ``lo`` to ``z_out``);
 dequantize: ``y = float32(acc) * scale[k] (+ float_bias[k])``; ``acc`` already holds the bias.
 
 Example::
@@ -47,10 +48,15 @@ def epilogue_value(spec, acc, k, ph: dict, res):
         return te.max(y, ta.const(0.0, "float32")) if spec.relu else y
     v = acc.astype("int64") * ph["multiplier"][k].astype("int64")
     if res is not None:
-        v = v + res.astype("int64") * ph["residual_multiplier"][k].astype("int64")
+        r = res.astype("int64")
+        if spec.residual_zero_point:
+            r = r - ta.const(spec.residual_zero_point, "int64")
+        v = v + r * ph["residual_multiplier"][k].astype("int64")
     y = round_half_even_shift(v, ph["shift"][k].astype("int64"))
+    if spec.out_zero_point:
+        y = y + ta.const(spec.out_zero_point, "int64")
     lo, hi = RANGES[spec.out]
     if spec.relu:
-        lo = max(lo, 0)
+        lo = max(lo, spec.out_zero_point)
     y = te.min(te.max(y, ta.const(lo, "int64")), ta.const(hi, "int64"))
     return y.astype(OUT_DTYPES[spec.out])

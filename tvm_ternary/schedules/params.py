@@ -30,10 +30,10 @@ def decoded_weights(spec: ConvSpec, *, weights, codes) -> np.ndarray:
     return reference.decode_weights(values, codes, group_size=spec.group_size)
 
 
-def compensation(spec: ConvSpec, *, weights, codes) -> np.ndarray:
-    """``128 * sum_{c, r, s} w[k, c, r, s]`` per output channel, int32."""
+def compensation(spec: ConvSpec, *, weights, codes, offset: int = 128) -> np.ndarray:
+    """``offset * sum_{c, r, s} w[k, c, r, s]`` per output channel, int32."""
     w = decoded_weights(spec, weights=weights, codes=codes).astype(np.int64)
-    return (128 * w.reshape(w.shape[0], -1).sum(axis=1)).astype(np.int32)
+    return (offset * w.reshape(w.shape[0], -1).sum(axis=1)).astype(np.int32)
 
 
 def kernel_bias(spec: ConvSpec, *, isa: str, weights, codes, bias=None) -> np.ndarray | None:
@@ -46,6 +46,9 @@ def kernel_bias(spec: ConvSpec, *, isa: str, weights, codes, bias=None) -> np.nd
     if needs_compensation(spec, isa):
         comp = compensation(spec, weights=weights, codes=codes).astype(np.int64)
         out = -comp if out is None else out - comp
+    if spec.x_zero_point:  # x ~ s (q - z): the kernel sums q * w, the bias pays z * sum(w) back
+        comp = compensation(spec, weights=weights, codes=codes, offset=spec.x_zero_point)
+        out = -comp.astype(np.int64) if out is None else out - comp.astype(np.int64)
     if out is None:
         return None
     if np.abs(out).max(initial=0) >= 2**31:

@@ -34,7 +34,8 @@ def _limits(bits: int, signed: bool) -> tuple[int, int]:
     return (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2**bits - 1)
 
 
-def quantize_func(*, shape: tuple[int, ...], scale: float, bits: int, signed: bool):
+def quantize_func(*, shape: tuple[int, ...], scale: float, bits: int, signed: bool,
+                  zero_point: int = 0):
     """float32 ``shape`` (NCHW or [N, C]) -> quantized NHWC (or [N, C])."""
     x = te.placeholder(tuple(shape), "float32", name="x")
     lo, hi = _limits(bits, signed)
@@ -42,6 +43,8 @@ def quantize_func(*, shape: tuple[int, ...], scale: float, bits: int, signed: bo
 
     def q(value):
         v = ta.nearbyint(value.astype("float64") / ta.const(float(scale), "float64"))
+        if zero_point:
+            v = v + ta.const(float(zero_point), "float64")
         v = te.min(te.max(v, ta.const(float(lo), "float64")), ta.const(float(hi), "float64"))
         return v.astype(dtype)
 
@@ -53,15 +56,21 @@ def quantize_func(*, shape: tuple[int, ...], scale: float, bits: int, signed: bo
     return _schedule_map(ta.create_prim_func([x, y]), int(y.shape[-1]))
 
 
-def dequantize_func(*, shape: tuple[int, ...], dtype: str, scale: float):
-    """quantized NHWC (or [N, C]) ``shape`` -> float32 NCHW (or [N, C])."""
+def dequantize_func(*, shape: tuple[int, ...], dtype: str, scale: float, zero_point: int = 0):
+    """quantized NHWC (or [N, C]) ``shape`` -> float32 NCHW (or [N, C]): ``f32(q - z) * s``."""
     q = te.placeholder(tuple(shape), dtype, name="q")
     s = ta.const(float(scale), "float32")
+
+    def dq(value):
+        if zero_point:  # the difference in int32 is exact; one float rounding, as numpy
+            return (value.astype("int32") - ta.const(zero_point, "int32")).astype("float32") * s
+        return value.astype("float32") * s
+
     if len(shape) == 4:
         n, h, w, c = shape
-        y = te.compute((n, c, h, w), lambda b, k, i, j: q[b, i, j, k].astype("float32") * s, name="y")
+        y = te.compute((n, c, h, w), lambda b, k, i, j: dq(q[b, i, j, k]), name="y")
     else:
-        y = te.compute(tuple(shape), lambda *idx: q[idx].astype("float32") * s, name="y")
+        y = te.compute(tuple(shape), lambda *idx: dq(q[idx]), name="y")
     return _schedule_map(ta.create_prim_func([q, y]), int(y.shape[-1]))
 
 

@@ -73,6 +73,11 @@ def _check_epilogue(spec) -> None:
             raise ValueError("a residual is only fused into a requantizing epilogue (out u8/s8/u4/s4)")
     if spec.float_bias and spec.out != "f32":
         raise ValueError("float_bias needs out='f32' (dequantize)")
+    for name, kind in (("x_zero_point", spec.act), ("out_zero_point", spec.out),
+                       ("residual_zero_point", spec.residual)):
+        zp = getattr(spec, name)
+        if zp and (kind not in RANGES or not RANGES[kind][0] <= zp <= RANGES[kind][1]):
+            raise ValueError(f"{name}={zp} does not fit the {kind} format")
 
 
 @dataclass(frozen=True)
@@ -97,6 +102,11 @@ class ConvSpec:
     relu: bool = False
     residual: str | None = None
     float_bias: bool = False
+    # Zero points of imported (QDQ) models: x ~ s * (q - z). The padded border holds z_x, the
+    # bias carries -z_x * sum(w), the requantizer adds z_out and subtracts z_residual.
+    x_zero_point: int = 0
+    out_zero_point: int = 0
+    residual_zero_point: int = 0
     dense: bool = field(default=False, repr=False)  # set by DenseSpec.as_conv only
 
     def __post_init__(self):
@@ -207,6 +217,8 @@ class DenseSpec:
     relu: bool = False
     residual: str | None = None
     float_bias: bool = False
+    x_zero_point: int = 0
+    out_zero_point: int = 0
 
     def __post_init__(self):
         self.as_conv()  # validates
@@ -217,6 +229,7 @@ class DenseSpec:
                         out_channels=self.out_features, kernel=1, group_size=self.group_size,
                         weight_bits=self.weight_bits, act=self.act, out=self.out, bias=self.bias,
                         relu=self.relu, residual=self.residual, float_bias=self.float_bias,
+                        x_zero_point=self.x_zero_point, out_zero_point=self.out_zero_point,
                         dense=True)
 
 
@@ -228,7 +241,7 @@ def needs_compensation(spec: ConvSpec, isa: str) -> bool:
 def kernel_arg_names(spec: ConvSpec, isa: str) -> list[str]:
     """Names of the kernel's parameters in order (see the module docstring)."""
     names = ["x", "weights", "codes"]
-    if spec.bias or needs_compensation(spec, isa):
+    if spec.bias or needs_compensation(spec, isa) or spec.x_zero_point:
         names.append("bias")
     if spec.requantize:
         names += ["multiplier", "shift"]

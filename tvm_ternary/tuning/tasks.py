@@ -13,6 +13,8 @@ Example::
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import onnx
 
@@ -27,13 +29,16 @@ def model_tasks(model, *, config, calib_images, target, input_shapes=None, isa: 
     from ..passes.import_onnx import import_onnx
     from ..passes.onnx_normalize import normalize_onnx
     from ..passes.quantize_graph import apply_plan
-    from ..plan import make_plan
+    from ..plan import make_plan, plan_from_model
 
     if not isinstance(model, onnx.ModelProto):
         model = onnx_io.load_model(model)
     prep = normalize_onnx(model, input_shapes=input_shapes)
-    imported = import_onnx(model, input_shapes=input_shapes)
-    plan = make_plan(prep.model, np.asarray(calib_images, np.float32), config=config, progress=progress)
+    if prep.is_quantized:  # a QDQ model carries its plan: the kernels compile would build
+        plan = plan_from_model(prep, config=config)
+    else:
+        plan = make_plan(prep.model, np.asarray(calib_images, np.float32), config=config, progress=progress)
+    imported = import_onnx(None, prepared=replace(prep, model=plan.model))  # the planned graph
     target = ta.as_target(target)
     isa = isa or ta.choose_isa(target)
     layer_vars = {layer.var_name: layer.name for layer in imported.layers}

@@ -1,0 +1,157 @@
+"""The plan of an already-quantized (QDQ) model: its own scales and weights, no calibration.
+
+``normalize_onnx`` has taken the activation Q/DQ pairs out of the graph (``passes.onnx_qdq``)
+and folded the weights to float32, remembering their DequantizeLinear scales. Here every fused
+layer whose input the model quantizes becomes a :class:`LayerPlan` with
+
+* the input / output / residual formats the model gives those tensors (scale and zero point),
+* its weights in the exact kernel form found by :func:`quant.imported.import_weights`
+  (ternary per group at the group size found, else 4/8-bit per channel),
+
+so that the library computes what the QDQ graph says, up to the requantizer's fixed-point
+rounding. A layer whose input the model leaves float stays float, and says so.
+
+Example::
+
+    >>> prep = normalize_onnx(onnx_io.load_model("model_qdq.onnx"))  # doctest: +SKIP
+    >>> plan = plan_from_model(prep)  # doctest: +SKIP
+    >>> plan.decisions["conv1"].reason  # doctest: +SKIP
+    'model: int8 per channel, exact'
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from ..numpy_graph import NumpyGraph, conv_geometry
+from ..quant import reference as ref
+from ..quant.imported import import_weights
+from .build import QuantPlan, _run
+from .config import LayerDecision, QuantConfig
+from .graph import FusedLayer, analyse, node_key
+from .layer import LayerPlan, requantize_params
+
+
+def _out_axis(node) -> int:
+    """Axis of the output channels in the ONNX weight tensor of ``node``."""
+    if node.op_type == "Conv":
+        return 0
+    if node.op_type == "Gemm":
+        attrs = {a.name: a.i for a in node.attribute if a.name == "transB"}
+        return 0 if attrs.get("transB", 0) else 1
+    return 1  # MatMul: [C, K]
+
+
+def plan_from_model(prep, *, config: QuantConfig | None = None, exact_roundings: bool = True) -> QuantPlan:
+    """The :class:`QuantPlan` a QDQ model carries (``prep``: its :class:`NormalizedOnnx`)."""
+    start = time.perf_counter()
+    model = prep.model
+    quants = dict(prep.activation_quants)
+    graph = NumpyGraph(model)
+    # A tensor the model rounds stays a tensor: no fusion past it (e.g. ORT quantizes a conv's
+    # output before the residual Add; the Add then runs on the dequantized values, as in ORT).
+    analysis = analyse(model, materialized=frozenset(quants) if exact_roundings else frozenset())
+    nodes = {node_key(n): n for n in model.graph.node}
+    decisions: dict[str, LayerDecision] = {}
+    found: dict[str, object] = {}
+    for fused in analysis.layers:
+        node = nodes[fused.name]
+        why = None
+        if fused.input not in quants:
+            why = "float in the model (input not quantized)"
+        elif fused.residual is not None and fused.residual not in quants:
+            why = "float in the model (residual operand not quantized)"
+        if why is None:
+            scales = prep.weight_scales.get(node.input[1])
+            k = fused.weight.out_channels
+            per_k = None if scales is None else scales.per_output_channel(_out_axis(node), k)
+            imp = import_weights(fused.weight.weight, channel_scales=per_k)
+            found[fused.name] = imp
+            decisions[fused.name] = LayerDecision(imp.weights.bits, f"model: {imp.description}")
+        else:
+            decisions[fused.name] = LayerDecision(0, why)
+    quantized = {name for name, d in decisions.items() if d.bits}
+    layers: dict[str, LayerPlan] = {}
+
+    def fit(fused: FusedLayer, x: np.ndarray, float_env) -> LayerPlan:
+        del float_env
+        node = nodes[fused.name]
+        w = fused.weight.weight
+        geometry = {} if fused.weight.op_type == "dense" else conv_geometry(node, x.shape[2:], w.shape[2:])
+        imp = found[fused.name]
+        iw = imp.weights
+        in_q = quants[fused.input]
+        out_q = quants.get(fused.output)  # None: the layer's output leaves the model as float
+        res_q = quants[fused.residual] if fused.residual else None
+        bias = fused.weight.bias if fused.weight.bias is not None else np.zeros(w.shape[0], np.float32)
+        bias_int = ref.integer_bias(bias, input_scale=in_q.scale, channel_scales=iw.channel_scales)
+        dequant = (np.float64(in_q.scale) * iw.channel_scales.astype(np.float64)).astype(np.float32)
+        mult = shift = res_mult = None
+        if out_q is not None:
+            mult, shift, res_mult = requantize_params(
+                dequant_scale=dequant, out_scale=out_q.scale,
+                residual_scale=None if res_q is None else res_q.scale)
+        return LayerPlan(
+            fused=fused, decision=decisions[fused.name], weights=iw, bias_int=bias_int,
+            geometry=geometry, input_quant=in_q, output_quant=out_q, residual_quant=res_q,
+            multiplier=mult, shift=shift, residual_multiplier=res_mult, dequant_scale=dequant,
+            weight_error=imp.error, output_error=None)
+
+    # One walk over a blank input: each layer's geometry comes from the shapes it sees.
+    blank = np.zeros(prep.input_shape, np.float32)
+    _run(graph, analysis, layers, blank, quantized=quantized, fit=fit)
+    if exact_roundings:
+        model = with_float_roundings(model, analysis, quantized, quants)
+    return QuantPlan(config=config or QuantConfig(), model=model, analysis=analysis,
+                     layers=layers, decisions=decisions, seconds=time.perf_counter() - start,
+                     source="model")
+
+
+def with_float_roundings(model, analysis, quantized: set[str], quants: dict):
+    """``model`` with a QuantizeLinear -> DequantizeLinear pair put back on every edge where a
+    float op reads a tensor the quantized model rounds but no integer layer produces (a float
+    Concat of differently scaled inputs, a float residual Add, a pool): the float op then sees
+    the rounded value, as in the model. Integer layers read the tensor itself (they quantize it)."""
+    import onnx
+    from onnx import numpy_helper
+
+    fused_nodes: set[str] = set()
+    produced = set()
+    for fused in analysis.layers:
+        if fused.name in quantized:
+            fused_nodes.update((fused.name, fused.root, *fused.skipped))
+            produced.add(fused.output)
+    graph = model.graph
+    wanted = {t for node in graph.node if node_key(node) not in fused_nodes
+              for t in node.input if t in quants and t not in produced}
+    if not wanted:
+        return model
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    g = out.graph
+    nodes = []
+    inserted: set[str] = set()
+    for node in g.node:
+        if node_key(node) not in fused_nodes:
+            for i, t in enumerate(node.input):
+                if t not in wanted:
+                    continue
+                if t not in inserted:
+                    q = quants[t]
+                    zp_dtype = np.int8 if q.signed else np.uint8
+                    g.initializer.extend([
+                        numpy_helper.from_array(np.array(q.scale, np.float32), f"{t}__fq_scale"),
+                        numpy_helper.from_array(np.array(q.zero_point, zp_dtype), f"{t}__fq_zp")])
+                    args = [f"{t}__fq_scale", f"{t}__fq_zp"]
+                    nodes.append(onnx.helper.make_node("QuantizeLinear", [t, *args], [f"{t}__fq_q"],
+                                                       name=f"{t}__fq_quantize"))
+                    nodes.append(onnx.helper.make_node("DequantizeLinear", [f"{t}__fq_q", *args],
+                                                       [f"{t}__fq"], name=f"{t}__fq_dequantize"))
+                    inserted.add(t)
+                node.input[i] = f"{t}__fq"
+        nodes.append(node)
+    del g.node[:]
+    g.node.extend(nodes)
+    return out
