@@ -145,3 +145,20 @@ def test_explicit_tilings_bit_exact(tiling):
     mod = ta.build(func, target=target)
     case = make_case(spec, isa=isa)
     check(run(mod, spec, kernel_arg_names(spec, isa), case), case, spec)
+
+
+@pytest.mark.parametrize("dtype", ["uint8", "int8"])
+@pytest.mark.parametrize("channels", [(64, 64), (16, 8, 24), (3, 5), (128, 128, 256)])
+def test_concat_region_op_equals_numpy(channels, dtype):
+    """The integer NHWC concat copies blocks of channels per input: any count, any order."""
+    from tvm_ternary.schedules.region_ops import concat_func
+
+    rng = np.random.default_rng(len(channels))
+    shapes = [(2, 3, 5, c) for c in channels]
+    info = np.iinfo(dtype)
+    xs = [rng.integers(info.min, info.max + 1, size=sh).astype(dtype) for sh in shapes]
+    target = ta.host_target()
+    mod = ta.build(concat_func(shapes=shapes, dtype=dtype), target=target)
+    y = ta.empty((2, 3, 5, sum(channels)), dtype)
+    mod(*[ta.tensor(x) for x in xs], y)
+    np.testing.assert_array_equal(y.numpy(), np.concatenate(xs, axis=3))

@@ -28,7 +28,7 @@ from .. import tvm_adapter as ta
 from ..plan import LayerPlan, QuantPlan
 from ..quant import ActivationQuant
 from ..schedules import DenseSpec, conv2d_kernel, dense_kernel, kernel_arg_names
-from ..schedules.region_ops import dequantize_func, max_pool_func, quantize_func
+from ..schedules.region_ops import concat_func, dequantize_func, max_pool_func, quantize_func
 from .kernel_args import layer_kernel_args, layer_spec
 
 
@@ -223,7 +223,12 @@ class _Rewriter(PyExprMutator):
         if int(call.attrs.axis) not in (1, -3) or any(s is None for s in shadows) \
                 or len({s.quant for s in shadows}) != 1:
             return False
-        y = self.builder_.emit(relax.op.concat([s.var for s in shadows], axis=3))
+        shapes = [ta.static_shape(s.var) for s in shadows]
+        dtype = ta.tensor_dtype(shadows[0].var)
+        gv = self._func(("cat", tuple(shapes), dtype), lambda: concat_func(
+            shapes=shapes, dtype=dtype), "tt_concat")
+        out_shape = (*shapes[0][:3], sum(sh[3] for sh in shapes))
+        y = self._call(gv, [s.var for s in shadows], out_shape, dtype)
         self.report.integer_ops.append("concat")
         self._expose(var, y, shadows[0].quant)
         return True
