@@ -106,7 +106,7 @@ def foreign_library(work, tmp_path_factory):
 
 
 @pytest.mark.parametrize("command,name,match", [
-    ("compile", "foobar", "not a CPU LLVM knows"),
+    # compile --target foobar: test_all_zero_calibration_warns
     ("compile", "icelake", "did you mean icelake-client, icelake-server"),
     ("tune", "foobar", "not a CPU LLVM knows"),
     ("eval", "znver9", "did you mean znver"),
@@ -370,10 +370,18 @@ def test_bad_compile_input_is_one_line_exit_2(case, work, tmp_path):
 
 
 def test_all_zero_calibration_warns(work, tmp_path):
+    """The warning comes as the calibration set is read, before the target is checked: one
+    run shows both (and saves a compile): a warning line, then case 1's error for foobar."""
     np.save(tmp_path / "zeros.npy", np.zeros((2, 3, 16, 16), np.float32))
-    proc = cli("compile", work / "tiny.onnx", "-o", tmp_path / "m.so", "--calib", tmp_path / "zeros.npy", *EXACT)
-    assert proc.returncode == 0, proc.stderr
-    assert "warning: " in proc.stderr and "every calibration sample is all zeros" in proc.stderr
+    before = snapshot(tmp_path)
+    proc = cli("compile", work / "tiny.onnx", "-o", tmp_path / "m.so", "--calib", tmp_path / "zeros.npy", *EXACT,
+               "--target", "foobar")
+    warning, error = proc.stderr.strip().splitlines()
+    assert warning.startswith("warning: ") and "every calibration sample is all zeros" in warning, proc.stderr
+    line = assert_one_line_error(subprocess.CompletedProcess([], proc.returncode, "", error),
+                                 "--target 'foobar': not a CPU LLVM knows")
+    assert "accepted: host, an LLVM mcpu such as znver3, znver4" in line and "llvm -mcpu=NAME" in line
+    assert snapshot(tmp_path) == before
 
 
 # ---------------------------------------------------------------- 6, 7, 8 and the cut database line: tune
@@ -453,7 +461,7 @@ def test_finished_tune_leaves_no_process(tuned_db):
     _assert_all_gone(workers, timeout_s=5)
 
 
-def test_tune_waits_for_a_database_another_tune_holds(tuned_db, work):
+def test_tune_waits_for_a_database_another_tune_holds(tuned_db, work, capsys):
     """Case 6: a real file lock. A second tune into a database being written waits (and says
     so) instead of interleaving the workload file; Ctrl-C while it waits exits 130, nothing
     written. compile --tuning-db refuses such a database while it is written."""
@@ -479,9 +487,12 @@ def test_tune_waits_for_a_database_another_tune_holds(tuned_db, work):
             if proc.poll() is None:
                 proc.kill()
         assert_one_line_error(subprocess.CompletedProcess([], proc.returncode, "", err), "interrupted", code=130)
-        compile_proc = cli("compile", work / "tiny_head.onnx", "-o", folder.parent / "m.so", "--calib",
-                           work / "calib16.npy", *EXACT, "--tuning-db", db)
-        assert_one_line_error(compile_proc, "a tune (pid 12345) is writing this database")
+        from tvm_ternary.cli import main  # in-process: the lock conflicts within one process too
+
+        rc = main(["compile", str(work / "tiny_head.onnx"), "-o", str(folder.parent / "m.so"), "--calib",
+                   str(work / "calib16.npy"), *EXACT, "--tuning-db", str(db)])
+        assert_one_line_error(subprocess.CompletedProcess([], rc, "", capsys.readouterr().err),
+                              "a tune (pid 12345) is writing this database")
     assert snapshot(folder, skip=(".lock",)) == before
 
 
