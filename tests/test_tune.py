@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import psutil
 import pytest
 from tiny_models import tiny_cnn, tiny_images
 
@@ -146,6 +147,7 @@ def test_sigint_keeps_records_and_second_run_continues(model_files, tmp_path):
         for line in proc.stdout:  # interrupt right after the first batch was measured
             lines.append(line)
             if "trials, best" in line:
+                workers = psutil.Process(proc.pid).children(recursive=True)  # MetaSchedule's
                 proc.send_signal(signal.SIGINT)
                 break
         rest, _ = proc.communicate(timeout=240)
@@ -156,6 +158,9 @@ def test_sigint_keeps_records_and_second_run_continues(model_files, tmp_path):
     out = "".join(lines) + rest
     assert proc.returncode == 130, out
     assert "interrupted: every measured record is kept" in out
+    assert workers, "no worker seen: the check below would prove nothing"
+    _, alive = psutil.wait_procs(workers, timeout=10)  # issue 11: none outlives the tune
+    assert not [p for p in alive if p.status() != psutil.STATUS_ZOMBIE], [p.cmdline() for p in alive]
     kept = record_lines(db)
     assert len(kept) >= 3  # conv1: default + a batch of two
 

@@ -42,7 +42,7 @@ def c_source(fields: dict) -> str:
     rows = [", ".join(str(b) for b in blob[i : i + 32]) for i in range(0, len(blob), 32)]
     body = ",\n    ".join(rows)
     return ('// written by tvm_ternary.manifest: what this library needs and takes\n'
-            f'extern "C" __attribute__((used, visibility("default")))\n'
+            f'extern "C" __attribute__((used, visibility("hidden")))  // never interposed between libraries\n'
             f'const unsigned char {SYMBOL}[{len(blob)}] = {{\n    {body}\n}};\n')
 
 

@@ -66,6 +66,29 @@ def read_sidecar(library: str | Path) -> dict:
     return meta
 
 
+def check_input(x: np.ndarray, sidecar: dict) -> np.ndarray:
+    """``x`` if it fits the library of ``sidecar`` (from :func:`read_sidecar`); else a one-line
+    error. Needs no TVM: ``run`` checks its input before the library is loaded."""
+    shape, dtype = tuple(sidecar["input"]["shape"]), sidecar["input"]["dtype"]
+    x = np.asarray(x)
+    if x.dtype.kind not in "biuf":
+        raise InputDataError(f"input is an array of {x.dtype.name}, not numbers")
+    if x.dtype.name != dtype:
+        raise UserError(f"input dtype {x.dtype.name} does not match the model's {dtype} "
+                        f"(convert with x.astype('{dtype}'))")
+    if x.ndim != len(shape) or tuple(x.shape[1:]) != shape[1:] or x.shape[0] % shape[0]:
+        raise UserError(f"input shape {tuple(x.shape)} does not match the model's {shape} "
+                        f"(samples may be stacked along axis 0)")
+    if x.shape[0] == 0:
+        raise InputDataError(f"input has 0 samples (shape {tuple(x.shape)})")
+    if x.dtype.kind == "f" and not np.isfinite(x).all():
+        bad = np.argwhere(~np.isfinite(x))[0]
+        raise InputDataError(f"input has {int((~np.isfinite(x)).sum())} NaN/Inf value(s), first at "
+                             f"index {tuple(int(i) for i in bad)}; the integer kernels would turn "
+                             "them into plausible numbers")
+    return x
+
+
 @dataclass(frozen=True, eq=False)
 class LoadedModel:
     sidecar: dict
@@ -85,24 +108,7 @@ class LoadedModel:
         return self.sidecar["input"]["dtype"]
 
     def check_input(self, x: np.ndarray) -> np.ndarray:
-        shape = self.input_shape
-        x = np.asarray(x)
-        if x.dtype.kind not in "biuf":
-            raise InputDataError(f"input is an array of {x.dtype.name}, not numbers")
-        if x.dtype.name != self.input_dtype:
-            raise UserError(f"input dtype {x.dtype.name} does not match the model's {self.input_dtype} "
-                            f"(convert with x.astype('{self.input_dtype}'))")
-        if x.ndim != len(shape) or tuple(x.shape[1:]) != shape[1:] or x.shape[0] % shape[0]:
-            raise UserError(f"input shape {tuple(x.shape)} does not match the model's {shape} "
-                            f"(samples may be stacked along axis 0)")
-        if x.shape[0] == 0:
-            raise InputDataError(f"input has 0 samples (shape {tuple(x.shape)})")
-        if x.dtype.kind == "f" and not np.isfinite(x).all():
-            bad = np.argwhere(~np.isfinite(x))[0]
-            raise InputDataError(f"input has {int((~np.isfinite(x)).sum())} NaN/Inf value(s), first at "
-                                 f"index {tuple(int(i) for i in bad)}; the integer kernels would turn "
-                                 "them into plausible numbers")
-        return x
+        return check_input(x, self.sidecar)
 
     def run(self, x: np.ndarray) -> np.ndarray:
         """Outputs for ``x``; a batch-1 model runs each sample of a stack and stacks the results."""

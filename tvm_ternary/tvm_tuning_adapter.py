@@ -174,8 +174,10 @@ def rpc_runner(*, host: str, port: int, key: str, session_timeout_s: int = 60, n
     """Measures on a device registered at a TVM RPC tracker under ``key``."""
     config = ms.runner.RPCConfig(tracker_host=host, tracker_port=int(port), tracker_key=key,
                                  session_priority=1, session_timeout_sec=int(session_timeout_s))
+    from .tuning.processes import watch_parent
+
     return ms.runner.RPCRunner(rpc_config=config, evaluator_config=_evaluator(number, repeat, min_repeat_ms),
-                               max_workers=1)
+                               max_workers=1, initializer=watch_parent)
 
 
 def close_runner(runner) -> None:

@@ -26,12 +26,13 @@ def run(args: argparse.Namespace) -> int:
     import tempfile
 
     from ..api import load  # the public tvm_ternary.load
-    from ..runtime import sidecar_path
+    from ..runtime import check_input, read_sidecar, sidecar_path
     from ._options import check_output, load_array
 
     # checked first: do not load and run for nothing
     check_output(args.output, inputs=(args.input, args.library, sidecar_path(args.library)), what="output array")
     x = load_array(args.input, what="input")
+    check_input(x, read_sidecar(args.library))  # before TVM and the library are loaded
     model = load(args.library)
     y = model.run(x)
     fd, name = tempfile.mkstemp(dir=args.output.parent, prefix=f".{args.output.name}.", suffix=".tmp.npy")
