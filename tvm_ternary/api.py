@@ -108,8 +108,9 @@ def compile(model, *, calib=None, config=None, target: str | None = "host", prep
             print("note: the model is already quantized (QDQ): its own activation scales are used, "
                   "the calibration images are not", file=sys.stderr)
     elif calib is None:
-        raise OptionError("calibration images (--calib DIR|FILE.npy, calib=) are required for a float "
-                          "model: activation scales come from them (a QDQ-quantized model needs none)")
+        raise OptionError("--calib DIR|FILE.npy is required for a float model (calib= in the Python "
+                          "API): activation scales come from calibration images (a QDQ-quantized "
+                          "model needs none)")
     else:
         images = calibration_images(calib, preprocess=preprocess, input_shape=prep.input_shape,
                                     limit=calib_limit)
