@@ -102,8 +102,6 @@ def fold_constant_chains(graph: onnx.GraphProto, opset: int,
     DequantizeLinear outputs remember their scale in ``weight_scales`` and their storage dtype
     in ``source_dtypes``. Returns the number of nodes folded.
     """
-    from onnx.reference import ReferenceEvaluator
-
     from .onnx_normalize import _drop_unused_initializers
     from ..onnx_io import _dequantize_linear
 
@@ -113,7 +111,8 @@ def fold_constant_chains(graph: onnx.GraphProto, opset: int,
         args = [n for n in node.input if n]
         if (node.op_type not in FOLDABLE_OPS and node.op_type not in QONNX_OPS) \
                 or not all(n in values for n in args) \
-                or len(node.output) != 1 or any(a.type in (onnx.AttributeProto.GRAPH,) for a in node.attribute):
+                or len(node.output) != 1 \
+                or any(a.type == onnx.AttributeProto.GRAPH for a in node.attribute):
             keep.append(node)
             continue
         attrs = _attrs(node)
@@ -135,12 +134,8 @@ def fold_constant_chains(graph: onnx.GraphProto, opset: int,
                                                         q.dtype.name)
             source_dtypes[node.output[0]] = q.dtype.name
         else:
-            single = onnx.helper.make_graph(
-                [node], "fold", [onnx.helper.make_tensor_value_info(n, onnx.helper.np_dtype_to_tensor_dtype(values[n].dtype), values[n].shape) for n in dict.fromkeys(args)],
-                [onnx.helper.make_tensor_value_info(node.output[0], onnx.TensorProto.UNDEFINED, None)])
-            model = onnx.helper.make_model(single, opset_imports=[onnx.helper.make_opsetid("", opset)])
-            out = ReferenceEvaluator(model).run(None, {n: values[n] for n in dict.fromkeys(args)})[0]
-            # a quantized weight passed on unchanged keeps its provenance
+            out = _evaluate(node, {n: values[n] for n in dict.fromkeys(args)}, opset)
+            # a quantized weight passed on unchanged keeps its provenance (storage dtype)
             for src in args[:1]:
                 if src in weight_scales and node.op_type in ("Identity", "Reshape", "Transpose",
                                                              "Squeeze", "Unsqueeze"):
@@ -154,6 +149,19 @@ def fold_constant_chains(graph: onnx.GraphProto, opset: int,
         graph.node.extend(keep)
         _drop_unused_initializers(graph)
     return folded
+
+
+def _evaluate(node: onnx.NodeProto, inputs: dict[str, np.ndarray], opset: int) -> np.ndarray:
+    """One standard ONNX node on constant inputs, with ONNX's reference implementation."""
+    from onnx.reference import ReferenceEvaluator
+
+    info = [onnx.helper.make_tensor_value_info(
+        name, onnx.helper.np_dtype_to_tensor_dtype(value.dtype), value.shape)
+        for name, value in inputs.items()]
+    out = onnx.helper.make_tensor_value_info(node.output[0], onnx.TensorProto.UNDEFINED, None)
+    model = onnx.helper.make_model(onnx.helper.make_graph([node], "fold", info, [out]),
+                                   opset_imports=[onnx.helper.make_opsetid("", opset)])
+    return ReferenceEvaluator(model).run(None, inputs)[0]
 
 
 def strip_activation_qdq(graph: onnx.GraphProto) -> QdqFound:
