@@ -14,7 +14,7 @@ plans on, plus what the pairs said (numpy + onnx, no TVM):
   pair's scale and zero point (u8/s8, per tensor).
 
 Anything we cannot represent exactly is refused with one line naming the node: a per-channel
-activation scale, a 16-bit or 4-bit activation type, a QuantizeLinear whose output is not only
+activation scale, a 16-bit activation type (8- and opset-21 4-bit types are read), a QuantizeLinear whose output is not only
 dequantized again, a DequantizeLinear of a run-time tensor without its QuantizeLinear.
 
 Example::
@@ -52,7 +52,8 @@ __all__ = ["WeightScale", "QdqFound", "fold_constant_chains", "strip_activation_
 FOLDABLE_OPS = ("QuantizeLinear", "DequantizeLinear", "Clip", "Slice", "Reshape", "Transpose",
                 "Identity", "Cast", "Squeeze", "Unsqueeze", "Mul", "Div", "Neg", "Round",
                 "Sign", "Abs", "Concat", "Constant")
-ACTIVATION_DTYPES = {np.dtype(np.uint8): False, np.dtype(np.int8): True}  # dtype -> signed
+# storage type name -> (bits, signed); 4-bit types are ONNX opset 21's uint4 / int4
+ACTIVATION_TYPES = {"uint8": (8, False), "int8": (8, True), "uint4": (4, False), "int4": (4, True)}
 # QONNX (FINN / brevitas export_qonnx): Quant(x, scale, zeropt, bitwidth) = fake quantization
 QONNX_OPS = ("Quant", "BipolarQuant")
 
@@ -256,19 +257,20 @@ def _activation_quant(node: onnx.NodeProto, inits: dict, what: str = "QuantizeLi
             f"{label}: per-channel activation scale ({scale.size} scales) is not supported; "
             "activations must be quantized per tensor")
     if zp is None:
-        dtype = np.dtype(np.uint8)
+        dtype = "uint8"
         attrs = _attrs(node)
         if "output_dtype" in attrs and attrs["output_dtype"]:
-            dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(attrs["output_dtype"]))
+            dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(attrs["output_dtype"])).name
     else:
-        dtype = zp.dtype
-    if dtype not in ACTIVATION_DTYPES:
+        dtype = zp.dtype.name
+    if dtype not in ACTIVATION_TYPES:
         raise UnsupportedQuantizationError(
-            f"{label}: activation type {dtype.name} is not supported (uint8 and int8 are)")
+            f"{label}: activation type {dtype} is not supported ({', '.join(ACTIVATION_TYPES)} are)")
     value = float(scale.reshape(()))
     if not (np.isfinite(value) and value > 0):
         raise UnsupportedQuantizationError(f"{label}: scale {value} is not a positive number")
-    return ActivationQuant(bits=8, signed=ACTIVATION_DTYPES[dtype], scale=value,
+    bits, signed = ACTIVATION_TYPES[dtype]
+    return ActivationQuant(bits=bits, signed=signed, scale=value,
                            zero_point=0 if zp is None else int(zp.reshape(())))
 
 

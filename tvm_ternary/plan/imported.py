@@ -110,7 +110,7 @@ def plan_from_model(prep, *, config: QuantConfig | None = None, exact_roundings:
 
 
 def with_float_roundings(model, analysis, quantized: set[str], quants: dict):
-    """``model`` with a QuantizeLinear -> DequantizeLinear pair put back on every edge where a
+    """``model`` with the model's rounding (a fake quantization) put back on every edge where a
     float op reads a tensor the quantized model rounds but no integer layer produces (a float
     Concat of differently scaled inputs, a float residual Add, a pool): the float op then sees
     the rounded value, as in the model. Integer layers read the tensor itself (they quantize it)."""
@@ -139,19 +139,34 @@ def with_float_roundings(model, analysis, quantized: set[str], quants: dict):
                 if t not in wanted:
                     continue
                 if t not in inserted:
-                    q = quants[t]
-                    zp_dtype = np.int8 if q.signed else np.uint8
-                    g.initializer.extend([
-                        numpy_helper.from_array(np.array(q.scale, np.float32), f"{t}__fq_scale"),
-                        numpy_helper.from_array(np.array(q.zero_point, zp_dtype), f"{t}__fq_zp")])
-                    args = [f"{t}__fq_scale", f"{t}__fq_zp"]
-                    nodes.append(onnx.helper.make_node("QuantizeLinear", [t, *args], [f"{t}__fq_q"],
-                                                       name=f"{t}__fq_quantize"))
-                    nodes.append(onnx.helper.make_node("DequantizeLinear", [f"{t}__fq_q", *args],
-                                                       [f"{t}__fq"], name=f"{t}__fq_dequantize"))
+                    nodes += _fake_quant_nodes(g, t, quants[t])
                     inserted.add(t)
                 node.input[i] = f"{t}__fq"
         nodes.append(node)
     del g.node[:]
     g.node.extend(nodes)
     return out
+
+
+def _fake_quant_nodes(graph, tensor: str, quant) -> list:
+    """``(clip(round(x / s) + z, qmin, qmax) - z) * s`` as plain float ONNX ops (any bit width;
+    the numpy graph and the Relax frontend both run them), reading ``tensor``, writing
+    ``tensor + "__fq"``."""
+    import onnx
+    from onnx import numpy_helper
+
+    consts = {"s": quant.scale, "z": float(quant.zero_point), "lo": float(quant.qmin),
+              "hi": float(quant.qmax)}
+    names = {k: f"{tensor}__fq_{k}" for k in consts}
+    graph.initializer.extend(numpy_helper.from_array(np.array(v, np.float32), names[k])
+                             for k, v in consts.items())
+    step = [("Div", [tensor, names["s"]]), ("Round", None), ("Add", [None, names["z"]]),
+            ("Clip", [None, names["lo"], names["hi"]]), ("Sub", [None, names["z"]]),
+            ("Mul", [None, names["s"]])]
+    nodes, prev = [], None
+    for i, (op, args) in enumerate(step):
+        args = [prev] if args is None else [prev if a is None else a for a in args]
+        out = f"{tensor}__fq" if i == len(step) - 1 else f"{tensor}__fq{i}"
+        nodes.append(onnx.helper.make_node(op, args, [out], name=f"{tensor}__fq_{op.lower()}"))
+        prev = out
+    return nodes
