@@ -214,7 +214,7 @@ def short_label(r: dict) -> str:
     parts += [method, f"a{r['act_bits']}"]
     calib = r["act_calibration"]
     if calib and calib != ("minmax" if r["act_bits"] == 8 else "mse"):
-        parts.append(calib[:4])
+        parts.append({"percentile": "pct", "minmax": "minmax"}.get(calib, calib))
     return " ".join(parts)
 
 
@@ -505,7 +505,8 @@ def write(results, out: Path, name: str, fp32_all: dict, fp32: dict, args, laten
         header += [f"Note: {n}" for n in latency_info["notes"]]
         header += ["", "![top-1 vs latency](top1_vs_latency.png)"]
     (out / "table.md").write_text(markdown(results, header))
-    plots(results, out, f"{name}: top-1 on {r0['n_eval']} images")
+    plots(results, out, f"{name}: top-1 on {r0['n_eval']} images"
+          + (f"; latency batch 1, {latency_info['threads']} thread(s)" if latency_info else ""))
 
 
 if __name__ == "__main__":

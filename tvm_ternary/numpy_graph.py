@@ -182,6 +182,7 @@ OPS: dict[str, Callable] = {
     "Exp": lambda n, x: np.exp(x),
     "Sqrt": lambda n, x: np.sqrt(x),
     "Neg": lambda n, x: -x,
+    "Round": lambda n, x: np.rint(x),  # ONNX Round: half to even
     "Max": lambda n, *xs: np.maximum.reduce(np.broadcast_arrays(*xs)),
     "Min": lambda n, *xs: np.minimum.reduce(np.broadcast_arrays(*xs)),
     "LRN": _lrn,

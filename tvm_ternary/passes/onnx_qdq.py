@@ -14,7 +14,7 @@ plans on, plus what the pairs said (numpy + onnx, no TVM):
   pair's scale and zero point (u8/s8, per tensor).
 
 Anything we cannot represent exactly is refused with one line naming the node: a per-channel
-activation scale, a 16-bit or 4-bit activation type, a QuantizeLinear whose output is not only
+activation scale, a 16-bit activation type (8- and opset-21 4-bit types are read), a QuantizeLinear whose output is not only
 dequantized again, a DequantizeLinear of a run-time tensor without its QuantizeLinear.
 
 Example::
@@ -52,7 +52,8 @@ __all__ = ["WeightScale", "QdqFound", "fold_constant_chains", "strip_activation_
 FOLDABLE_OPS = ("QuantizeLinear", "DequantizeLinear", "Clip", "Slice", "Reshape", "Transpose",
                 "Identity", "Cast", "Squeeze", "Unsqueeze", "Mul", "Div", "Neg", "Round",
                 "Sign", "Abs", "Concat", "Constant")
-ACTIVATION_DTYPES = {np.dtype(np.uint8): False, np.dtype(np.int8): True}  # dtype -> signed
+# storage type name -> (bits, signed); 4-bit types are ONNX opset 21's uint4 / int4
+ACTIVATION_TYPES = {"uint8": (8, False), "int8": (8, True), "uint4": (4, False), "int4": (4, True)}
 # QONNX (FINN / brevitas export_qonnx): Quant(x, scale, zeropt, bitwidth) = fake quantization
 QONNX_OPS = ("Quant", "BipolarQuant")
 
@@ -102,8 +103,6 @@ def fold_constant_chains(graph: onnx.GraphProto, opset: int,
     DequantizeLinear outputs remember their scale in ``weight_scales`` and their storage dtype
     in ``source_dtypes``. Returns the number of nodes folded.
     """
-    from onnx.reference import ReferenceEvaluator
-
     from .onnx_normalize import _drop_unused_initializers
     from ..onnx_io import _dequantize_linear
 
@@ -113,7 +112,8 @@ def fold_constant_chains(graph: onnx.GraphProto, opset: int,
         args = [n for n in node.input if n]
         if (node.op_type not in FOLDABLE_OPS and node.op_type not in QONNX_OPS) \
                 or not all(n in values for n in args) \
-                or len(node.output) != 1 or any(a.type in (onnx.AttributeProto.GRAPH,) for a in node.attribute):
+                or len(node.output) != 1 \
+                or any(a.type == onnx.AttributeProto.GRAPH for a in node.attribute):
             keep.append(node)
             continue
         attrs = _attrs(node)
@@ -135,12 +135,8 @@ def fold_constant_chains(graph: onnx.GraphProto, opset: int,
                                                         q.dtype.name)
             source_dtypes[node.output[0]] = q.dtype.name
         else:
-            single = onnx.helper.make_graph(
-                [node], "fold", [onnx.helper.make_tensor_value_info(n, onnx.helper.np_dtype_to_tensor_dtype(values[n].dtype), values[n].shape) for n in dict.fromkeys(args)],
-                [onnx.helper.make_tensor_value_info(node.output[0], onnx.TensorProto.UNDEFINED, None)])
-            model = onnx.helper.make_model(single, opset_imports=[onnx.helper.make_opsetid("", opset)])
-            out = ReferenceEvaluator(model).run(None, {n: values[n] for n in dict.fromkeys(args)})[0]
-            # a quantized weight passed on unchanged keeps its provenance
+            out = _evaluate(node, {n: values[n] for n in dict.fromkeys(args)}, opset)
+            # a quantized weight passed on unchanged keeps its provenance (storage dtype)
             for src in args[:1]:
                 if src in weight_scales and node.op_type in ("Identity", "Reshape", "Transpose",
                                                              "Squeeze", "Unsqueeze"):
@@ -154,6 +150,19 @@ def fold_constant_chains(graph: onnx.GraphProto, opset: int,
         graph.node.extend(keep)
         _drop_unused_initializers(graph)
     return folded
+
+
+def _evaluate(node: onnx.NodeProto, inputs: dict[str, np.ndarray], opset: int) -> np.ndarray:
+    """One standard ONNX node on constant inputs, with ONNX's reference implementation."""
+    from onnx.reference import ReferenceEvaluator
+
+    info = [onnx.helper.make_tensor_value_info(
+        name, onnx.helper.np_dtype_to_tensor_dtype(value.dtype), value.shape)
+        for name, value in inputs.items()]
+    out = onnx.helper.make_tensor_value_info(node.output[0], onnx.TensorProto.UNDEFINED, None)
+    model = onnx.helper.make_model(onnx.helper.make_graph([node], "fold", info, [out]),
+                                   opset_imports=[onnx.helper.make_opsetid("", opset)])
+    return ReferenceEvaluator(model).run(None, inputs)[0]
 
 
 def strip_activation_qdq(graph: onnx.GraphProto) -> QdqFound:
@@ -248,19 +257,20 @@ def _activation_quant(node: onnx.NodeProto, inits: dict, what: str = "QuantizeLi
             f"{label}: per-channel activation scale ({scale.size} scales) is not supported; "
             "activations must be quantized per tensor")
     if zp is None:
-        dtype = np.dtype(np.uint8)
+        dtype = "uint8"
         attrs = _attrs(node)
         if "output_dtype" in attrs and attrs["output_dtype"]:
-            dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(attrs["output_dtype"]))
+            dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(attrs["output_dtype"])).name
     else:
-        dtype = zp.dtype
-    if dtype not in ACTIVATION_DTYPES:
+        dtype = zp.dtype.name
+    if dtype not in ACTIVATION_TYPES:
         raise UnsupportedQuantizationError(
-            f"{label}: activation type {dtype.name} is not supported (uint8 and int8 are)")
+            f"{label}: activation type {dtype} is not supported ({', '.join(ACTIVATION_TYPES)} are)")
     value = float(scale.reshape(()))
     if not (np.isfinite(value) and value > 0):
         raise UnsupportedQuantizationError(f"{label}: scale {value} is not a positive number")
-    return ActivationQuant(bits=8, signed=ACTIVATION_DTYPES[dtype], scale=value,
+    bits, signed = ACTIVATION_TYPES[dtype]
+    return ActivationQuant(bits=bits, signed=signed, scale=value,
                            zero_point=0 if zp is None else int(zp.reshape(())))
 
 

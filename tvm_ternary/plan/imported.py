@@ -110,7 +110,7 @@ def plan_from_model(prep, *, config: QuantConfig | None = None, exact_roundings:
 
 
 def with_float_roundings(model, analysis, quantized: set[str], quants: dict):
-    """``model`` with a QuantizeLinear -> DequantizeLinear pair put back on every edge where a
+    """``model`` with the model's rounding (a fake quantization) put back on every edge where a
     float op reads a tensor the quantized model rounds but no integer layer produces (a float
     Concat of differently scaled inputs, a float residual Add, a pool): the float op then sees
     the rounded value, as in the model. Integer layers read the tensor itself (they quantize it)."""
@@ -131,27 +131,49 @@ def with_float_roundings(model, analysis, quantized: set[str], quants: dict):
     out = onnx.ModelProto()
     out.CopyFrom(model)
     g = out.graph
+    taken = {t.name for t in g.initializer} | {o for n in g.node for o in n.output} \
+        | {n.name for n in g.node}
     nodes = []
-    inserted: set[str] = set()
+    rounded: dict[str, str] = {}  # tensor -> its rounded copy
     for node in g.node:
         if node_key(node) not in fused_nodes:
             for i, t in enumerate(node.input):
                 if t not in wanted:
                     continue
-                if t not in inserted:
-                    q = quants[t]
-                    zp_dtype = np.int8 if q.signed else np.uint8
-                    g.initializer.extend([
-                        numpy_helper.from_array(np.array(q.scale, np.float32), f"{t}__fq_scale"),
-                        numpy_helper.from_array(np.array(q.zero_point, zp_dtype), f"{t}__fq_zp")])
-                    args = [f"{t}__fq_scale", f"{t}__fq_zp"]
-                    nodes.append(onnx.helper.make_node("QuantizeLinear", [t, *args], [f"{t}__fq_q"],
-                                                       name=f"{t}__fq_quantize"))
-                    nodes.append(onnx.helper.make_node("DequantizeLinear", [f"{t}__fq_q", *args],
-                                                       [f"{t}__fq"], name=f"{t}__fq_dequantize"))
-                    inserted.add(t)
-                node.input[i] = f"{t}__fq"
+                if t not in rounded:
+                    prefix = f"{t}__fq"
+                    while any(name.startswith(prefix) for name in taken):  # e.g. re-imported
+                        prefix += "_"
+                    new = _fake_quant_nodes(g, t, quants[t], prefix)
+                    taken.update(o for n in new for o in n.output)
+                    nodes += new
+                    rounded[t] = prefix
+                node.input[i] = rounded[t]
         nodes.append(node)
     del g.node[:]
     g.node.extend(nodes)
     return out
+
+
+def _fake_quant_nodes(graph, tensor: str, quant, prefix: str) -> list:
+    """``(clip(round(x / s) + z, qmin, qmax) - z) * s`` as plain float ONNX ops (any bit width;
+    the numpy graph and the Relax frontend both run them), reading ``tensor``, writing
+    ``prefix``; every new name starts with ``prefix``."""
+    import onnx
+    from onnx import numpy_helper
+
+    consts = {"s": quant.scale, "z": float(quant.zero_point), "lo": float(quant.qmin),
+              "hi": float(quant.qmax)}
+    names = {k: f"{prefix}_{k}" for k in consts}
+    graph.initializer.extend(numpy_helper.from_array(np.array(v, np.float32), names[k])
+                             for k, v in consts.items())
+    step = [("Div", [tensor, names["s"]]), ("Round", None), ("Add", [None, names["z"]]),
+            ("Clip", [None, names["lo"], names["hi"]]), ("Sub", [None, names["z"]]),
+            ("Mul", [None, names["s"]])]
+    nodes, prev = [], None
+    for i, (op, args) in enumerate(step):
+        args = [prev] if args is None else [prev if a is None else a for a in args]
+        out = prefix if i == len(step) - 1 else f"{prefix}{i}"
+        nodes.append(onnx.helper.make_node(op, args, [out], name=f"{prefix}_{op.lower()}"))
+        prev = out
+    return nodes
