@@ -38,7 +38,7 @@ class CompiledModel:
     isa: str
     seconds: dict
 
-    def sidecar(self, *, library_sha256: str, preprocess=None) -> dict:
+    def sidecar(self, *, library_sha256: str, preprocess=None, calibration: dict | None = None) -> dict:
         """What a user (and :mod:`tvm_ternary.runtime`) needs to know about the library."""
         from dataclasses import asdict
 
@@ -64,6 +64,9 @@ class CompiledModel:
             "output": {"name": im.output_name, "shape": list(im.output_shape), "dtype": im.output_dtype},
             "preprocess": None if preprocess is None else preprocess.to_dict(),
             "quant_config": asdict(self.plan.config),
+            # which images calibrated the plan (files / seed from the CLI) and which of them the
+            # sequential fit used
+            "calibration": {**(calibration or {}), **self.plan.calibration},
             "tvm_version": ta.tvm_version(),
             "tvm_ternary_version": __version__,
             "target": {"mcpu": ta.target_mcpu(self.target), "isa": self.isa},
@@ -74,7 +77,7 @@ class CompiledModel:
             "import_notes": list(im.notes),
         }
 
-    def export(self, path: str | Path, *, preprocess=None) -> dict:
+    def export(self, path: str | Path, *, preprocess=None, calibration: dict | None = None) -> dict:
         """Write ``path`` (.so, weights embedded) and its sidecar ``path.json``; returns the
         sidecar. Both are written under temporary names first: a failure leaves neither."""
         import json
@@ -87,7 +90,8 @@ class CompiledModel:
         tmp_side = path.with_name(f".{path.name}.tmp.json")
         try:
             ta.export_library(self.executable, str(tmp_lib))
-            meta = self.sidecar(library_sha256=file_sha256(tmp_lib), preprocess=preprocess)
+            meta = self.sidecar(library_sha256=file_sha256(tmp_lib), preprocess=preprocess,
+                                calibration=calibration)
             tmp_side.write_text(json.dumps(meta, indent=1))
             os.replace(tmp_lib, path)
             os.replace(tmp_side, sidecar_path(path))

@@ -11,9 +11,9 @@ from . import Command
 from ._options import (
     add_preprocess_arguments,
     add_quant_arguments,
-    load_images,
+    add_calibration_arguments,
+    load_calibration,
     parse_input_shapes,
-    positive_int,
     preprocess_config,
     quant_config,
 )
@@ -28,7 +28,7 @@ features, per-layer coverage). Prints the coverage report, compile time and peak
 EPILOG = """\
 example:
   tvm-ternary compile ../shared/data/imagenet/models/squeezenet1.1.onnx -o squeezenet.so \\
-      --preprocess caffe --calib ../shared/data/imagenet/images/val200 --calib-limit 64"""
+      --preprocess caffe --calib ../shared/data/imagenet/images/calib1000"""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -39,8 +39,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "icelake-server, skylake-avx512, haswell")
     parser.add_argument("--calib", type=Path, metavar="DIR|FILE.npy",
                         help="calibration images: a folder (with --preprocess) or a stacked .npy (required)")
-    parser.add_argument("--calib-limit", type=positive_int, default=64, metavar="N",
-                        help="use the first N calibration images (default 64)")
+    add_calibration_arguments(parser)
     parser.add_argument("--input-shape", action="append", default=[], metavar="NAME:1,3,224,224",
                         help="static input shape (needed when the model's batch is dynamic)")
     parser.add_argument("--tuning-db", type=Path, metavar="DIR", help="apply tuned schedules from this database")
@@ -68,8 +67,8 @@ def run(args: argparse.Namespace) -> int:
     from ..passes.onnx_normalize import normalize_onnx
 
     prep = normalize_onnx(model, input_shapes=shapes)
-    images = load_images(args.calib, preprocess=preprocess, input_shape=prep.input_shape,
-                         limit=args.calib_limit, what="calibration")
+    images, calibration = load_calibration(args.calib, preprocess=preprocess, input_shape=prep.input_shape,
+                                           limit=args.calib_limit, seed=args.calib_seed)
     target = _target(None if args.target == "host" else args.target)
     kernels = None
     if args.tuning_db is not None:
@@ -78,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
         kernels = TunedKernels(open_database(args.tuning_db, target=target, create=False))
     compiled = compile_model(model, config=config, calib_images=images, target=target,
                              input_shapes=shapes, kernels=kernels)
-    meta = compiled.export(args.output, preprocess=preprocess)
+    meta = compiled.export(args.output, preprocess=preprocess, calibration=calibration)
     print(format_coverage(meta))
     if kernels is not None:
         print(format_schedules(compiled.rewrite.schedules, kernels.tdb.path))

@@ -10,7 +10,8 @@ from . import Command
 from ._options import (
     add_preprocess_arguments,
     add_quant_arguments,
-    load_images,
+    add_calibration_arguments,
+    load_calibration,
     parse_input_shapes,
     positive_int,
     preprocess_config,
@@ -56,8 +57,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      help="seconds to wait for a device session / one measurement (default 60)")
     parser.add_argument("--calib", type=Path, metavar="DIR|FILE.npy",
                         help="calibration images: a folder (with --preprocess) or a stacked .npy (required)")
-    parser.add_argument("--calib-limit", type=positive_int, default=64, metavar="N",
-                        help="use the first N calibration images (default 64)")
+    add_calibration_arguments(parser)
     parser.add_argument("--input-shape", action="append", default=[], metavar="NAME:1,3,224,224",
                         help="static input shape (needed when the model's batch is dynamic)")
     add_quant_arguments(parser)
@@ -121,8 +121,8 @@ def run(args: argparse.Namespace) -> int:
     from ..passes.onnx_normalize import normalize_onnx
 
     prep = normalize_onnx(model, input_shapes=shapes)
-    images = load_images(args.calib, preprocess=preprocess, input_shape=prep.input_shape,
-                         limit=args.calib_limit, what="calibration")
+    images, _ = load_calibration(args.calib, preprocess=preprocess, input_shape=prep.input_shape,
+                               limit=args.calib_limit, seed=args.calib_seed)
     tasks, untuned = model_tasks(model, config=config, calib_images=images, target=target, input_shapes=shapes)
     if args.layers:
         wanted = {name.strip() for name in args.layers.split(",") if name.strip()}
