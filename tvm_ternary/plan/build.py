@@ -36,7 +36,7 @@ from ..quant import (
 from ..quant import reference as ref
 from ..quant.data_aware import LayerStatistics, fit_layer
 from ..quant.intscales import IntegerWeights
-from ..quant.reconstruct import reconstruct_layer
+from ..quant.reconstruct import fit_depthwise, reconstruct_layer
 from .calibrate import TensorStats, collect_stats
 from .config import LayerDecision, QuantConfig, decide
 from .graph import FusedLayer, GraphAnalysis, analyse, node_key
@@ -44,6 +44,7 @@ from .layer import LayerPlan, requantize_params
 
 FIT_ROWS = 32_768  # im2col rows sampled per layer for the data-aware statistics
 FIT_IMAGES = 256  # calibration images the sequential fit walks (a seeded sample of them)
+DEPTHWISE_ROWS = 8_192  # output positions sampled per depthwise layer (each channel has R*S weights)
 CHUNK_IMAGES = 16  # images per conv evaluation in the walk: bounds im2col memory
 INPUT_ACT_BITS = 8  # the image entering the first layer is always 8-bit
 RELU_AWARE = True  # refit layers followed by a ReLU to targets that ignore what the ReLU hides
@@ -127,6 +128,8 @@ def _quantize_weights(fused: FusedLayer, bits: int, config: QuantConfig, stats: 
                       rows=None):
     w = fused.weight.weight
     n = min(config.group_size, w.shape[1])
+    if config.method == "reconstruct" and fused.weight.is_depthwise and rows is not None and bits == 8:
+        return fit_depthwise(w, *rows, bits=bits, grouping=config.grouping)
     if config.method in FITTED_METHODS and stats is not None:
         fit = fit_layer(w, stats=stats, group_size=n, grouping=config.grouping, bits=bits)
         if RELU_AWARE and rows is not None and fused.relu and fused.residual is None:
@@ -242,7 +245,10 @@ def make_plan(model: onnx.ModelProto, images: np.ndarray, *, config: QuantConfig
         geometry = {} if fused.weight.op_type == "dense" else conv_geometry(node, x_q.shape[2:], w.shape[2:])
         in_q = quants[fused.input]
         layer_stats = fit_rows = None
-        if config.method in FITTED_METHODS and geometry.get("groups", 1) == 1:
+        if config.method == "reconstruct" and fused.weight.is_depthwise and w.shape[0] == geometry["groups"]:
+            fit_rows = _fit_rows(fused, x_q, float_env[node.output[0]], geometry, in_q, rng,
+                                 rows=DEPTHWISE_ROWS, depthwise=True)
+        elif config.method in FITTED_METHODS and geometry.get("groups", 1) == 1:
             fit_rows = _fit_rows(fused, x_q, float_env[node.output[0]], geometry, in_q, rng)
             layer_stats = LayerStatistics.empty(in_features=fit_rows[0].shape[1], out_features=fit_rows[1].shape[1])
             for chunk in np.array_split(np.arange(len(fit_rows[0])), max(1, len(fit_rows[0]) // 4096)):
@@ -294,13 +300,14 @@ def make_plan(model: onnx.ModelProto, images: np.ndarray, *, config: QuantConfig
 
 
 def _fit_rows(fused: FusedLayer, x: np.ndarray, y: np.ndarray, geometry: dict, in_q: ActivationQuant,
-              rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+              rng: np.random.Generator, rows: int = FIT_ROWS, depthwise: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """FIT_ROWS sampled rows of the layer's input patches (on the kernel's integer grid) and of
-    the float targets, built image chunk by chunk: the full im2col of the fit set never exists."""
+    the float targets, built image chunk by chunk: the full im2col of the fit set never exists.
+    ``depthwise``: patches per channel, [P, C, R*S]."""
     n = x.shape[0]
     per = 1 if fused.weight.op_type == "dense" else y.shape[2] * y.shape[3]
     total = n * per
-    sel = np.sort(rng.choice(total, size=min(total, FIT_ROWS), replace=False))
+    sel = np.sort(rng.choice(total, size=min(total, rows), replace=False))
     xs, ys = [], []
     for i0 in range(0, n, CHUNK_IMAGES):
         lo, hi = np.searchsorted(sel, [i0 * per, (i0 + CHUNK_IMAGES) * per])
@@ -309,9 +316,18 @@ def _fit_rows(fused: FusedLayer, x: np.ndarray, y: np.ndarray, geometry: dict, i
         idx = sel[lo:hi] - i0 * per
         # what the kernel will see: the input on its integer grid (the shared quantizer's rounding)
         x_deq = dequantize_activation(quantize_activation(x[i0 : i0 + CHUNK_IMAGES], in_q), in_q)
-        xs.append(_patches(fused, x_deq, geometry)[idx])
+        xs.append((_depthwise_patches if depthwise else _patches)(fused, x_deq, geometry)[idx])
         ys.append(_targets(fused, y[i0 : i0 + CHUNK_IMAGES])[idx])
     return np.concatenate(xs), np.concatenate(ys)
+
+
+def _depthwise_patches(fused: FusedLayer, x: np.ndarray, geometry: dict) -> np.ndarray:
+    """Per-channel im2col rows [P, C, R*S] of a depthwise conv."""
+    w = fused.weight.weight
+    cols = ref.im2col(x, kernel_hw=w.shape[2:], stride=geometry["stride"], padding=geometry["padding"],
+                      dilation=geometry["dilation"], dtype=np.float32)
+    n, c, r, s, oh, ow = cols.shape
+    return cols.transpose(0, 4, 5, 1, 2, 3).reshape(n * oh * ow, c, r * s)
 
 
 def _patches(fused: FusedLayer, x: np.ndarray, geometry: dict) -> np.ndarray:
@@ -344,6 +360,10 @@ def _run(graph, analysis, layers, x, *, quantized, fit=None, progress=False, kee
     walk = _Walk(graph, analysis, quantized)
     float_env = dict(graph.constants) if fit is not None else None
     float_last = graph.last_uses()
+    at = {node_key(n): i for i, n in enumerate(graph.nodes)}
+    for fused in walk.fused_at_root.values():  # the fit reads the conv's float output at the root
+        conv_out = graph.nodes[at[fused.name]].output[0]
+        float_last[conv_out] = max(float_last.get(conv_out, -1), at[fused.root])
     env = dict(graph.constants)
     name_in = graph.input_names[0]
     env[name_in] = np.asarray(x, np.float32)

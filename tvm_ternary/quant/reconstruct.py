@@ -180,3 +180,42 @@ def _from_bounds_order(start: QuantizedWeights, codes: np.ndarray, scales: np.nd
 
 
 __all__ = ["Reconstruction", "descend", "reconstruct_layer"]
+
+
+def fit_depthwise(weight: np.ndarray, x: np.ndarray, y: np.ndarray, *, bits: int = 8, grouping: str = "fgq"):
+    """Refit a depthwise conv (one filter per channel) to its float output, then quantize.
+
+    ``x`` [P, C, R*S]: each channel's input patches (from the quantized prefix); ``y`` [P, C]:
+    the float layer's output. Each channel is its own small least-squares problem (R*S weights),
+    damped towards the float filter like :func:`reconstruct_layer`, so the depthwise layer
+    undoes what the ternary layer before it got wrong. Returns (weights as
+    :func:`~tvm_ternary.quant.quantize_weights` gives them, float bias [C], output error).
+    """
+    from .ternary import quantize_weights
+
+    c = weight.shape[0]
+    w = weight.reshape(c, -1).astype(np.float64)
+    p, d = len(x), w.shape[1]
+    xx, xy = np.zeros((c, d, d)), np.zeros((c, d))
+    x_sum, y_sum, yy = np.zeros((c, d)), np.zeros(c), np.zeros(c)
+    for lo in range(0, p, 1024):  # raw moments in float64, a chunk of rows at a time
+        xb = np.asarray(x[lo : lo + 1024], np.float64)
+        yb = np.asarray(y[lo : lo + 1024], np.float64)
+        xx += np.einsum("pcd,pce->cde", xb, xb)
+        xy += np.einsum("pcd,pc->cd", xb, yb)
+        x_sum += xb.sum(axis=0)
+        y_sum += yb.sum(axis=0)
+        yy += (yb * yb).sum(axis=0)
+    mu_x, mu_y = x_sum / p, y_sum / p
+    h = xx / p - np.einsum("cd,ce->cde", mu_x, mu_x)
+    cxy = xy / p - mu_x * mu_y[:, None]
+    lam = DAMPING * np.maximum(np.einsum("cdd->c", h) / d, 1e-12)
+    w_fit = np.linalg.solve(h + lam[:, None, None] * np.eye(d), (cxy + lam[:, None] * w)[..., None])[..., 0]
+    qw = quantize_weights(w_fit.reshape(weight.shape).astype(np.float32), bits=bits, group_size=1,
+                          grouping=grouping)
+    w_hat = qw.dequantize().reshape(c, -1).astype(np.float64)
+    bias = mu_y - np.einsum("cd,cd->c", w_hat, mu_x)
+    # centred residual E||(y - mu_y) - (x - mu_x) w||^2 from the moments, relative to E||y||^2
+    var_y = yy / p - mu_y**2
+    err = var_y - 2 * np.einsum("cd,cd->c", w_hat, cxy) + np.einsum("cd,cde,ce->c", w_hat, h, w_hat)
+    return qw, bias.astype(np.float32), float(max(err.sum(), 0.0) * p / max(yy.sum(), 1e-30))
