@@ -120,8 +120,8 @@ def test_reconstruct_plan_fits_layers_no_worse_than_data_aware():
     errs = {}
     for method in ("data-aware", "reconstruct"):
         plan = make_plan(model, calib, config=QuantConfig(group_size=4, method=method), progress=False)
-        errs[method] = [plan.layers[n].output_error for n in ("fire_squeeze", "fire_e1", "fire_e3", "res_a",
-                                                             "res_b", "fc")]
+        # (res_b is left out: under reconstruct its target is the block output, skip error included)
+        errs[method] = [plan.layers[n].output_error for n in ("fire_squeeze", "fire_e1", "fire_e3", "res_a", "fc")]
     # output errors on each method's own quantized inputs; reconstruct's include the integer grid,
     # data-aware's do not (it is scored before its scales are made integer)
     assert sum(errs["reconstruct"]) < 0.9 * sum(errs["data-aware"])

@@ -45,7 +45,8 @@ from .layer import LayerPlan, requantize_params
 FIT_ROWS = 32_768  # im2col rows sampled per layer for the data-aware statistics
 FIT_IMAGES = 256  # calibration images the sequential fit walks (a seeded sample of them)
 DEPTHWISE_ROWS = 8_192  # output positions sampled per depthwise layer (each channel has R*S weights)
-CHUNK_IMAGES = 16  # images per conv evaluation in the walk: bounds im2col memory
+CHUNK_IMAGES = 16
+STORE_HALF_MIN = 1 << 20  # tensors of at least this many values are kept as float16 while planning  # images per conv evaluation in the walk: bounds im2col memory
 INPUT_ACT_BITS = 8  # the image entering the first layer is always 8-bit
 RELU_AWARE = True  # refit layers followed by a ReLU to targets that ignore what the ReLU hides
 FITTED_METHODS = ("reconstruct", "data-aware")  # methods that fit layers to calibration outputs
@@ -239,7 +240,7 @@ def make_plan(model: onnx.ModelProto, images: np.ndarray, *, config: QuantConfig
     layers: dict[str, LayerPlan] = {}
     last_layer = analysis.layers[-1].name
 
-    def fit(fused: FusedLayer, x_q: np.ndarray, float_env: dict) -> LayerPlan:
+    def fit(fused: FusedLayer, x_q: np.ndarray, float_env: dict, env: dict) -> LayerPlan:
         node = next(n for n in graph.nodes if node_key(n) == fused.name)
         w = fused.weight.weight
         geometry = {} if fused.weight.op_type == "dense" else conv_geometry(node, x_q.shape[2:], w.shape[2:])
@@ -249,7 +250,16 @@ def make_plan(model: onnx.ModelProto, images: np.ndarray, *, config: QuantConfig
             fit_rows = _fit_rows(fused, x_q, float_env[node.output[0]], geometry, in_q, rng,
                                  rows=DEPTHWISE_ROWS, depthwise=True)
         elif config.method in FITTED_METHODS and geometry.get("groups", 1) == 1:
-            fit_rows = _fit_rows(fused, x_q, float_env[node.output[0]], geometry, in_q, rng)
+            target = float_env[node.output[0]]
+            if config.method == "reconstruct" and fused.residual:
+                # reconstruct the block output, not the branch: the conv also makes up for the
+                # quantized skip path's error (float block = float conv + float skip)
+                res_q = quants[fused.residual]
+                skip_q = _chunked(lambda r: dequantize_activation(quantize_activation(r, res_q), res_q),
+                                  env[fused.residual])
+                target = _chunked(lambda t, a, b: t.astype(np.float32) + a - b, target,
+                                  float_env[fused.residual], skip_q)
+            fit_rows = _fit_rows(fused, x_q, target, geometry, in_q, rng)
             layer_stats = LayerStatistics.empty(in_features=fit_rows[0].shape[1], out_features=fit_rows[1].shape[1])
             for chunk in np.array_split(np.arange(len(fit_rows[0])), max(1, len(fit_rows[0]) // 4096)):
                 layer_stats.accumulate(fit_rows[0][chunk], fit_rows[1][chunk])
@@ -352,6 +362,16 @@ def _chunked(fn, x: np.ndarray, *rest):
     return np.concatenate(parts)
 
 
+def _stored(a: np.ndarray, fit) -> np.ndarray:
+    """How the planning walk keeps a tensor: large float32 ones as float16, which halves the
+    frontier of the fit set (targets keep ~3 significant digits; a tensor on an 8-bit grid
+    re-quantizes to the same integers: the float16 error is < 1/8 of a step). Not when
+    simulating, and not where float16 would overflow."""
+    if fit is None or a.dtype != np.float32 or a.size < STORE_HALF_MIN or np.abs(a).max() >= 60_000:
+        return a
+    return a.astype(np.float16)
+
+
 def _run(graph, analysis, layers, x, *, quantized, fit=None, progress=False, keep_int=None):
     """Walk the network once. With ``fit``, quantize each layer on reaching it (planning) and
     keep the float network alongside; else run the plan in ``layers``. Both networks keep only
@@ -361,9 +381,10 @@ def _run(graph, analysis, layers, x, *, quantized, fit=None, progress=False, kee
     float_env = dict(graph.constants) if fit is not None else None
     float_last = graph.last_uses()
     at = {node_key(n): i for i, n in enumerate(graph.nodes)}
-    for fused in walk.fused_at_root.values():  # the fit reads the conv's float output at the root
-        conv_out = graph.nodes[at[fused.name]].output[0]
-        float_last[conv_out] = max(float_last.get(conv_out, -1), at[fused.root])
+    for fused in walk.fused_at_root.values():  # the fit reads these float tensors at the root
+        for name in (graph.nodes[at[fused.name]].output[0], fused.residual):
+            if name:
+                float_last[name] = max(float_last.get(name, -1), at[fused.root])
     env = dict(graph.constants)
     name_in = graph.input_names[0]
     env[name_in] = np.asarray(x, np.float32)
@@ -372,8 +393,8 @@ def _run(graph, analysis, layers, x, *, quantized, fit=None, progress=False, kee
 
     def evaluate(node, inputs):
         if node.op_type == "Conv" and inputs[0].shape[0] > CHUNK_IMAGES:
-            return _chunked(lambda xb: graph.evaluate(node, [xb] + inputs[1:]), inputs[0])
-        return graph.evaluate(node, inputs)
+            return _stored(_chunked(lambda xb: graph.evaluate(node, [xb] + inputs[1:]), inputs[0]), fit)
+        return _stored(graph.evaluate(node, inputs), fit)
 
     done = 0
     for i, node in enumerate(graph.nodes):
@@ -387,14 +408,14 @@ def _run(graph, analysis, layers, x, *, quantized, fit=None, progress=False, kee
             walk.free(env, i, node)
         else:
             if fit is not None:
-                layers[fused.name] = fit(fused, env[fused.input], float_env)
+                layers[fused.name] = fit(fused, env[fused.input], float_env, env)
                 done += 1
                 if progress:
                     print(f"\rquantizing layers: {done}/{total}", end="" if done < total else "\n",
                           file=sys.stderr, flush=True)
             residual = env[fused.residual] if fused.residual else None
             y, y_int = _chunked(layers[fused.name].run, env[fused.input], residual)
-            env[fused.output] = y
+            env[fused.output] = _stored(y, fit)
             if keep_int is not None:
                 keep_int[fused.name] = y_int
             walk.free(env, i, node)
