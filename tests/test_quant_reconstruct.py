@@ -147,3 +147,18 @@ def test_depthwise_refit_undoes_an_input_error():
     assert err == pytest.approx(direct, rel=1e-6, abs=1e-9)
     assert direct < 0.01 * float(((y - plain) ** 2).sum() / (y**2).sum())
     assert qw.bits == 8 and np.abs(qw.codes).max() <= 127
+
+
+def test_chunked_walk_matches_image_by_image_simulation():
+    """More images than one chunk: planning (float16 frontier) runs, and simulating a batch in
+    chunks gives exactly what one image at a time gives."""
+    import tvm_ternary.plan.build as build
+
+    model = tiny_cnn()
+    calib = tiny_images(3 * build.CHUNK_IMAGES + 5)
+    plan = make_plan(model, calib, config=QuantConfig(group_size=4), progress=False)
+    assert plan.calibration["fit_images"] == len(calib)
+    x = tiny_images(build.CHUNK_IMAGES + 3, seed=5)
+    whole = simulate(plan, x)
+    one_by_one = np.concatenate([simulate(plan, x[i : i + 1]) for i in range(len(x))])
+    assert np.array_equal(whole, one_by_one)

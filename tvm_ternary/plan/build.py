@@ -135,7 +135,8 @@ def _quantize_weights(fused: FusedLayer, bits: int, config: QuantConfig, stats: 
         fit = fit_layer(w, stats=stats, group_size=n, grouping=config.grouping, bits=bits)
         if RELU_AWARE and rows is not None and fused.relu and fused.residual is None:
             stats = _relu_aware_stats(fit, rows, stats)
-            fit = fit_layer(w, stats=stats, group_size=n, grouping=config.grouping, bits=bits)
+            if config.method == "data-aware":  # reconstruct descends from the first fit instead
+                fit = fit_layer(w, stats=stats, group_size=n, grouping=config.grouping, bits=bits)
         if config.method == "reconstruct":
             rec = reconstruct_layer(fit.weights, stats=stats, code_bits=config.code_bits, weight=w)
             return rec.weights, rec.bias, rec.output_error
@@ -351,25 +352,30 @@ def _patches(fused: FusedLayer, x: np.ndarray, geometry: dict) -> np.ndarray:
     return cols.transpose(0, 4, 5, 1, 2, 3).reshape(n * oh * ow, c * r * s)
 
 
-def _chunked(fn, x: np.ndarray, *rest):
-    """``fn`` over CHUNK_IMAGES images at a time (per-image ops; bounds im2col memory)."""
+def _chunked(fn, x: np.ndarray, *rest, store=None):
+    """``fn`` over CHUNK_IMAGES images at a time (per-image ops; bounds im2col memory); each
+    chunk's result goes through ``store`` (e.g. to float16) before the chunks are joined."""
+    store = store or (lambda a: a)
     if x.shape[0] <= CHUNK_IMAGES:
-        return fn(x, *rest)
-    parts = [fn(x[i : i + CHUNK_IMAGES], *[None if r is None else r[i : i + CHUNK_IMAGES] for r in rest])
+        return store(fn(x, *rest))
+    parts = [store(fn(x[i : i + CHUNK_IMAGES], *[None if r is None else r[i : i + CHUNK_IMAGES] for r in rest]))
              for i in range(0, x.shape[0], CHUNK_IMAGES)]
-    if isinstance(parts[0], tuple):
-        return tuple(np.concatenate(p) for p in zip(*parts))
     return np.concatenate(parts)
 
 
-def _stored(a: np.ndarray, fit) -> np.ndarray:
-    """How the planning walk keeps a tensor: large float32 ones as float16, which halves the
-    frontier of the fit set (targets keep ~3 significant digits; a tensor on an 8-bit grid
-    re-quantizes to the same integers: the float16 error is < 1/8 of a step). Not when
-    simulating, and not where float16 would overflow."""
-    if fit is None or a.dtype != np.float32 or a.size < STORE_HALF_MIN or np.abs(a).max() >= 60_000:
+def _half(a: np.ndarray) -> np.ndarray:
+    """How the planning walk keeps a tensor: float32 as float16, which halves the frontier of
+    the fit set (targets keep ~3 significant digits; a tensor on an 8-bit grid re-quantizes to
+    the same integers: the float16 error is < 1/8 of a step). Not where float16 would
+    overflow, and not small tensors (logits, pooled features)."""
+    if a.dtype != np.float32 or a.size < STORE_HALF_MIN // CHUNK_IMAGES or np.abs(a).max() >= 60_000:
         return a
     return a.astype(np.float16)
+
+
+# ops that treat each image on its own: the planning walk runs them CHUNK_IMAGES at a time
+PER_IMAGE_OPS = {"Conv", "Relu", "Clip", "MaxPool", "AveragePool", "Add", "Mul", "Concat",
+                 "BatchNormalization", "Sigmoid", "HardSwish", "HardSigmoid", "LeakyRelu", "LRN"}
 
 
 def _run(graph, analysis, layers, x, *, quantized, fit=None, progress=False, keep_int=None):
@@ -391,10 +397,22 @@ def _run(graph, analysis, layers, x, *, quantized, fit=None, progress=False, kee
     if float_env is not None:
         float_env[name_in] = env[name_in]
 
+    store = _half if fit is not None else None
+
     def evaluate(node, inputs):
-        if node.op_type == "Conv" and inputs[0].shape[0] > CHUNK_IMAGES:
-            return _stored(_chunked(lambda xb: graph.evaluate(node, [xb] + inputs[1:]), inputs[0]), fit)
-        return _stored(graph.evaluate(node, inputs), fit)
+        n = inputs[0].shape[0] if inputs and inputs[0] is not None and inputs[0].ndim == 4 else 0
+        per_image = [i for i, (name, a) in enumerate(zip(node.input, inputs))
+                     if a is not None and name not in graph.constants and a.ndim == 4 and a.shape[0] == n]
+        along_batch = node.op_type == "Concat" and onnx.helper.get_node_attr_value(node, "axis") in (0, -4)
+        if n > CHUNK_IMAGES and node.op_type in PER_IMAGE_OPS and per_image and not along_batch:
+            def one(*parts):
+                args = list(inputs)
+                for i, part in zip(per_image, parts):
+                    args[i] = part
+                return graph.evaluate(node, args)
+            return _chunked(one, *[inputs[i] for i in per_image], store=store)
+        out = graph.evaluate(node, inputs)
+        return out if store is None else store(out)
 
     done = 0
     for i, node in enumerate(graph.nodes):
@@ -414,10 +432,11 @@ def _run(graph, analysis, layers, x, *, quantized, fit=None, progress=False, kee
                     print(f"\rquantizing layers: {done}/{total}", end="" if done < total else "\n",
                           file=sys.stderr, flush=True)
             residual = env[fused.residual] if fused.residual else None
-            y, y_int = _chunked(layers[fused.name].run, env[fused.input], residual)
-            env[fused.output] = _stored(y, fit)
-            if keep_int is not None:
-                keep_int[fused.name] = y_int
+            if keep_int is None:
+                run = layers[fused.name].run
+                env[fused.output] = _chunked(lambda xb, rb: run(xb, rb)[0], env[fused.input], residual, store=store)
+            else:
+                env[fused.output], keep_int[fused.name] = layers[fused.name].run(env[fused.input], residual)
             walk.free(env, i, node)
         if float_env is not None:
             for name in node.input:
