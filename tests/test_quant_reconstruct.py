@@ -162,3 +162,25 @@ def test_chunked_walk_matches_image_by_image_simulation():
     whole = simulate(plan, x)
     one_by_one = np.concatenate([simulate(plan, x[i : i + 1]) for i in range(len(x))])
     assert np.array_equal(whole, one_by_one)
+
+
+@pytest.mark.parametrize("bounds", [[(0, 4), (4, 8), (8, 12)], [(0, 5), (5, 10), (10, 12)]],
+                         ids=["equal-groups", "short-last-group"])
+def test_group_scale_refit_is_the_least_squares_solution(bounds):
+    from tvm_ternary.quant.data_aware import _refit_scales
+
+    rng = np.random.default_rng(1)
+    d, k = 12, 5
+    a = rng.normal(size=(60, d))
+    h, c = a.T @ a / 60, rng.normal(size=(d, k))
+    codes = rng.integers(-1, 2, size=(k, d)).astype(np.float64)
+    codes[:, 0] = 1  # no all-zero group
+    got_codes, got = _refit_scales(codes, h, c, bounds)
+    for row in range(k):
+        basis = np.zeros((d, len(bounds)))
+        for g, (lo, hi) in enumerate(bounds):
+            basis[lo:hi, g] = codes[row, lo:hi]
+        want = np.linalg.lstsq(basis.T @ h @ basis, basis.T @ c[:, row], rcond=None)[0]
+        np.testing.assert_allclose(got[row], np.abs(want), rtol=1e-4, atol=1e-8)
+        np.testing.assert_array_equal(got_codes[row], codes[row] * np.repeat(np.sign(want) + (want == 0),
+                                                                              [hi - lo for lo, hi in bounds]))
