@@ -9,8 +9,8 @@ quantized model is, by ``--backend``:
   reference of the compiled integer layers. Only when asked: never a fallback.
 
 Calibration images: ``--calib-limit`` images sampled across ``--calib DIR`` (seeded by
-``--calib-seed``), or by default sampled from ``--images`` and then *held out* of the evaluated
-set.
+``--calib-seed``), or by default sampled from ``--images`` (at most half of them) and then
+*held out* of the evaluated set.
 
 Example::
 
@@ -51,7 +51,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bgr", action="store_true", default=None, help="feed B,G,R channel order")
     parser.add_argument("--limit", type=positive_int, metavar="N", help="evaluate at most N images")
     parser.add_argument("--calib", metavar="DIR", help="calibration images (default: --calib-limit "
-                        "images sampled from --images, held out of the evaluation)")
+                        "images, at most half, sampled from --images and held out of the evaluation)")
     add_calibration_arguments(parser)
     add_quant_arguments(parser, defaults=False)  # a .so refuses them: tell given from default
     parser.add_argument("--max-drop", type=float, metavar="P", help="per-layer sensitivity policy: "
@@ -99,15 +99,16 @@ def _split(args):
         calib, _ = load_image_folder(args.calib, limit=args.calib_limit, sample_seed=seed)
         how = f"{len(calib)} images sampled from {args.calib} (seed {seed})"
     else:
-        held = set(sample_calibration(paths, args.calib_limit, seed=seed))
+        # held out of --images: at most half of them, so something is left to evaluate
+        held = set(sample_calibration(paths, min(args.calib_limit, len(paths) // 2), seed=seed))
         calib = [p for i, p in enumerate(paths) if i in held]
         rest = [i for i in range(len(paths)) if i not in held]
         paths = [paths[i] for i in rest]
         labels = None if labels is None else [labels[i] for i in rest]
         how = f"{len(calib)} images sampled from {args.images} (seed {seed}), held out of the evaluation"
-        if not paths:
-            raise UserError(f"{args.images} has no images left to evaluate after holding out "
-                            f"{len(calib)} for calibration; lower --calib-limit or pass --calib DIR")
+        if not calib:
+            raise UserError(f"{args.images} has too few images to hold some out for calibration; "
+                            f"pass --calib DIR")
     if args.limit is not None:
         paths = paths[: args.limit]
         labels = None if labels is None else labels[: args.limit]
