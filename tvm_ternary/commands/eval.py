@@ -188,16 +188,17 @@ def run(args: argparse.Namespace) -> int:
             _decisions_or_error(prep.model, config)
         except ValueError as error:
             raise OptionError(str(error)) from None
-        stats = calibration_stats(prep.model, x_calib, progress=progress)
         if args.max_drop is not None:
             from tvm_ternary.plan.sensitivity import choose_precision
 
+            # it calibrates itself on the images it does not hold out to check the budget on
             result = choose_precision(prep.model, x_calib, config=config, max_drops=(args.max_drop,),
-                                      stats=stats, progress=progress)
+                                      progress=progress)
             plan, config = result.choices[0].plan, result.choices[0].config
             sensitivity_text = result.table()
             config_json["overrides"] = [list(o) for o in config.overrides]
         else:
+            stats = calibration_stats(prep.model, x_calib, progress=progress)
             plan = make_plan(prep.model, x_calib, config=config, stats=stats, progress=progress)
         plan_seconds = time.perf_counter() - start
         summary = plan_summary(plan)
