@@ -196,3 +196,12 @@ def test_good_run_then_edited_features_in_a_fresh_runtime_only_process(library, 
     assert proc.returncode == 2
     assert_clean_error(proc.returncode, proc.stderr, match="required_cpu_features: the sidecar adds amx-int8")
     assert not (tmp_path / "y2.npy").exists()
+
+
+def test_sidecar_records_the_calibration_sample(library, work):
+    """Which calibration images (of the .npy, seeded sample) planned the library is recorded."""
+    meta = json.loads(library.with_name("tiny.so.json").read_text())
+    cal = meta["calibration"]
+    assert cal["source"] == str(work / "calib.npy") and cal["seed"] == 0
+    assert cal["available"] == 4 and cal["images"] == 4 and cal["indices"] == [0, 1, 2, 3]
+    assert cal["activation_images"] == 4 and cal["fit_images"] == 4 and cal["method"] == "exact"

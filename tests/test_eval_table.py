@@ -31,10 +31,10 @@ def test_quick_table_on_tiny_model(tmp_path):
                            "--out", str(out)]) == 0
     with open(out / "table.csv") as f:
         table = list(csv.DictReader(f))
-    assert len(table) == 1 + 6 + 1  # fp32, the quick rows, one policy row
+    assert len(table) == 1 + 8 + 1  # fp32, the quick rows, one policy row
     # labels are the float model's predictions: images and labels stay aligned under --limit
     assert table[0]["weights"] == "fp32" and float(table[0]["top1"]) == 1.0 and table[0]["n_eval"] == "30"
-    assert {r["method"] for r in table[1:]} == {"exact", "data-aware", "sensitivity"}
+    assert {r["method"] for r in table[1:]} == {"exact", "data-aware", "reconstruct", "sensitivity"}
     for key in ("tvm_ternary", "numpy", "onnx", "group_size", "act_calibration"):
         assert table[1][key] != ""
     md = (out / "table.md").read_text()
@@ -48,7 +48,7 @@ def test_rows_cover_the_sweep():
     ternary_fgq8 = {(r["method"], r["N"]) for r in rows if r["weights"] == "ternary" and r["act_bits"] == 8
                     and r["grouping"] == "fgq"}
     for n in (1, 2, 4, 8, 16, 64, "C"):
-        assert ("exact", n) in ternary_fgq8 and ("data-aware", n) in ternary_fgq8
+        assert {("exact", n), ("data-aware", n), ("reconstruct", n)} <= ternary_fgq8
     assert {r["weights"] for r in rows} == {"ternary", "int4", "int8"}
     assert any(r["grouping"] == "cluster" for r in rows) and any(r["act_bits"] == 4 for r in rows)
 

@@ -27,8 +27,8 @@ __all__ = ["compile", "load"]
 
 
 def compile(model, *, calib=None, config=None, target: str | None = "host", preprocess=None,
-            calib_limit: int | None = None, input_shapes: dict | None = None, tuning_db=None,
-            progress: bool = True):
+            calib_limit: int | None = None, calib_seed: int | None = None,
+            input_shapes: dict | None = None, tuning_db=None, progress: bool = True):
     """Quantize an ONNX CNN and compile it; returns a ``CompiledModel`` (``.run(x)``,
     ``.export(path)``, ``.coverage``).
 
@@ -102,7 +102,7 @@ def compile(model, *, calib=None, config=None, target: str | None = "host", prep
     if ta.choose_isa(target_obj) == "plain":
         print(f"warning: target {ta.target_mcpu(target_obj)}: no AVX2 or better, every kernel runs the "
               "plain (slow, unvectorized) reference schedule", file=sys.stderr)
-    images = None
+    images, calibration = None, {"source": "the model's own Q/DQ scales"}
     if prep.is_quantized:
         if calib is not None:
             print("note: the model is already quantized (QDQ): its own activation scales are used, "
@@ -112,10 +112,13 @@ def compile(model, *, calib=None, config=None, target: str | None = "host", prep
                           "API): activation scales come from calibration images (a QDQ-quantized "
                           "model needs none)")
     else:
-        images = calibration_images(calib, preprocess=preprocess, input_shape=prep.input_shape,
-                                    limit=calib_limit)
-    return compile_model(model, config=config, calib_images=images, target=target_obj, input_shapes=input_shapes,
-                         kernels=kernels, progress=progress, preprocess=preprocess)
+        images, calibration = calibration_images(calib, preprocess=preprocess, input_shape=prep.input_shape,
+                                                 limit=calib_limit, seed=calib_seed)
+    compiled = compile_model(model, config=config, calib_images=images, target=target_obj,
+                             input_shapes=input_shapes, kernels=kernels, progress=progress,
+                             preprocess=preprocess)
+    compiled.calibration = calibration
+    return compiled
 
 
 def load(path):
@@ -144,11 +147,17 @@ def load(path):
     return load_library(path)
 
 
-def calibration_images(source, *, preprocess, input_shape, limit: int | None) -> np.ndarray:
-    """float32 ``[N, ...]`` images from an array, a stacked ``.npy`` or an image folder; the
-    same checks as the CLI's (finite numbers, samples present, the model's input shape)."""
-    from .commands._options import check_samples, load_images
+def calibration_images(source, *, preprocess, input_shape, limit: int | None,
+                       seed: int | None = None) -> tuple[np.ndarray, dict]:
+    """float32 ``[N, ...]`` images sampled across an array, a stacked ``.npy`` or an image folder
+    (seeded: a folder sorted by class would give a few classes as its first N), with the
+    record of what was chosen (for the sidecar); the same checks as the CLI's."""
+    from .commands._options import check_samples, load_calibration
+    from .plan.config import CALIB_LIMIT
+    from .preprocess import CALIB_SEED, sample_calibration
 
+    limit = CALIB_LIMIT if limit is None else limit
+    seed = CALIB_SEED if seed is None else seed
     if isinstance(source, np.ndarray):
         if source.ndim != len(input_shape) or tuple(source.shape[1:]) != tuple(input_shape[1:]):
             raise UserError(f"calibration array: shape {source.shape} does not fit the model input "
@@ -156,10 +165,15 @@ def calibration_images(source, *, preprocess, input_shape, limit: int | None) ->
         if source.dtype.kind not in "biuf" or source.shape[0] == 0:
             raise UserError(f"calibration array: needs at least one sample of numbers, got "
                             f"{source.dtype.name} {source.shape}")
-        return check_samples(source[:limit].astype(np.float32), source="calibration array",
-                             what="calibration")
-    return load_images(Path(source), preprocess=preprocess, input_shape=input_shape, limit=limit,
-                       what="calibration")
+        keep = sample_calibration(source, limit, seed=seed)
+        info = {"source": "array", "limit": limit, "seed": seed, "available": len(source),
+                "images": len(keep), "indices": keep}
+        images = check_samples(source[keep].astype(np.float32), source="calibration array",
+                               what="calibration")
+        return images, info
+    images, info = load_calibration(Path(source), preprocess=preprocess, input_shape=input_shape,
+                                    limit=limit, seed=seed)
+    return check_samples(images, source=source, what="calibration"), info
 
 
 def _preprocess(preprocess):

@@ -40,6 +40,7 @@ class CompiledModel:
     isa: str
     seconds: dict
     preprocess: object = None  # a PreprocessConfig recorded in the sidecar, or None
+    calibration: dict | None = None  # which images calibrated it (source, seed, files), for the sidecar
 
     @property
     def coverage(self) -> list[dict]:
@@ -63,7 +64,7 @@ class CompiledModel:
                 f"{kernel} ({row['weights']}, N={spec.group_size}, {self.rewrite.kernels[kernel]})")
         return coverage
 
-    def sidecar(self, *, library_sha256: str, preprocess=None) -> dict:
+    def sidecar(self, *, library_sha256: str, preprocess=None, calibration: dict | None = None) -> dict:
         """What a user (and :mod:`tvm_ternary.runtime`) needs to know about the library."""
         from dataclasses import asdict
 
@@ -80,6 +81,10 @@ class CompiledModel:
             "preprocess": None if preprocess is None else preprocess.to_dict(),
             "quant_config": asdict(self.plan.config),
             "quantization": self.plan.source,  # "calibrated" | "model" (imported QDQ)
+            # which images calibrated the plan (files / seed from the CLI) and which of them the
+            # sequential fit used
+            "calibration": {**(self.calibration if calibration is None else calibration),
+                            **self.plan.calibration},
             "tvm_version": ta.tvm_version(),
             "tvm_ternary_version": __version__,
             "target": {"mcpu": ta.target_mcpu(self.target), "isa": self.isa},
@@ -90,7 +95,7 @@ class CompiledModel:
             "import_notes": list(im.notes),
         }
 
-    def export(self, path: str | Path, *, preprocess=None) -> dict:
+    def export(self, path: str | Path, *, preprocess=None, calibration: dict | None = None) -> dict:
         """Write ``path`` (.so, weights and :mod:`manifest` embedded) and its sidecar
         ``path.json``; returns the sidecar. Both are written under temporary names unique to
         this call first (two compiles to one path never share one), then renamed: a failure
@@ -110,11 +115,13 @@ class CompiledModel:
                 os.close(fd)
                 tmps.append(Path(name))
             tmp_lib, tmp_side = tmps
-            fields = manifest.manifest_of(self.sidecar(library_sha256="", preprocess=preprocess))
+            fields = manifest.manifest_of(self.sidecar(library_sha256="", preprocess=preprocess,
+                                                       calibration=calibration))
             with tempfile.TemporaryDirectory(prefix="tvm_ternary_manifest_") as work:
                 ta.export_library(self.executable, str(tmp_lib),
                                   addons=[str(manifest.write_source(fields, work))])
-            meta = self.sidecar(library_sha256=file_sha256(tmp_lib), preprocess=preprocess)
+            meta = self.sidecar(library_sha256=file_sha256(tmp_lib), preprocess=preprocess,
+                                calibration=calibration)
             tmp_side.write_text(json.dumps(meta, indent=1))
             os.chmod(tmp_lib, 0o755 & ~_umask())  # mkstemp makes 0600; a library is 0755
             os.chmod(tmp_side, 0o644 & ~_umask())

@@ -32,9 +32,11 @@ import numpy as np
 
 from tvm_ternary.errors import UserError
 
-__all__ = ["PRESETS", "PreprocessConfig", "load_image", "preprocess_images", "load_image_folder"]
+__all__ = ["PRESETS", "PreprocessConfig", "load_image", "preprocess_images", "load_image_folder",
+           "sample_calibration"]
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+CALIB_SEED = 0  # default seed of the calibration sample (recorded in the sidecar)
 
 PRESETS = {
     "torchvision": dict(bgr=False, scale=1 / 255, mean=(0.485, 0.456, 0.406),
@@ -191,13 +193,32 @@ def preprocess_images(
     return np.stack(batch).astype(dtype) if batch else np.zeros((0, 3, *size), dtype)
 
 
+def sample_calibration(items: Sequence, limit: int | None, *, seed: int = CALIB_SEED) -> list[int]:
+    """Indices of ``limit`` items spread across ``items`` (seeded, reproducible), in order.
+
+    A user's folder is often sorted by class, so its first N images would be a few classes
+    only: calibration takes a uniform random sample instead of a prefix. All items when
+    ``limit`` is None or not smaller than ``len(items)``.
+
+    Example::
+
+        >>> sample_calibration(list("abcdefgh"), 3, seed=0)
+        [4, 5, 7]
+    """
+    n = len(items)
+    if limit is None or limit >= n:
+        return list(range(n))
+    return sorted(int(i) for i in np.random.default_rng(seed).choice(n, size=limit, replace=False))
+
+
 def load_image_folder(
-    directory: str | Path, *, limit: int | None = None
+    directory: str | Path, *, limit: int | None = None, sample_seed: int | None = None
 ) -> tuple[list[Path], list[int] | None]:
     """Image paths of a folder and their labels from ``labels.txt`` (``file,label`` lines).
 
     Without ``labels.txt`` the folder's images are taken in name order and labels are None.
-    ``limit`` keeps the first N (in ``labels.txt`` order).
+    ``limit`` keeps the first N (in ``labels.txt`` order), or with ``sample_seed`` N sampled
+    across the folder (:func:`sample_calibration`; how calibration images are chosen).
 
     Example::
 
@@ -216,6 +237,8 @@ def load_image_folder(
         paths = sorted(p for p in directory.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
         if not paths:
             raise UserError(f"{directory}: no images and no labels.txt")
+        if sample_seed is not None:
+            return [paths[i] for i in sample_calibration(paths, limit, seed=sample_seed)], None
         return paths[:limit], None
     paths, labels = [], []
     for number, line in enumerate(labels_file.read_text().splitlines(), 1):
@@ -233,8 +256,11 @@ def load_image_folder(
             raise UserError(f"{labels_file}:{number}: {path.name} is not in {directory}")
         paths.append(path)
         labels.append(label_value)
-        if limit is not None and len(paths) >= limit:
+        if sample_seed is None and limit is not None and len(paths) >= limit:
             break
     if not paths:
         raise UserError(f"{labels_file}: no entries")
+    if sample_seed is not None:
+        keep = sample_calibration(paths, limit, seed=sample_seed)
+        return [paths[i] for i in keep], [labels[i] for i in keep]
     return paths, labels

@@ -16,10 +16,13 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import OptionError, UserError
+from ..plan.config import DEFAULT_METHOD, METHODS
 
-METHOD_HELP = ("data-aware: fit codes and group scales to each layer's output on the calibration "
-               "images (GPTQ-style error feedback + least-squares scale refit + bias correction; "
-               "default); exact: FGQ's per-group least-squares threshold; twn: 0.7*mean|w|")
+METHOD_HELP = ("reconstruct (default): data-aware, then coordinate descent over the codes themselves on "
+               "each layer's output objective, on the integer scale grid the kernels run; "
+               "data-aware: fit codes and group scales to each layer's output on the calibration "
+               "images (GPTQ-style error feedback + least-squares scale refit + bias correction); "
+               "exact: FGQ's per-group least-squares threshold; twn: 0.7*mean|w|")
 
 
 def positive_int(text: str) -> int:
@@ -60,7 +63,7 @@ def add_quant_arguments(parser: argparse.ArgumentParser, *, defaults: bool = Tru
                    help="N weights along the input channels share one scale (default 4)")
     g.add_argument("--grouping", choices=("fgq", "cluster"), default=d("fgq"),
                    help="fgq: N channels at one kernel position (default); cluster: N whole kernels")
-    g.add_argument("--method", choices=("data-aware", "exact", "twn"), default=d("data-aware"), help=METHOD_HELP)
+    g.add_argument("--method", choices=METHODS, default=d(DEFAULT_METHOD), help=METHOD_HELP)
     g.add_argument("--act-bits", type=int, choices=(8, 4), default=d(8), help="activation bits (default 8)")
     g.add_argument("--act-calibration", choices=("minmax", "dfp", "percentile", "mse"), default=None,
                    help="activation scales: minmax (8-bit default), dfp (power-of-two, dynamic fixed "
@@ -185,6 +188,41 @@ def check_samples(images: np.ndarray, *, source, what: str) -> np.ndarray:
         print(f"warning: {source}: every {what} sample is all zeros; activation scales calibrated on it "
               "are meaningless (wrong file or preprocessing?)", file=sys.stderr)
     return images
+
+
+def add_calibration_arguments(parser, *, required_note: str = "") -> None:
+    """``--calib-limit`` and ``--calib-seed`` (compile, tune, eval share one default)."""
+    from ..plan.config import CALIB_LIMIT
+    from ..preprocess import CALIB_SEED
+
+    parser.add_argument("--calib-limit", type=positive_int, default=CALIB_LIMIT, metavar="N",
+                        help=f"calibrate on N images sampled across the folder / .npy (seeded; "
+                             f"default {CALIB_LIMIT}; all when it has fewer)")
+    parser.add_argument("--calib-seed", type=int, default=CALIB_SEED, metavar="S",
+                        help=f"seed of the calibration sample (default {CALIB_SEED}; recorded in the sidecar)")
+
+
+def load_calibration(source: Path, *, preprocess, input_shape, limit: int | None,
+                     seed: int) -> tuple[np.ndarray, dict]:
+    """Calibration images sampled across a folder or a stacked ``.npy``
+    (:func:`~tvm_ternary.preprocess.sample_calibration`), and what was chosen (for the sidecar)."""
+    from ..preprocess import load_image_folder, preprocess_images, sample_calibration
+
+    source = Path(source)
+    info = {"source": str(source), "limit": limit, "seed": seed}
+    if source.suffix == ".npy":
+        arr = load_images(source, preprocess=preprocess, input_shape=input_shape, limit=None,
+                          what="calibration")
+        keep = sample_calibration(arr, limit, seed=seed)
+        info.update(available=len(arr), images=len(keep), indices=keep)
+        return arr[keep], info
+    if preprocess is None:
+        raise OptionError("calibration images from a folder need --preprocess (or --mean/--std)")
+    paths, _ = load_image_folder(source, limit=limit, sample_seed=seed)
+    if not paths:
+        raise UserError(f"{source}: no images found")
+    info.update(images=len(paths), files=[p.name for p in paths])
+    return preprocess_images(paths, config=preprocess, input_shape=input_shape).astype(np.float32), info
 
 
 def parse_input_shapes(items: list[str]) -> dict:

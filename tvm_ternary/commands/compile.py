@@ -11,9 +11,9 @@ from . import Command
 from ._options import (
     add_preprocess_arguments,
     add_quant_arguments,
+    add_calibration_arguments,
     check_output,
     parse_input_shapes,
-    positive_int,
     preprocess_config,
     quant_config,
 )
@@ -30,7 +30,7 @@ features, per-layer coverage). Prints the coverage report, compile time and peak
 EPILOG = """\
 example:
   tvm-ternary compile ../shared/data/imagenet/models/squeezenet1.1.onnx -o squeezenet.so \\
-      --preprocess caffe --calib ../shared/data/imagenet/images/val200 --calib-limit 64"""
+      --preprocess caffe --calib ../shared/data/imagenet/images/calib1000"""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -42,8 +42,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--calib", type=Path, metavar="DIR|FILE.npy",
                         help="calibration images: a folder (with --preprocess) or a stacked .npy "
                              "(required for a float model; a QDQ model carries its own scales)")
-    parser.add_argument("--calib-limit", type=positive_int, default=64, metavar="N",
-                        help="use the first N calibration images (default 64)")
+    add_calibration_arguments(parser)
     parser.add_argument("--input-shape", action="append", default=[], metavar="NAME:1,3,224,224",
                         help="static input shape (needed when the model's batch is dynamic)")
     parser.add_argument("--tuning-db", type=Path, metavar="DIR", help="apply tuned schedules from this database")
@@ -68,6 +67,7 @@ def run(args: argparse.Namespace) -> int:
 
     compiled = tvm_ternary.compile(args.model, calib=args.calib, config=config, target=args.target,
                                    preprocess=preprocess, calib_limit=args.calib_limit,
+                                   calib_seed=args.calib_seed,
                                    input_shapes=parse_input_shapes(args.input_shape),
                                    tuning_db=args.tuning_db, progress=not args.quiet)
     meta = compiled.export(args.output)

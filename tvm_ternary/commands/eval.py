@@ -8,8 +8,9 @@ quantized model is, by ``--backend``:
 * ``simulate``: the numpy reference pipeline (``make_plan`` + ``simulate``), the bit-exact
   reference of the compiled integer layers. Only when asked: never a fallback.
 
-Calibration images: ``--calib DIR`` (its first ``--calib-limit``), or by default the first
-``--calib-limit`` images of ``--images``, which are then *held out* of the evaluated set.
+Calibration images: ``--calib-limit`` images sampled across ``--calib DIR`` (seeded by
+``--calib-seed``), or by default sampled from ``--images`` (at most half of them) and then
+*held out* of the evaluated set.
 
 Example::
 
@@ -29,6 +30,7 @@ from pathlib import Path
 from tvm_ternary.commands import Command
 from tvm_ternary.commands._options import (
     QUANT_FLAGS,
+    add_calibration_arguments,
     add_quant_arguments,
     check_config,
     positive_int,
@@ -37,7 +39,6 @@ from tvm_ternary.commands._options import (
 )
 from tvm_ternary.errors import OptionError, UserError
 
-DEFAULT_CALIB = 64
 BATCH = 16
 
 
@@ -50,10 +51,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--std", type=rgb_triple, metavar="R,G,B")
     parser.add_argument("--bgr", action="store_true", default=None, help="feed B,G,R channel order")
     parser.add_argument("--limit", type=positive_int, metavar="N", help="evaluate at most N images")
-    parser.add_argument("--calib", metavar="DIR", help="calibration images (default: the first "
-                        "--calib-limit images of --images, held out of the evaluation)")
-    parser.add_argument("--calib-limit", type=positive_int, default=DEFAULT_CALIB, metavar="N",
-                        help=f"calibration images (default {DEFAULT_CALIB})")
+    parser.add_argument("--calib", metavar="DIR", help="calibration images (default: --calib-limit "
+                        "images, at most half, sampled from --images and held out of the evaluation)")
+    add_calibration_arguments(parser)
     add_quant_arguments(parser, defaults=False)  # a .so refuses them: tell given from default
     parser.add_argument("--max-drop", type=float, metavar="P", help="per-layer sensitivity policy: "
                         "as many MACs ternary as keep the calibration-set drop within P points")
@@ -122,19 +122,24 @@ def _check_labels(labels, *, num_classes: int, offset: int, images) -> None:
 
 def _split(args):
     """(calibration paths, evaluated paths, labels, how calibration was chosen)."""
-    from tvm_ternary.preprocess import load_image_folder
+    from tvm_ternary.preprocess import load_image_folder, sample_calibration
 
     paths, labels = load_image_folder(args.images)
+    seed = args.calib_seed
     if args.calib is not None:
-        calib, _ = load_image_folder(args.calib, limit=args.calib_limit)
-        how = f"first {len(calib)} images of {args.calib}"
+        calib, _ = load_image_folder(args.calib, limit=args.calib_limit, sample_seed=seed)
+        how = f"{len(calib)} images sampled from {args.calib} (seed {seed})"
     else:
-        calib, paths = paths[: args.calib_limit], paths[args.calib_limit :]
-        labels = None if labels is None else labels[args.calib_limit :]
-        how = f"first {len(calib)} images of {args.images}, held out of the evaluation"
-        if not paths:
-            raise UserError(f"{args.images} has no images left to evaluate after holding out "
-                            f"{len(calib)} for calibration; lower --calib-limit or pass --calib DIR")
+        # held out of --images: at most half of them, so something is left to evaluate
+        held = set(sample_calibration(paths, min(args.calib_limit, len(paths) // 2), seed=seed))
+        calib = [p for i, p in enumerate(paths) if i in held]
+        rest = [i for i in range(len(paths)) if i not in held]
+        paths = [paths[i] for i in rest]
+        labels = None if labels is None else [labels[i] for i in rest]
+        how = f"{len(calib)} images sampled from {args.images} (seed {seed}), held out of the evaluation"
+        if not calib:
+            raise UserError(f"{args.images} has too few images to hold some out for calibration; "
+                            f"pass --calib DIR")
     if args.limit is not None:
         paths = paths[: args.limit]
         labels = None if labels is None else labels[: args.limit]
@@ -249,16 +254,17 @@ def run(args: argparse.Namespace) -> int:
         from tvm_ternary.plan import calibration_stats, make_plan, simulate
 
         start = time.perf_counter()
-        stats = calibration_stats(prep.model, x_calib, progress=progress)
         if args.max_drop is not None:
             from tvm_ternary.plan.sensitivity import choose_precision
 
+            # it calibrates itself on the images it does not hold out to check the budget on
             result = choose_precision(prep.model, x_calib, config=config, max_drops=(args.max_drop,),
-                                      stats=stats, progress=progress)
+                                      progress=progress)
             plan, config = result.choices[0].plan, result.choices[0].config
             sensitivity_text = result.table()
             config_json["overrides"] = [list(o) for o in config.overrides]
         else:
+            stats = calibration_stats(prep.model, x_calib, progress=progress)
             plan = make_plan(prep.model, x_calib, config=config, stats=stats, progress=progress)
         plan_seconds = time.perf_counter() - start
         summary = plan_summary(plan)
@@ -286,7 +292,8 @@ def run(args: argparse.Namespace) -> int:
         "agreement_top1": metrics["agreement_top1"], "n_images": metrics["n_images"],
         "config": config_json,
         "backend": args.backend, "model": str(args.model), "images": str(args.images),
-        "calibration": {"images": len(calib_paths), "source": how},
+        "calibration": {"images": len(calib_paths), "source": how,
+                        **({} if plan is None else plan.calibration)},
         "label_offset": offset, "kl_divergence": metrics["kl_divergence"],
         "images_per_second": {"float": float_ips, "quantized": quant_ips},
         "preprocess": pre.to_dict(), "warnings": warnings,

@@ -13,8 +13,9 @@ from . import Command
 from ._options import (
     add_preprocess_arguments,
     add_quant_arguments,
+    add_calibration_arguments,
     check_config,
-    load_images,
+    load_calibration,
     parse_input_shapes,
     positive_int,
     preprocess_config,
@@ -62,8 +63,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--calib", type=Path, metavar="DIR|FILE.npy",
                         help="calibration images: a folder (with --preprocess) or a stacked .npy "
                              "(required for a float model)")
-    parser.add_argument("--calib-limit", type=positive_int, default=64, metavar="N",
-                        help="use the first N calibration images (default 64)")
+    add_calibration_arguments(parser)
     parser.add_argument("--input-shape", action="append", default=[], metavar="NAME:1,3,224,224",
                         help="static input shape (needed when the model's batch is dynamic)")
     add_quant_arguments(parser)
@@ -163,8 +163,8 @@ def _run(args: argparse.Namespace) -> int:
             print(f"note: {note}", flush=True)
         images = None
         if not prep.is_quantized:
-            images = load_images(args.calib, preprocess=preprocess, input_shape=prep.input_shape,
-                                 limit=args.calib_limit, what="calibration")
+            images, _ = load_calibration(args.calib, preprocess=preprocess, input_shape=prep.input_shape,
+                                         limit=args.calib_limit, seed=args.calib_seed)
         tasks, untuned = model_tasks(model, config=config, calib_images=images, target=target, input_shapes=shapes,
                                      progress=not args.quiet)
         if args.layers:

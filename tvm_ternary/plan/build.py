@@ -35,14 +35,21 @@ from ..quant import (
 )
 from ..quant import reference as ref
 from ..quant.data_aware import LayerStatistics, fit_layer
+from ..quant.intscales import IntegerWeights
+from ..quant.reconstruct import fit_depthwise, reconstruct_layer
 from .calibrate import TensorStats, collect_stats
 from .config import LayerDecision, QuantConfig, check_override_names, decide
 from .graph import FusedLayer, GraphAnalysis, analyse, node_key
 from .layer import LayerPlan, requantize_params
 
 FIT_ROWS = 32_768  # im2col rows sampled per layer for the data-aware statistics
+FIT_IMAGES = 256  # calibration images the sequential fit walks (a seeded sample of them)
+DEPTHWISE_ROWS = 8_192  # output positions sampled per depthwise layer (each channel has R*S weights)
+CHUNK_IMAGES = 16
+STORE_HALF_MIN = 1 << 20  # tensors of at least this many values are kept as float16 while planning  # images per conv evaluation in the walk: bounds im2col memory
 INPUT_ACT_BITS = 8  # the image entering the first layer is always 8-bit
 RELU_AWARE = True  # refit layers followed by a ReLU to targets that ignore what the ReLU hides
+FITTED_METHODS = ("reconstruct", "data-aware")  # methods that fit layers to calibration outputs
 
 
 @dataclass(frozen=True, eq=False)
@@ -59,6 +66,9 @@ class QuantPlan:
     # "calibrated": decided by the policy and fitted here; "model": read from a quantized
     # (QDQ) model by plan.imported.plan_from_model
     source: str = "calibrated"
+    # how many calibration images set the activation scales, which ones (indices into the
+    # images given) the sequential fit used, and the seed that chose them
+    calibration: dict = field(default_factory=dict)
 
     def coverage(self) -> list[dict]:
         rows = []
@@ -128,14 +138,20 @@ def _quantize_weights(fused: FusedLayer, bits: int, config: QuantConfig, stats: 
                       rows=None):
     w = fused.weight.weight
     n = min(config.group_size, w.shape[1])
-    if config.method == "data-aware" and stats is not None:
+    if config.method == "reconstruct" and fused.weight.is_depthwise and rows is not None and bits == 8:
+        return fit_depthwise(w, *rows, bits=bits, grouping=config.grouping)
+    if config.method in FITTED_METHODS and stats is not None:
         fit = fit_layer(w, stats=stats, group_size=n, grouping=config.grouping, bits=bits)
         if RELU_AWARE and rows is not None and fused.relu and fused.residual is None:
-            fit = fit_layer(w, stats=_relu_aware_stats(fit, rows, stats), group_size=n,
-                            grouping=config.grouping, bits=bits)
+            stats = _relu_aware_stats(fit, rows, stats)
+            if config.method == "data-aware":  # reconstruct descends from the first fit instead
+                fit = fit_layer(w, stats=stats, group_size=n, grouping=config.grouping, bits=bits)
+        if config.method == "reconstruct":
+            rec = reconstruct_layer(fit.weights, stats=stats, code_bits=config.code_bits, weight=w)
+            return rec.weights, rec.bias, rec.output_error
         return fit.weights, fit.bias, fit.output_error
     if bits == 2:
-        qw = ternarize(w, group_size=n, method=config.method if config.method != "data-aware" else "exact",
+        qw = ternarize(w, group_size=n, method="exact" if config.method in FITTED_METHODS else config.method,
                        grouping=config.grouping)
     else:
         qw = quantize_weights(w, bits=bits, group_size=n, grouping=config.grouping)
@@ -202,11 +218,13 @@ def calibration_stats(model: onnx.ModelProto, images: np.ndarray, *, progress: b
 
 
 def make_plan(model: onnx.ModelProto, images: np.ndarray, *, config: QuantConfig,
-              fit_images: int = 64, progress: bool = True, seed: int = 0,
+              fit_images: int = FIT_IMAGES, progress: bool = True, seed: int = 0,
               stats: dict[str, TensorStats] | None = None,
               alternatives: tuple[int, ...] = ()) -> QuantPlan:
     """Plan the quantization of a normalized float32 ONNX ``model`` with calibration ``images``.
 
+    Activation scales come from all ``images``; the sequential fit walks ``fit_images`` of
+    them, a seeded sample spread across the set (recorded in ``plan.calibration``).
     ``stats``: from :func:`calibration_stats` on the same images (skips calibration).
     ``alternatives``: weight bits at which every layer the policy gives ``config.weight_bits``
     is also fitted, on the same inputs, into ``plan.alternatives`` (for the sensitivity policy).
@@ -232,22 +250,29 @@ def make_plan(model: onnx.ModelProto, images: np.ndarray, *, config: QuantConfig
     layers: dict[str, LayerPlan] = {}
     last_layer = analysis.layers[-1].name
 
-    def fit(fused: FusedLayer, x_q: np.ndarray, float_env: dict) -> LayerPlan:
+    def fit(fused: FusedLayer, x_q: np.ndarray, float_env: dict, env: dict) -> LayerPlan:
         node = next(n for n in graph.nodes if node_key(n) == fused.name)
         w = fused.weight.weight
         geometry = {} if fused.weight.op_type == "dense" else conv_geometry(node, x_q.shape[2:], w.shape[2:])
         in_q = quants[fused.input]
-        # what the kernel will see: the input on its integer grid (the shared quantizer's rounding)
-        x_deq = dequantize_activation(quantize_activation(x_q, in_q), in_q)
         layer_stats = fit_rows = None
-        if config.method == "data-aware" and geometry.get("groups", 1) == 1:
-            x_rows = _patches(fused, x_deq, geometry)
-            y_rows = _targets(fused, float_env[node.output[0]])
-            sel = rng.choice(len(x_rows), min(len(x_rows), FIT_ROWS), replace=False)
-            layer_stats = LayerStatistics.empty(in_features=x_rows.shape[1], out_features=y_rows.shape[1])
-            for chunk in np.array_split(sel, max(1, len(sel) // 4096)):
-                layer_stats.accumulate(x_rows[chunk], y_rows[chunk])
-            fit_rows = (x_rows[sel], y_rows[sel])
+        if config.method == "reconstruct" and fused.weight.is_depthwise and w.shape[0] == geometry["groups"]:
+            fit_rows = _fit_rows(fused, x_q, float_env[node.output[0]], geometry, in_q, rng,
+                                 rows=DEPTHWISE_ROWS, depthwise=True)
+        elif config.method in FITTED_METHODS and geometry.get("groups", 1) == 1:
+            target = float_env[node.output[0]]
+            if config.method == "reconstruct" and fused.residual:
+                # reconstruct the block output, not the branch: the conv also makes up for the
+                # quantized skip path's error (float block = float conv + float skip)
+                res_q = quants[fused.residual]
+                skip_q = _chunked(lambda r: dequantize_activation(quantize_activation(r, res_q), res_q),
+                                  env[fused.residual])
+                target = _chunked(lambda t, a, b: t.astype(np.float32) + a - b, target,
+                                  float_env[fused.residual], skip_q)
+            fit_rows = _fit_rows(fused, x_q, target, geometry, in_q, rng)
+            layer_stats = LayerStatistics.empty(in_features=fit_rows[0].shape[1], out_features=fit_rows[1].shape[1])
+            for chunk in np.array_split(np.arange(len(fit_rows[0])), max(1, len(fit_rows[0]) // 4096)):
+                layer_stats.accumulate(fit_rows[0][chunk], fit_rows[1][chunk])
         decision = decisions[fused.name]
 
         def build(bits, decision):
@@ -263,7 +288,8 @@ def make_plan(model: onnx.ModelProto, images: np.ndarray, *, config: QuantConfig
     def build_layer(fused, bits, decision, *, geometry, in_q, layer_stats, fit_rows) -> LayerPlan:
         w = fused.weight.weight
         qw, bias, out_err = _quantize_weights(fused, bits, config, layer_stats, fit_rows)
-        iw = to_integer_scales(qw, code_bits=config.code_bits)
+        # reconstruct returns integer scales already (it fits the codes on that grid)
+        iw = qw if isinstance(qw, IntegerWeights) else to_integer_scales(qw, code_bits=config.code_bits)
         bias_int = ref.integer_bias(bias, input_scale=in_q.scale, channel_scales=iw.channel_scales)
         dequant = (np.float64(in_q.scale) * iw.channel_scales.astype(np.float64)).astype(np.float32)
         terminal = fused.name == last_layer and fused.residual is None
@@ -281,11 +307,47 @@ def make_plan(model: onnx.ModelProto, images: np.ndarray, *, config: QuantConfig
             multiplier=mult, shift=shift, residual_multiplier=res_mult, dequant_scale=dequant,
             weight_error=relative_error(w, iw.dequantize()), output_error=out_err)
 
-    _run(graph, analysis, layers, images[:fit_images], quantized={l.name for l in quantized},
+    # a user's folder is often sorted by class: walk a sample spread across it, not a prefix
+    fit_idx = sorted(int(i) for i in np.random.default_rng(seed).choice(
+        len(images), size=min(fit_images, len(images)), replace=False))
+    _run(graph, analysis, layers, images[fit_idx], quantized={l.name for l in quantized},
          fit=fit, progress=progress)
+    calibration = {"activation_images": len(images), "fit_images": len(fit_idx), "fit_indices": fit_idx,
+                   "fit_seed": seed, "method": config.method}
     return QuantPlan(config=config, model=model, analysis=analysis, layers=layers,
                      decisions=decisions, seconds=time.perf_counter() - start,
-                     alternatives=alt_plans)
+                     alternatives=alt_plans, calibration=calibration)
+
+
+def _fit_rows(fused: FusedLayer, x: np.ndarray, y: np.ndarray, geometry: dict, in_q: ActivationQuant,
+              rng: np.random.Generator, rows: int = FIT_ROWS, depthwise: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """FIT_ROWS sampled rows of the layer's input patches (on the kernel's integer grid) and of
+    the float targets, built image chunk by chunk: the full im2col of the fit set never exists.
+    ``depthwise``: patches per channel, [P, C, R*S]."""
+    n = x.shape[0]
+    per = 1 if fused.weight.op_type == "dense" else y.shape[2] * y.shape[3]
+    total = n * per
+    sel = np.sort(rng.choice(total, size=min(total, rows), replace=False))
+    xs, ys = [], []
+    for i0 in range(0, n, CHUNK_IMAGES):
+        lo, hi = np.searchsorted(sel, [i0 * per, (i0 + CHUNK_IMAGES) * per])
+        if lo == hi:
+            continue
+        idx = sel[lo:hi] - i0 * per
+        # what the kernel will see: the input on its integer grid (the shared quantizer's rounding)
+        x_deq = dequantize_activation(quantize_activation(x[i0 : i0 + CHUNK_IMAGES], in_q), in_q)
+        xs.append((_depthwise_patches if depthwise else _patches)(fused, x_deq, geometry)[idx])
+        ys.append(_targets(fused, y[i0 : i0 + CHUNK_IMAGES])[idx])
+    return np.concatenate(xs), np.concatenate(ys)
+
+
+def _depthwise_patches(fused: FusedLayer, x: np.ndarray, geometry: dict) -> np.ndarray:
+    """Per-channel im2col rows [P, C, R*S] of a depthwise conv."""
+    w = fused.weight.weight
+    cols = ref.im2col(x, kernel_hw=w.shape[2:], stride=geometry["stride"], padding=geometry["padding"],
+                      dilation=geometry["dilation"], dtype=np.float32)
+    n, c, r, s, oh, ow = cols.shape
+    return cols.transpose(0, 4, 5, 1, 2, 3).reshape(n * oh * ow, c, r * s)
 
 
 def _patches(fused: FusedLayer, x: np.ndarray, geometry: dict) -> np.ndarray:
@@ -299,37 +361,93 @@ def _patches(fused: FusedLayer, x: np.ndarray, geometry: dict) -> np.ndarray:
     return cols.transpose(0, 4, 5, 1, 2, 3).reshape(n * oh * ow, c * r * s)
 
 
+def _chunked(fn, x: np.ndarray, *rest, store=None):
+    """``fn`` over CHUNK_IMAGES images at a time (per-image ops; bounds im2col memory); each
+    chunk's result goes through ``store`` (e.g. to float16) before the chunks are joined."""
+    store = store or (lambda a: a)
+    if x.shape[0] <= CHUNK_IMAGES:
+        return store(fn(x, *rest))
+    parts = [store(fn(x[i : i + CHUNK_IMAGES], *[None if r is None else r[i : i + CHUNK_IMAGES] for r in rest]))
+             for i in range(0, x.shape[0], CHUNK_IMAGES)]
+    return np.concatenate(parts)
+
+
+def _half(a: np.ndarray) -> np.ndarray:
+    """How the planning walk keeps a tensor: float32 as float16, which halves the frontier of
+    the fit set (targets keep ~3 significant digits; a tensor on an 8-bit grid re-quantizes to
+    the same integers: the float16 error is < 1/8 of a step). Not where float16 would
+    overflow, and not small tensors (logits, pooled features)."""
+    if a.dtype != np.float32 or a.size < STORE_HALF_MIN // CHUNK_IMAGES or np.abs(a).max() >= 60_000:
+        return a
+    return a.astype(np.float16)
+
+
+# ops that treat each image on its own: the planning walk runs them CHUNK_IMAGES at a time
+PER_IMAGE_OPS = {"Conv", "Relu", "Clip", "MaxPool", "AveragePool", "Add", "Mul", "Concat",
+                 "BatchNormalization", "Sigmoid", "HardSwish", "HardSigmoid", "LeakyRelu", "LRN"}
+
+
 def _run(graph, analysis, layers, x, *, quantized, fit=None, progress=False, keep_int=None):
     """Walk the network once. With ``fit``, quantize each layer on reaching it (planning) and
-    keep the float network alongside; else run the plan in ``layers``."""
+    keep the float network alongside; else run the plan in ``layers``. Both networks keep only
+    the tensors a later node reads."""
     total = len(quantized)
     walk = _Walk(graph, analysis, quantized)
     float_env = dict(graph.constants) if fit is not None else None
+    float_last = graph.last_uses()
+    at = {node_key(n): i for i, n in enumerate(graph.nodes)}
+    for fused in walk.fused_at_root.values():  # the fit reads these float tensors at the root
+        for name in (graph.nodes[at[fused.name]].output[0], fused.residual):
+            if name:
+                float_last[name] = max(float_last.get(name, -1), at[fused.root])
     env = dict(graph.constants)
     name_in = graph.input_names[0]
     env[name_in] = np.asarray(x, np.float32)
     if float_env is not None:
         float_env[name_in] = env[name_in]
     bar = progress_bar(total, desc="quantizing layers", unit="layers", enabled=progress and fit is not None)
+
+    store = _half if fit is not None else None
+
+    def evaluate(node, inputs):
+        n = inputs[0].shape[0] if inputs and inputs[0] is not None and inputs[0].ndim == 4 else 0
+        per_image = [i for i, (name, a) in enumerate(zip(node.input, inputs))
+                     if a is not None and name not in graph.constants and a.ndim == 4 and a.shape[0] == n]
+        along_batch = node.op_type == "Concat" and onnx.helper.get_node_attr_value(node, "axis") in (0, -4)
+        if n > CHUNK_IMAGES and node.op_type in PER_IMAGE_OPS and per_image and not along_batch:
+            def one(*parts):
+                args = list(inputs)
+                for i, part in zip(per_image, parts):
+                    args[i] = part
+                return graph.evaluate(node, args)
+            return _chunked(one, *[inputs[i] for i in per_image], store=store)
+        out = graph.evaluate(node, inputs)
+        return out if store is None else store(out)
+
     for i, node in enumerate(graph.nodes):
         key = node_key(node)
         if float_env is not None:
-            float_env[node.output[0]] = graph.evaluate(node, [float_env.get(n) if n else None for n in node.input])
+            float_env[node.output[0]] = evaluate(node, [float_env.get(n) if n else None for n in node.input])
         if key in walk.skipped:
-            continue
-        fused = walk.fused_at_root.get(key)
-        if fused is None:
-            env[node.output[0]] = graph.evaluate(node, [env[n] if n else None for n in node.input])
+            pass
+        elif (fused := walk.fused_at_root.get(key)) is None:
+            env[node.output[0]] = evaluate(node, [env[n] if n else None for n in node.input])
+            walk.free(env, i, node)
         else:
             if fit is not None:
-                layers[fused.name] = fit(fused, env[fused.input], float_env)
+                layers[fused.name] = fit(fused, env[fused.input], float_env, env)
                 bar.update(1)
             residual = env[fused.residual] if fused.residual else None
-            y, y_int = layers[fused.name].run(env[fused.input], residual)
-            env[fused.output] = y
-            if keep_int is not None:
-                keep_int[fused.name] = y_int
-        walk.free(env, i, node)
+            if keep_int is None:
+                run = layers[fused.name].run
+                env[fused.output] = _chunked(lambda xb, rb: run(xb, rb)[0], env[fused.input], residual, store=store)
+            else:
+                env[fused.output], keep_int[fused.name] = layers[fused.name].run(env[fused.input], residual)
+            walk.free(env, i, node)
+        if float_env is not None:
+            for name in node.input:
+                if name and float_last.get(name) == i and name not in graph.constants:
+                    float_env.pop(name, None)
     bar.close()
     return env[graph.output_names[0]]
 

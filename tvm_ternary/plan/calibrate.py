@@ -2,7 +2,9 @@
 
 For every tensor the quantized network stores as integers (each fused layer's input, output
 and residual operand) this keeps its min, max and a fixed-size random sample of values, enough
-for min-max, dynamic fixed point, percentile and MSE scales.
+for min-max, dynamic fixed point, percentile and MSE scales. It streams: images go through in
+batches and each batch adds its share of the sample, so memory does not grow with the number
+of calibration images.
 
 Example::
 
@@ -40,11 +42,13 @@ class TensorStats:
     def signed(self) -> bool:
         return self.minimum < 0
 
-    def update(self, values: np.ndarray, *, rng: np.random.Generator) -> None:
+    def update(self, values: np.ndarray, *, rng: np.random.Generator, share: float = 1.0) -> None:
+        """Add a batch; ``share``: its fraction of the whole calibration set (it keeps that
+        fraction of the SAMPLE_SIZE values)."""
         flat = np.asarray(values, dtype=np.float32).ravel()
         self.minimum = float(min(self.minimum, flat.min()))
         self.maximum = float(max(self.maximum, flat.max()))
-        take = min(flat.size, SAMPLE_SIZE)
+        take = min(flat.size, max(1, int(np.ceil(SAMPLE_SIZE * share))))
         self.samples.append(rng.choice(flat, size=take, replace=False) if take < flat.size else flat.copy())
 
     def merged(self, other: "TensorStats") -> "TensorStats":
@@ -67,12 +71,14 @@ def collect_stats(graph: NumpyGraph, images: np.ndarray, *, tensors: set[str],
     total = len(images)
     bar = progress_bar(total, desc="calibrating", unit="images", enabled=progress)
     for start in range(0, total, batch):
-        kept = graph.run(images[start : start + batch], keep=set(tensors))
+        part = images[start : start + batch]
+        kept = graph.run(part, keep=set(tensors))
+        share = len(part) / total
         for name in tensors:
             if name in kept:
-                stats[name].update(kept[name], rng=rng)
+                stats[name].update(kept[name], rng=rng, share=share)
             elif name == graph.input_names[0]:
-                stats[name].update(images[start : start + batch], rng=rng)
-        bar.update(min(start + batch, total) - start)
+                stats[name].update(part, rng=rng, share=share)
+        bar.update(len(part))
     bar.close()
     return stats

@@ -19,7 +19,9 @@ from dataclasses import dataclass
 from ..errors import OptionError
 from ..quant import CALIBRATION_METHODS, GROUPINGS
 
-METHODS = ("data-aware", "exact", "twn")
+METHODS = ("reconstruct", "data-aware", "exact", "twn")
+DEFAULT_METHOD = "reconstruct"
+CALIB_LIMIT = 256  # default calibration images (sampled across the folder); see docs/ARCHITECTURE.md
 WEIGHT_BITS = (2, 4, 8)
 ACT_BITS = (8, 4)
 PRECISE_BITS = 8  # what the policy gives the layers it keeps precise
@@ -32,7 +34,7 @@ class QuantConfig:
     weight_bits: int = 2
     group_size: int = 4
     grouping: str = "fgq"
-    method: str = "data-aware"
+    method: str = DEFAULT_METHOD
     act_bits: int = 8
     act_calibration: str | None = None  # None: minmax at 8 bits, mse at 4 bits (clipping)
     code_bits: int = 7

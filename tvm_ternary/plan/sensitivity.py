@@ -1,6 +1,7 @@
 """Per-layer sensitivity policy: as many MACs ternary as a ``max_drop`` budget allows.
 
-Budget: top-1 points lost on the calibration images, measured as the drop in top-1
+Budget: top-1 points lost on held-out calibration images (``holdout``, a seeded quarter by
+default: never used to fit a layer or an activation scale), measured as the drop in top-1
 *agreement with the float model* relative to the same network with every eligible layer at
 8-bit weights (the policy's most precise choice, same activations). Agreement needs no labels;
 the budget is what the low-bit weights cost on top of the 8-bit/activation floor, which is
@@ -46,6 +47,7 @@ from .config import LayerDecision, QuantConfig
 from .summary import plan_summary
 
 BATCH = 16
+HOLDOUT = 0.25  # share of the calibration images the budget is checked on (not fitted on)
 MAX_RETRIES = 3  # verification misses before giving up on a budget (shrinking each time)
 
 
@@ -96,6 +98,16 @@ class SensitivityResult:
         return "\n".join(out)
 
 
+def split_holdout(images: np.ndarray, holdout: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(fitting images, held-out check images): a seeded ``holdout`` fraction is held out
+    (at least one image each side; with ``holdout`` 0 both are all the images)."""
+    if holdout <= 0 or len(images) < 2:
+        return images, images
+    n_check = min(len(images) - 1, max(1, int(round(len(images) * holdout))))
+    perm = np.random.default_rng(seed + 1).permutation(len(images))
+    return images[np.sort(perm[n_check:])], images[np.sort(perm[:n_check])]
+
+
 def _scores(fn, x) -> np.ndarray:
     return np.concatenate([class_scores(fn(x[i : i + BATCH])) for i in range(0, len(x), BATCH)])
 
@@ -128,17 +140,21 @@ def _largest_prefix(order: list[str], ok) -> int:
 
 def choose_precision(model: onnx.ModelProto, images: np.ndarray, *, config: QuantConfig,
                      max_drops: tuple[float, ...] = (1.0,), probe: int = 24, stats=None,
-                     progress: bool = True, seed: int = 0) -> SensitivityResult:
+                     progress: bool = True, seed: int = 0, holdout: float = HOLDOUT) -> SensitivityResult:
     """Pick ternary / 4-bit / 8-bit per eligible layer for each budget in ``max_drops`` (points).
 
     ``config`` gives everything else (group size, grouping, method, activations); its
     ``weight_bits`` is ignored. Layers the policy keeps precise (first, last, depthwise,
-    overrides) are left as they are. See the module docstring.
+    overrides) are left as they are. ``holdout``: the fraction of ``images`` (a seeded sample)
+    the budget is checked on; the rest calibrate and fit (``stats``, if given, must come from
+    those: ``calibration_stats(model, split_holdout(images, holdout, seed)[0])``). 0 checks on
+    the fitting images themselves. See the module docstring.
     """
     start = time.perf_counter()
+    images, check = split_holdout(images, holdout, seed)
     if stats is None:
         stats = calibration_stats(model, images, progress=progress, seed=seed)
-    scored = np.concatenate([images, images[..., ::-1]])  # + mirror images (see the docstring)
+    scored = np.concatenate([check, check[..., ::-1]])  # + mirror images (see the docstring)
     float_scores = _scores(NumpyGraph(model).run, scored)
     probe_x, probe_f = scored[:probe], float_scores[:probe]
 

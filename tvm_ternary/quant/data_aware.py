@@ -170,17 +170,33 @@ def _gptq(w: np.ndarray, h: np.ndarray, bounds, bits: int, compensate: bool, fix
 def _refit_scales(codes: np.ndarray, h: np.ndarray, c: np.ndarray, bounds) -> tuple[np.ndarray, np.ndarray]:
     """Least-squares group scales given codes; flips codes of groups whose scale comes out < 0.
 
-    With contiguous groups, ``T^T H T`` for one output channel is a block sum of ``H * t t^T``
-    (``np.add.reduceat``), so each channel costs O(D^2) instead of O(D^2 G).
+    With contiguous groups, ``T^T H T`` for one output channel is a block sum of ``H * t t^T``.
+    Equal-size groups (the usual case) do it for a chunk of channels as one batched matmul
+    (``H`` as [G, D, n] times the codes as [G, n, K']); otherwise one channel at a time with
+    ``np.add.reduceat``. Both are O(D^2) per channel.
     """
     starts = np.array([lo for lo, _ in bounds])
-    scales = np.zeros((codes.shape[0], len(bounds)))
-    for row, t in enumerate(codes):
-        a = np.add.reduceat(np.add.reduceat(h * np.outer(t, t), starts, axis=0), starts, axis=1)
-        b = np.add.reduceat(t * c[:, row], starts)
-        ridge = REFIT_RIDGE * max(np.trace(a) / len(a), 1e-30)
-        scales[row] = np.linalg.solve(a + ridge * np.eye(len(a)), b)
     sizes = np.diff(np.append(starts, codes.shape[1]))
+    k, d = codes.shape
+    g = len(bounds)
+    scales = np.zeros((k, g))
+    if np.all(sizes == sizes[0]):
+        n = int(sizes[0])
+        h4 = h.reshape(d, g, n).transpose(1, 0, 2)  # [G, D, n]
+        chunk = max(1, 2**24 // max(g * d, 1))  # bounds the [G, D, K'] product to ~128 MB
+        for lo in range(0, k, chunk):
+            t3 = codes[lo : lo + chunk].reshape(-1, g, n)  # [K', G, n]
+            p = np.matmul(h4, t3.transpose(1, 2, 0)).reshape(g, g, n, -1)  # [h, g, a, K']
+            a = np.einsum("kga,hgak->kgh", t3, p)
+            b = np.einsum("kga,gak->kg", t3, c[:, lo : lo + chunk].reshape(g, n, -1))
+            ridge = REFIT_RIDGE * np.maximum(np.einsum("kgg->k", a) / g, 1e-30)
+            scales[lo : lo + chunk] = np.linalg.solve(a + ridge[:, None, None] * np.eye(g), b[..., None])[..., 0]
+    else:
+        for row, t in enumerate(codes):
+            a = np.add.reduceat(np.add.reduceat(h * np.outer(t, t), starts, axis=0), starts, axis=1)
+            b = np.add.reduceat(t * c[:, row], starts)
+            ridge = REFIT_RIDGE * max(np.trace(a) / len(a), 1e-30)
+            scales[row] = np.linalg.solve(a + ridge * np.eye(len(a)), b)
     flip = np.repeat(scales < 0, sizes, axis=1)
     return np.where(flip, -codes, codes), np.abs(scales)
 
