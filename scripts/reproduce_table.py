@@ -46,14 +46,12 @@ import csv
 import platform
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
 from tvm_ternary import __version__, evaluate as ev
 from tvm_ternary.benchmark import bench_library, latency_stats, machine_stamp, time_calls
-from tvm_ternary.numpy_graph import NumpyGraph
 from tvm_ternary.onnx_io import load_model
 from tvm_ternary.passes.onnx_normalize import normalize_onnx
 from tvm_ternary.plan import QuantConfig, analyse, calibration_stats, make_plan, simulate
