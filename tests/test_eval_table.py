@@ -77,9 +77,10 @@ def test_latency_column_peers_and_pareto_plot(tmp_path):
     except ImportError:
         assert peers == ["fp32 (ORT)", "ORT int8 QDQ"]
     ours = [r for r in table if not r["peer"]]
-    assert len(ours) == 6
+    assert len(ours) == 8
     info = json.loads((out / "latency.json").read_text())
-    # exact / data-aware at the same bits and N share the kernels: 4 builds for the 6 quick rows
+    # exact / data-aware / reconstruct at the same bits and N share the kernels: 4 builds for
+    # the 8 quick rows
     assert len(info["libraries"]) == 4 and all(lib["threads"] == 1 for lib in info["libraries"])
     assert info["stamp"]["cpu"] and "loadavg_after" in info["stamp"]
     md = (out / "table.md").read_text()

@@ -16,6 +16,7 @@ calibration images, ``x`` float32 images)::
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -117,8 +118,7 @@ def compile(model, *, calib=None, config=None, target: str | None = "host", prep
     compiled = compile_model(model, config=config, calib_images=images, target=target_obj,
                              input_shapes=input_shapes, kernels=kernels, progress=progress,
                              preprocess=preprocess)
-    compiled.calibration = calibration
-    return compiled
+    return dataclasses.replace(compiled, calibration=calibration)  # frozen: a copy that records it
 
 
 def load(path):
@@ -171,9 +171,8 @@ def calibration_images(source, *, preprocess, input_shape, limit: int | None,
         images = check_samples(source[keep].astype(np.float32), source="calibration array",
                                what="calibration")
         return images, info
-    images, info = load_calibration(Path(source), preprocess=preprocess, input_shape=input_shape,
-                                    limit=limit, seed=seed)
-    return check_samples(images, source=source, what="calibration"), info
+    return load_calibration(Path(source), preprocess=preprocess, input_shape=input_shape,
+                            limit=limit, seed=seed)
 
 
 def _preprocess(preprocess):

@@ -186,7 +186,7 @@ def label_profile(rows: list[dict], coverage: list[dict], *, peak_gmacs: float |
             if r["macs"] and r["median_ms"] > 0:
                 r["gmacs_per_s"] = round(r["macs"] / r["median_ms"] / 1e6, 3)
                 if peak_gmacs:
-                    r["peak_share"] = round(r["gmacs_per_s"] / peak_gmacs, 4)
+                    r["peak_share"] = round(r["gmacs_per_s"] / peak_gmacs, 6)
         r["share"] = round(r["median_ms"] / total, 4)
         out.append(r)
     return out

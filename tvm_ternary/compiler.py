@@ -83,7 +83,7 @@ class CompiledModel:
             "quantization": self.plan.source,  # "calibrated" | "model" (imported QDQ)
             # which images calibrated the plan (files / seed from the CLI) and which of them the
             # sequential fit used
-            "calibration": {**(self.calibration if calibration is None else calibration),
+            "calibration": {**((self.calibration or {}) if calibration is None else calibration),
                             **self.plan.calibration},
             "tvm_version": ta.tvm_version(),
             "tvm_ternary_version": __version__,

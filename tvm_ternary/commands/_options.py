@@ -222,7 +222,8 @@ def load_calibration(source: Path, *, preprocess, input_shape, limit: int | None
     if not paths:
         raise UserError(f"{source}: no images found")
     info.update(images=len(paths), files=[p.name for p in paths])
-    return preprocess_images(paths, config=preprocess, input_shape=input_shape).astype(np.float32), info
+    images = preprocess_images(paths, config=preprocess, input_shape=input_shape).astype(np.float32)
+    return check_samples(images, source=source, what="calibration"), info
 
 
 def parse_input_shapes(items: list[str]) -> dict:

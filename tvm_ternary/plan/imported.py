@@ -75,8 +75,8 @@ def plan_from_model(prep, *, config: QuantConfig | None = None, exact_roundings:
     quantized = {name for name, d in decisions.items() if d.bits}
     layers: dict[str, LayerPlan] = {}
 
-    def fit(fused: FusedLayer, x: np.ndarray, float_env) -> LayerPlan:
-        del float_env
+    def fit(fused: FusedLayer, x: np.ndarray, float_env, env) -> LayerPlan:
+        del float_env, env  # a quantized model's layers are read, not fitted to any network
         node = nodes[fused.name]
         w = fused.weight.weight
         geometry = {} if fused.weight.op_type == "dense" else conv_geometry(node, x.shape[2:], w.shape[2:])
