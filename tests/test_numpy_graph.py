@@ -82,7 +82,11 @@ CASES = [
 def test_ops_match_onnxruntime(node, x_shape, inits):
     model = one_node_model(node, x_shape, inits)
     x = rng.normal(size=x_shape).astype(np.float32) * 3
-    np.testing.assert_allclose(NumpyGraph(model).run(x), run_ort(model, x), rtol=1e-5, atol=1e-5)
+    # fp32 sums of up to 147 products (the 7x7 stem) that BLAS and ORT add in different orders
+    # (and with or without FMA, by CPU): the rounding error grows like sqrt(terms) * eps *
+    # sum|terms| ~ 2e-5 here, so atol 1e-5 failed on an AVX-512 Xeon; 1e-4 still catches any
+    # real indexing or padding error (those are O(1)).
+    np.testing.assert_allclose(NumpyGraph(model).run(x), run_ort(model, x), rtol=1e-5, atol=1e-4)
 
 
 def test_hardswish_matches_onnxruntime():  # opset 14, not in CASES' opset 13
