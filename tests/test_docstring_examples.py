@@ -14,6 +14,7 @@ MODULES = [
     "tvm_ternary.quant.data_aware",
     "tvm_ternary.plan.config",  # QuantConfig (tvm_ternary.QuantConfig)
     "tvm_ternary.progress",
+    "tvm_ternary.inputs",
     "tvm_ternary.benchmark",
     "tvm_ternary.peak",
     "tvm_ternary.quant.imported",

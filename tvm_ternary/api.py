@@ -90,7 +90,7 @@ def compile(model, *, calib=None, config=None, target: str | None = "host", prep
 
     from . import onnx_io
     from . import tvm_adapter as ta
-    from .commands._options import check_config
+    from .inputs import check_config
     from .compiler import compile_model
     from .passes.onnx_normalize import normalize_onnx
 
@@ -152,7 +152,7 @@ def calibration_images(source, *, preprocess, input_shape, limit: int | None,
     """float32 ``[N, ...]`` images sampled across an array, a stacked ``.npy`` or an image folder
     (seeded: a folder sorted by class would give a few classes as its first N), with the
     record of what was chosen (for the sidecar); the same checks as the CLI's."""
-    from .commands._options import check_samples, load_calibration
+    from .inputs import check_samples, load_calibration
     from .plan.config import CALIB_LIMIT
     from .preprocess import CALIB_SEED, sample_calibration
 

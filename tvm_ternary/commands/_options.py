@@ -13,9 +13,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import numpy as np
-
-from ..errors import OptionError, UserError
+from ..errors import OptionError
+from ..inputs import check_config, check_samples, load_array, load_calibration, load_images  # noqa: F401 (the commands' names)
 from ..plan.config import DEFAULT_METHOD, METHODS
 
 METHOD_HELP = ("reconstruct (default): data-aware, then coordinate descent over the codes themselves on "
@@ -90,25 +89,6 @@ def quant_config(args: argparse.Namespace):
         raise OptionError(str(error)) from None
 
 
-def check_config(model, config) -> None:
-    """The per-layer policy on ``model`` (a normalized ONNX model) without calibrating: an
-    unknown ``--layer-bits`` name, N larger than a layer's channels, a model with nothing to
-    quantize are one-line errors before any image is read or TVM is loaded."""
-    from ..errors import NoWeightedLayersError
-    from ..plan import analyse, decide
-    from ..plan.config import check_override_names
-
-    layers = analyse(model).layers
-    if not layers:
-        raise NoWeightedLayersError("the model has no Conv/Gemm/MatMul layer with constant weights: "
-                                    "nothing to quantize")
-    check_override_names([(f.name, f.weight.op_type) for f in layers], config)
-    for i, fused in enumerate(layers):
-        w = fused.weight
-        decide(name=fused.name, op_type=w.op_type, depthwise=w.is_depthwise, is_first=w.reads_model_input,
-               is_last=i == len(layers) - 1, in_channels=w.in_channels_per_group, config=config)
-
-
 def add_preprocess_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("image preprocessing")
     g.add_argument("--preprocess", choices=("torchvision", "caffe", "unit"), default=None,
@@ -127,69 +107,6 @@ def preprocess_config(args: argparse.Namespace):
                                          bgr=True if args.bgr else None)
 
 
-def load_images(source: Path, *, preprocess, input_shape, limit: int | None, what: str) -> np.ndarray:
-    """Images from a folder (needs a preprocessing preset) or a stacked ``.npy`` (used as is)."""
-    from ..preprocess import load_image_folder, preprocess_images
-
-    source = Path(source)
-    if source.suffix == ".npy" or source.is_file():
-        arr = load_array(source, what=what)
-        if arr.ndim != len(input_shape) or tuple(arr.shape[1:]) != tuple(input_shape[1:]):
-            raise UserError(f"{source}: {what} shape {arr.shape} does not fit the model input {tuple(input_shape)}")
-        return check_samples(arr[:limit].astype(np.float32), source=source, what=what)
-    if preprocess is None:
-        raise OptionError(f"{what} images from a folder need --preprocess (or --mean/--std)")
-    paths, _ = load_image_folder(source, limit=limit)
-    if not paths:
-        raise UserError(f"{source}: no images found")
-    images = preprocess_images(paths, config=preprocess, input_shape=input_shape).astype(np.float32)
-    return check_samples(images, source=source, what=what)
-
-
-def load_array(source: Path, *, what: str) -> np.ndarray:
-    """A numeric array from a ``.npy`` file; a one-line :class:`InputDataError` for anything
-    else (a text file, an ``.npz`` archive, strings, pickled objects, no samples)."""
-    from ..errors import InputDataError
-
-    source = Path(source)
-    try:
-        arr = np.load(source, allow_pickle=False)
-    except (OSError, ValueError, EOFError) as error:
-        raise InputDataError(f"{source}: cannot read {what} array ({error}); expected a .npy file "
-                             "written by numpy.save") from None
-    if not isinstance(arr, np.ndarray):  # np.load opens an .npz archive as a dict of arrays
-        close = getattr(arr, "close", None)
-        names = list(getattr(arr, "files", []))
-        if close:
-            close()
-        raise InputDataError(f"{source}: an .npz archive ({', '.join(names[:4]) or 'empty'}), not one array; "
-                             "save the array with numpy.save to a .npy")
-    if arr.dtype.kind not in "biuf":
-        raise InputDataError(f"{source}: {what} array holds {arr.dtype.name} values, not numbers")
-    if arr.ndim == 0 or arr.shape[0] == 0:
-        raise InputDataError(f"{source}: {what} array has no samples (shape {arr.shape})")
-    return arr
-
-
-def check_samples(images: np.ndarray, *, source, what: str) -> np.ndarray:
-    """Calibration/evaluation images must be finite; all zeros gets a warning (scales from
-    nothing: every activation range collapses)."""
-    import sys
-
-    from ..errors import InputDataError
-
-    if len(images) == 0:
-        raise InputDataError(f"{source}: no {what} samples")
-    finite = np.isfinite(images)
-    if not finite.all():
-        raise InputDataError(f"{source}: {what} data has {int((~finite).sum())} NaN/Inf value(s); "
-                             "activation scales cannot be calibrated on them")
-    if not images.any():
-        print(f"warning: {source}: every {what} sample is all zeros; activation scales calibrated on it "
-              "are meaningless (wrong file or preprocessing?)", file=sys.stderr)
-    return images
-
-
 def add_calibration_arguments(parser, *, required_note: str = "") -> None:
     """``--calib-limit`` and ``--calib-seed`` (compile, tune, eval share one default)."""
     from ..plan.config import CALIB_LIMIT
@@ -200,30 +117,6 @@ def add_calibration_arguments(parser, *, required_note: str = "") -> None:
                              f"default {CALIB_LIMIT}; all when it has fewer)")
     parser.add_argument("--calib-seed", type=int, default=CALIB_SEED, metavar="S",
                         help=f"seed of the calibration sample (default {CALIB_SEED}; recorded in the sidecar)")
-
-
-def load_calibration(source: Path, *, preprocess, input_shape, limit: int | None,
-                     seed: int) -> tuple[np.ndarray, dict]:
-    """Calibration images sampled across a folder or a stacked ``.npy``
-    (:func:`~tvm_ternary.preprocess.sample_calibration`), and what was chosen (for the sidecar)."""
-    from ..preprocess import load_image_folder, preprocess_images, sample_calibration
-
-    source = Path(source)
-    info = {"source": str(source), "limit": limit, "seed": seed}
-    if source.suffix == ".npy":
-        arr = load_images(source, preprocess=preprocess, input_shape=input_shape, limit=None,
-                          what="calibration")
-        keep = sample_calibration(arr, limit, seed=seed)
-        info.update(available=len(arr), images=len(keep), indices=keep)
-        return arr[keep], info
-    if preprocess is None:
-        raise OptionError("calibration images from a folder need --preprocess (or --mean/--std)")
-    paths, _ = load_image_folder(source, limit=limit, sample_seed=seed)
-    if not paths:
-        raise UserError(f"{source}: no images found")
-    info.update(images=len(paths), files=[p.name for p in paths])
-    images = preprocess_images(paths, config=preprocess, input_shape=input_shape).astype(np.float32)
-    return check_samples(images, source=source, what="calibration"), info
 
 
 def parse_input_shapes(items: list[str]) -> dict:
