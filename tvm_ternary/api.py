@@ -152,19 +152,14 @@ def calibration_images(source, *, preprocess, input_shape, limit: int | None,
     """float32 ``[N, ...]`` images sampled across an array, a stacked ``.npy`` or an image folder
     (seeded: a folder sorted by class would give a few classes as its first N), with the
     record of what was chosen (for the sidecar); the same checks as the CLI's."""
-    from .inputs import check_samples, load_calibration
+    from .inputs import check_array, check_samples, load_calibration
     from .plan.config import CALIB_LIMIT
     from .preprocess import CALIB_SEED, sample_calibration
 
     limit = CALIB_LIMIT if limit is None else limit
     seed = CALIB_SEED if seed is None else seed
     if isinstance(source, np.ndarray):
-        if source.ndim != len(input_shape) or tuple(source.shape[1:]) != tuple(input_shape[1:]):
-            raise UserError(f"calibration array: shape {source.shape} does not fit the model input "
-                            f"{tuple(input_shape)}")
-        if source.dtype.kind not in "biuf" or source.shape[0] == 0:
-            raise UserError(f"calibration array: needs at least one sample of numbers, got "
-                            f"{source.dtype.name} {source.shape}")
+        check_array(source, source="calibration array", what="calibration", input_shape=input_shape)
         keep = sample_calibration(source, limit, seed=seed)
         info = {"source": "array", "limit": limit, "seed": seed, "available": len(source),
                 "images": len(keep), "indices": keep}

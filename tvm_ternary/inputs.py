@@ -46,9 +46,7 @@ def load_images(source: Path, *, preprocess, input_shape, limit: int | None, wha
 
     source = Path(source)
     if source.suffix == ".npy" or source.is_file():
-        arr = load_array(source, what=what)
-        if arr.ndim != len(input_shape) or tuple(arr.shape[1:]) != tuple(input_shape[1:]):
-            raise UserError(f"{source}: {what} shape {arr.shape} does not fit the model input {tuple(input_shape)}")
+        arr = check_array(load_array(source, what=what), source=source, what=what, input_shape=input_shape)
         return check_samples(arr[:limit].astype(np.float32), source=source, what=what)
     if preprocess is None:
         raise OptionError(f"{what} images from a folder need --preprocess (or --mean/--std)")
@@ -77,10 +75,21 @@ def load_array(source: Path, *, what: str) -> np.ndarray:
             close()
         raise InputDataError(f"{source}: an .npz archive ({', '.join(names[:4]) or 'empty'}), not one array; "
                              "save the array with numpy.save to a .npy")
+    return check_array(arr, source=source, what=what)
+
+
+def check_array(arr: np.ndarray, *, source, what: str, input_shape=None) -> np.ndarray:
+    """``arr`` holds numbers and at least one sample (and, given ``input_shape``, samples of the
+    model's input shape); a one-line :class:`InputDataError` / :class:`UserError` otherwise."""
+    from .errors import InputDataError
+
     if arr.dtype.kind not in "biuf":
         raise InputDataError(f"{source}: {what} array holds {arr.dtype.name} values, not numbers")
     if arr.ndim == 0 or arr.shape[0] == 0:
         raise InputDataError(f"{source}: {what} array has no samples (shape {arr.shape})")
+    if input_shape is not None and (arr.ndim != len(input_shape)
+                                    or tuple(arr.shape[1:]) != tuple(input_shape[1:])):
+        raise UserError(f"{source}: {what} shape {arr.shape} does not fit the model input {tuple(input_shape)}")
     return arr
 
 

@@ -40,7 +40,7 @@ from ..quant.reconstruct import fit_depthwise, reconstruct_layer
 from .calibrate import TensorStats, collect_stats
 from .config import LayerDecision, QuantConfig, check_override_names, decide
 from .graph import FusedLayer, GraphAnalysis, analyse, node_key
-from .layer import LayerPlan, requantize_params
+from .layer import LayerPlan, integer_params
 
 FIT_ROWS = 32_768  # im2col rows sampled per layer for the data-aware statistics
 FIT_IMAGES = 256  # calibration images the sequential fit walks (a seeded sample of them)
@@ -290,16 +290,11 @@ def make_plan(model: onnx.ModelProto, images: np.ndarray, *, config: QuantConfig
         qw, bias, out_err = _quantize_weights(fused, bits, config, layer_stats, fit_rows)
         # reconstruct returns integer scales already (it fits the codes on that grid)
         iw = qw if isinstance(qw, IntegerWeights) else to_integer_scales(qw, code_bits=config.code_bits)
-        bias_int = ref.integer_bias(bias, input_scale=in_q.scale, channel_scales=iw.channel_scales)
-        dequant = (np.float64(in_q.scale) * iw.channel_scales.astype(np.float64)).astype(np.float32)
         terminal = fused.name == last_layer and fused.residual is None
         out_q = None if terminal else quants[fused.output]
         res_q = quants[fused.residual] if fused.residual else None
-        mult = shift = res_mult = None
-        if out_q is not None:
-            mult, shift, res_mult = requantize_params(
-                dequant_scale=dequant, out_scale=out_q.scale,
-                residual_scale=None if res_q is None else res_q.scale)
+        bias_int, dequant, mult, shift, res_mult = integer_params(
+            iw, bias, input_quant=in_q, output_quant=out_q, residual_quant=res_q)
         return LayerPlan(
             fused=fused, decision=decision if bits == decision.bits else LayerDecision(bits, "alternative"),
             weights=iw, bias_int=bias_int,

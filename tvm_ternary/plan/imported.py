@@ -26,12 +26,11 @@ import time
 import numpy as np
 
 from ..numpy_graph import NumpyGraph, conv_geometry
-from ..quant import reference as ref
 from ..quant.imported import import_weights
 from .build import QuantPlan, _run
 from .config import LayerDecision, QuantConfig
 from .graph import FusedLayer, analyse, node_key
-from .layer import LayerPlan, requantize_params
+from .layer import LayerPlan, integer_params
 
 
 def _out_axis(node) -> int:
@@ -86,13 +85,8 @@ def plan_from_model(prep, *, config: QuantConfig | None = None, exact_roundings:
         out_q = quants.get(fused.output)  # None: the layer's output leaves the model as float
         res_q = quants[fused.residual] if fused.residual else None
         bias = fused.weight.bias if fused.weight.bias is not None else np.zeros(w.shape[0], np.float32)
-        bias_int = ref.integer_bias(bias, input_scale=in_q.scale, channel_scales=iw.channel_scales)
-        dequant = (np.float64(in_q.scale) * iw.channel_scales.astype(np.float64)).astype(np.float32)
-        mult = shift = res_mult = None
-        if out_q is not None:
-            mult, shift, res_mult = requantize_params(
-                dequant_scale=dequant, out_scale=out_q.scale,
-                residual_scale=None if res_q is None else res_q.scale)
+        bias_int, dequant, mult, shift, res_mult = integer_params(
+            iw, bias, input_quant=in_q, output_quant=out_q, residual_quant=res_q)
         return LayerPlan(
             fused=fused, decision=decisions[fused.name], weights=iw, bias_int=bias_int,
             geometry=geometry, input_quant=in_q, output_quant=out_q, residual_quant=res_q,
@@ -115,7 +109,6 @@ def with_float_roundings(model, analysis, quantized: set[str], quants: dict):
     Concat of differently scaled inputs, a float residual Add, a pool): the float op then sees
     the rounded value, as in the model. Integer layers read the tensor itself (they quantize it)."""
     import onnx
-    from onnx import numpy_helper
 
     fused_nodes: set[str] = set()
     produced = set()

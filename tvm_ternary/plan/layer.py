@@ -73,6 +73,21 @@ class LayerPlan:
         return dequantize_activation(y_int, self.output_quant), y_int
 
 
+def integer_params(weights: IntegerWeights, bias: np.ndarray, *, input_quant: ActivationQuant,
+                   output_quant: ActivationQuant | None, residual_quant: ActivationQuant | None):
+    """The integer side of one layer in the number-format contract: ``(bias_int, dequant_scale,
+    multiplier, shift, residual_multiplier)``; the last three are None when the output leaves
+    the quantized region as float (``output_quant`` None)."""
+    bias_int = ref.integer_bias(bias, input_scale=input_quant.scale, channel_scales=weights.channel_scales)
+    dequant = (np.float64(input_quant.scale) * weights.channel_scales.astype(np.float64)).astype(np.float32)
+    if output_quant is None:
+        return bias_int, dequant, None, None, None
+    mult, shift, res_mult = requantize_params(
+        dequant_scale=dequant, out_scale=output_quant.scale,
+        residual_scale=None if residual_quant is None else residual_quant.scale)
+    return bias_int, dequant, mult, shift, res_mult
+
+
 def requantize_params(*, dequant_scale: np.ndarray, out_scale: float, residual_scale: float | None):
     """(multiplier, shift, residual multiplier) for ``acc * dequant_scale / out_scale`` (+ the
     residual at ``residual_scale / out_scale``) sharing one shift per channel."""
