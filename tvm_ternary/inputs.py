@@ -34,10 +34,24 @@ def check_config(model, config) -> None:
         raise NoWeightedLayersError("the model has no Conv/Gemm/MatMul layer with constant weights: "
                                     "nothing to quantize")
     check_override_names([(f.name, f.weight.op_type) for f in layers], config)
+    if config.distill_epochs:
+        _check_distillable(model)
     for i, fused in enumerate(layers):
         w = fused.weight
         decide(name=fused.name, op_type=w.op_type, depthwise=w.is_depthwise, is_first=w.reads_model_input,
                is_last=i == len(layers) - 1, in_channels=w.in_channels_per_group, config=config)
+
+
+def _check_distillable(model) -> None:
+    try:
+        import torch  # noqa: F401  (the distillation's autograd)
+    except ImportError:
+        raise OptionError("--distill-epochs needs torch: pip install torch==2.13.0") from None
+    from .plan.torch_graph import unsupported_ops
+
+    missing = unsupported_ops(model)
+    if missing:
+        raise OptionError(f"--distill-epochs: no torch semantics for op(s) {', '.join(missing)} of this model")
 
 
 def load_images(source: Path, *, preprocess, input_shape, limit: int | None, what: str) -> np.ndarray:

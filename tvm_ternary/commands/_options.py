@@ -35,7 +35,8 @@ def positive_int(text: str) -> int:
 
 
 # dest names of the quantization flags (eval refuses them for an already compiled .so)
-QUANT_FLAGS = ("weight_bits", "group_size", "grouping", "method", "act_bits", "act_calibration", "code_bits")
+QUANT_FLAGS = ("weight_bits", "group_size", "grouping", "method", "act_bits", "act_calibration", "code_bits",
+               "distill_epochs")
 
 
 def rgb_triple(text: str) -> tuple[float, float, float]:
@@ -69,6 +70,10 @@ def add_quant_arguments(parser: argparse.ArgumentParser, *, defaults: bool = Tru
                         "point), percentile, mse (4-bit default: clips outliers)")
     g.add_argument("--code-bits", type=int, choices=(7, 4), default=d(7),
                    help="bits of the integer group-scale codes (default 7)")
+    g.add_argument("--distill-epochs", type=int, default=None, metavar="E",
+                   help="after the layer-wise fit, tune group codes, channel scales and biases end to "
+                        "end against the float model's outputs for E epochs over the calibration "
+                        "images (augmented; needs torch). Default 0: none")
     g.add_argument("--layer-bits", action="append", default=[], metavar="NAME=BITS",
                    help="override one layer (or op type conv/dense/depthwise): BITS 2, 4, 8, or 0 = float; repeatable")
 

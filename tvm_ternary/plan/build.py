@@ -17,7 +17,7 @@ Example::
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import onnx
@@ -309,9 +309,20 @@ def make_plan(model: onnx.ModelProto, images: np.ndarray, *, config: QuantConfig
          fit=fit, progress=progress)
     calibration = {"activation_images": len(images), "fit_images": len(fit_idx), "fit_indices": fit_idx,
                    "fit_seed": seed, "method": config.method}
-    return QuantPlan(config=config, model=model, analysis=analysis, layers=layers,
+    plan = QuantPlan(config=config, model=model, analysis=analysis, layers=layers,
                      decisions=decisions, seconds=time.perf_counter() - start,
                      alternatives=alt_plans, calibration=calibration)
+    if config.distill_epochs and layers:
+        from .distill import distill_plan
+
+        plan, info = distill_plan(plan, images[fit_idx], epochs=config.distill_epochs, seed=seed,
+                                  progress=progress)
+        if not info["distilled"]:
+            from ..errors import UserError
+
+            raise UserError(f"--distill-epochs: cannot distill this model: {info['why']}")
+        plan = replace(plan, seconds=time.perf_counter() - start)
+    return plan
 
 
 def _fit_rows(fused: FusedLayer, x: np.ndarray, y: np.ndarray, geometry: dict, in_q: ActivationQuant,

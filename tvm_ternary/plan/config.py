@@ -25,6 +25,7 @@ CALIB_LIMIT = 256  # default calibration images (sampled across the folder); see
 WEIGHT_BITS = (2, 4, 8)
 ACT_BITS = (8, 4)
 PRECISE_BITS = 8  # what the policy gives the layers it keeps precise
+MAX_DISTILL_EPOCHS = 100
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,9 @@ class QuantConfig:
     # True: a layer with fewer input channels than group_size gets N = C (one group per kernel
     # position) instead of an error; the papers' "N = 64" and "N = C" rows need it.
     clamp_group_size: bool = False
+    # epochs of end-to-end distillation of group codes, channel scales and biases against the
+    # float logits after the layer-wise fit (plan.distill; needs torch); 0 = none
+    distill_epochs: int = 0
 
     def __post_init__(self):
         def check(name, value, allowed):
@@ -62,6 +66,9 @@ class QuantConfig:
             check("activation calibration", self.act_calibration, CALIBRATION_METHODS)
         if not isinstance(self.group_size, int) or self.group_size < 1:
             raise ValueError(f"group size must be a positive integer, got {self.group_size!r}")
+        if not isinstance(self.distill_epochs, int) or not 0 <= self.distill_epochs <= MAX_DISTILL_EPOCHS:
+            raise ValueError(f"distillation epochs must be an integer in [0, {MAX_DISTILL_EPOCHS}], "
+                             f"got {self.distill_epochs!r}")
         for key, bits in self.overrides:
             check(f"override bits for {key!r}", bits, (0,) + WEIGHT_BITS)
 

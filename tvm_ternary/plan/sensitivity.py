@@ -163,7 +163,7 @@ def choose_precision(model: onnx.ModelProto, images: np.ndarray, *, config: Quan
         return compare(f, _scores(lambda b: simulate(plan, b), x), labels=None)
 
     _log(progress, "sensitivity: 8-bit pass with ternary and 4-bit alternatives")
-    base = make_plan(model, images, config=replace(config, weight_bits=8), stats=stats,
+    base = make_plan(model, images, config=replace(config, weight_bits=8, distill_epochs=0), stats=stats,
                      alternatives=(2, 4), progress=progress, seed=seed)
     passes = 1
     eligible = [l for l in base.analysis.layers if l.name in base.alternatives]
