@@ -225,9 +225,7 @@ def compile_model(model, *, config: QuantConfig, calib_images: np.ndarray | None
     target = ta.as_target(target)
     isa = isa or ta.choose_isa(target)
     t0 = time.perf_counter()
-    layer_vars = {layer.var_name: layer.name for layer in imported.layers}
-    mod, report = apply_plan(imported.module, plan=plan, layer_vars=layer_vars, target=target, isa=isa,
-                             kernels=kernels)
+    mod, report = apply_plan(imported, plan=plan, target=target, isa=isa, kernels=kernels)
     seconds["rewrite"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     executable = ta.build_relax(mod, target=target)

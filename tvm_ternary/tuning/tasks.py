@@ -41,8 +41,7 @@ def model_tasks(model, *, config, calib_images, target, input_shapes=None, isa: 
     imported = import_onnx(None, prepared=replace(prep, model=plan.model))  # the planned graph
     target = ta.as_target(target)
     isa = isa or ta.choose_isa(target)
-    layer_vars = {layer.var_name: layer.name for layer in imported.layers}
-    _, report = apply_plan(imported.module, plan=plan, layer_vars=layer_vars, target=target, isa=isa)
+    _, report = apply_plan(imported, plan=plan, target=target, isa=isa)
     tasks, untuned = [], {}
     for name, spec in report.specs.items():
         layers = [layer for layer, kernel in report.layer_kernels.items() if kernel == name]

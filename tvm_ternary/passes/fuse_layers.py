@@ -1,0 +1,172 @@
+"""The plan's fused layers as one pattern: ``conv2d|matmul -> [bias] -> [residual add] -> [relu]``.
+
+The plan decided, on the ONNX graph (:mod:`tvm_ternary.plan.graph`), which nodes form each
+layer; this pass does not recognise anything of its own. A match is the plan's layer when its
+weight is that layer's weight parameter (:mod:`.import_onnx`: every layer's weight is a named
+parameter of ``main``), and it is rewritten only when it is the chain the plan fused: same op,
+bias, residual and ReLU. Everything else is returned unchanged (the bail-out); a planned layer
+that no match fits stays float, and :attr:`FuseLayers.left_float` says why.
+
+A matching chain becomes ``dequantize(kernel(quantize(x), packed weights, ..., [quantize(res)]))``
+(for a float exit: the kernel's own dequantizing epilogue, ``permute_dims`` back to NCHW). The
+quantize / dequantize at each layer's edge are undone between layers by :mod:`.integer_ops`.
+
+Modelled on TVM's ``FoldBatchnormToConv2D``: the patterns are built once; ``rewrite_call``
+offers each match to :meth:`FuseLayers._rewrite`. One pattern per chain shape (with / without
+residual on either side of the add, with / without ReLU), each its own ``rewrite_call``: a
+pattern with alternatives would offer only its first fitting alternative, and the residual add
+of two convolutions (ResNet's projection shortcut) fits both ways, only one of them the plan's.
+
+Example::
+
+    fuse = FuseLayers(funcs, plan=plan, layer_of_weight=imported.layer_of_weight(), kernels=make)  # doctest: +SKIP
+    funcs.set_main(fuse.run(funcs.main()))                                                         # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from tvm import relax
+from tvm.relax.dpl import is_const, is_op, is_var, rewrite_call, wildcard
+
+from .. import tvm_adapter as ta
+from ..plan import LayerPlan, QuantPlan
+from ..schedules import kernel_arg_names
+from .kernel_args import layer_kernel_args, layer_spec
+from .region_funcs import RegionFuncs
+
+
+@dataclass(frozen=True)
+class _Chain:
+    """What a match holds, in the plan's terms (for the check and the reason it failed)."""
+
+    op: str  # "conv" | "dense"
+    bias: bool
+    residual: bool
+    relu: bool
+
+    def describe(self) -> str:
+        links = [self.op] + (["bias"] if self.bias else []) + (["residual add"] if self.residual else [])
+        return " -> ".join(links + (["relu"] if self.relu else []))
+
+    def size(self) -> int:
+        return self.bias + self.residual + self.relu
+
+
+def planned_chain(layer: LayerPlan) -> _Chain:
+    fused = layer.fused
+    return _Chain(op=fused.weight.op_type, bias=fused.weight.bias is not None,
+                  residual=fused.residual is not None, relu=fused.relu)
+
+
+class FuseLayers:
+    """Rewrite each planned layer's chain into its kernel (see the module docstring)."""
+
+    def __init__(self, funcs: RegionFuncs, *, plan: QuantPlan, layer_of_weight: dict[str, str],
+                 kernel_for):
+        self.funcs, self.plan, self.layer_of_weight = funcs, plan, layer_of_weight
+        self.kernel_for = kernel_for  # spec -> (GlobalVar, isa of the kernel)
+        self.fused: list[str] = []
+        self.specs: dict[str, object] = {}  # layer name -> kernel spec
+        self.kernel_of: dict[str, str] = {}  # layer name -> kernel function
+        self._seen: dict[str, _Chain] = {}  # layer -> the longest chain a match offered
+        self.x, self.w = wildcard(), is_var()
+        weight = is_op("relax.permute_dims")(self.w) | self.w  # Gemm's transB: W.T, not folded
+        self.linear = is_op("relax.nn.conv2d")(self.x, weight) | is_op("relax.matmul")(self.x, weight)
+        self.bias = is_op("relax.add")(self.linear, is_const())
+        chain = self.bias | self.linear
+        # (pattern, index of the residual among the add's operands); the residual add is kept
+        # as a pattern of its own so that its operands can be read as the vars they are
+        self.add_left = is_op("relax.add")(chain, wildcard())
+        self.add_right = is_op("relax.add")(wildcard(), chain)
+        self.patterns = [(is_op("relax.nn.relu")(self.add_left), self.add_left, 1),
+                         (is_op("relax.nn.relu")(self.add_right), self.add_right, 0),
+                         (self.add_left, self.add_left, 1), (self.add_right, self.add_right, 0),
+                         (is_op("relax.nn.relu")(chain), None, None), (chain, None, None)]
+
+    def run(self, func: relax.Function) -> relax.Function:
+        self._params = {ta.var_name(p): p for p in func.params}
+        for pattern, add, side in self.patterns:
+            self._add, self._side = add, side
+            func = rewrite_call(pattern, self._rewrite, func)
+        return func
+
+    @property
+    def left_float(self) -> dict[str, str]:
+        """Planned layers no match fitted -> why."""
+        out = {}
+        for name, layer in self.plan.layers.items():
+            if name in self.fused:
+                continue
+            seen = self._seen.get(name)
+            out[name] = ("no conv2d/matmul reads this layer's weight in the Relax module" if seen is None
+                         else f"the Relax graph has {seen.describe()}, the plan fused "
+                              f"{planned_chain(layer).describe()}")
+        return out
+
+    # --- the check and the rewrite ----------------------------------------------------------
+    def _layer(self, m) -> LayerPlan | None:
+        w = m[self.w]
+        name = self.layer_of_weight.get(ta.var_name(w))
+        param = self._params.get(ta.var_name(w))
+        if name is None or param is None or not param.same_as(w):  # not a layer's weight parameter
+            return None
+        return self.plan.layers.get(name)  # None: the policy keeps it float
+
+    def _rewrite(self, expr, m):
+        # a var bound to the match is offered too: rewrite the call only
+        layer = self._layer(m) if isinstance(expr, relax.Call) else None
+        if layer is None or layer.name in self.fused:
+            return expr
+        linear = m[self.linear]
+        # the matched calls' arguments are the vars the program passes (a matched wildcard
+        # holds the value behind a var, which must not be computed twice)
+        residual = None if self._add is None else m[self._add].args[self._side]
+        got = _Chain(op="conv" if ta.call_op_name(linear) == "relax.nn.conv2d" else "dense",
+                     bias=m.get(self.bias) is not None, residual=residual is not None,
+                     relu=ta.call_op_name(expr) == "relax.nn.relu")
+        if residual is not None and ta.const_numpy(residual) is not None:
+            return expr  # an add of a constant is a bias, not a residual
+        seen = self._seen.get(layer.name)
+        if seen is None or got.size() > seen.size():
+            self._seen[layer.name] = got
+        if got != planned_chain(layer) or not _fits(layer, linear):
+            return expr
+        return self._kernel_call(layer, linear, residual)
+
+    def _kernel_call(self, layer: LayerPlan, linear, residual):
+        funcs = self.funcs
+        x = linear.args[0]
+        dense = layer.is_dense
+        x_shape = ta.static_shape(x)
+        spec = layer_spec(layer, x_shape=x_shape)
+        gv, isa = self.kernel_for(spec, "tt_dense" if dense else "tt_conv")
+        self.specs[layer.name], self.kernel_of[layer.name] = spec, gv.name_hint
+        consts = layer_kernel_args(layer, spec, isa=isa)
+        runtime = {"x": funcs.quantize(x, layer.input_quant, nhwc=not dense),
+                   "residual": None if residual is None else funcs.quantize(residual, layer.residual_quant, nhwc=True)}
+        conv = spec.as_conv() if dense else spec
+        args = [runtime[name] if name in runtime else ta.relax_const(consts[name])
+                for name in kernel_arg_names(conv, isa)[:-1]]
+        out_shape = (x_shape[0], spec.out_features) if dense else spec.out_shape
+        out_dtype = "float32" if layer.output_quant is None else layer.output_quant.dtype.name
+        y = funcs.call(gv, args, out_shape, out_dtype)
+        self.fused.append(layer.name)
+        if layer.output_quant is not None:
+            return funcs.dequantize(y, layer.output_quant, shape=out_shape)
+        return y if dense else relax.op.permute_dims(y, [0, 3, 1, 2])
+
+
+def _fits(layer: LayerPlan, linear) -> bool:
+    """The call computes what the plan's kernel does: NCHW activations and OIHW weights (the
+    frontend's only layouts), the plan's weight shape ([C, K] for a matmul), 2-D dense input."""
+    want = layer.fused.weight.weight.shape
+    if ta.call_op_name(linear) != "relax.nn.conv2d":
+        return len(ta.static_shape(linear.args[0]) or ()) == 2 and ta.static_shape(linear.args[1]) == want[::-1]
+    attrs = linear.attrs
+    return str(attrs.data_layout) == "NCHW" and str(attrs.kernel_layout) == "OIHW" \
+        and str(attrs.out_layout) in ("NCHW", "") and ta.static_shape(linear.args[1]) == want
+
+
+__all__ = ["FuseLayers", "planned_chain"]
