@@ -186,9 +186,9 @@ def own_weights(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict]:
     ``model`` reads its weight from an initializer no other node reads.
 
     A weight that already is such an initializer is kept (``model`` is returned unchanged when
-    all are, and no initializer is listed as a graph input); one computed from constants (a Constant node, Identity/Transpose of an
-    initializer) or shared with another node is materialised as a new initializer, on a copy,
-    named after the layer."""
+    all are, and no initializer is listed as a graph input); one computed from constants (a
+    Constant node, Identity/Transpose of an initializer) or shared with another node is
+    materialised as a new initializer, on a copy, named after the layer."""
     layers = onnx_io.find_weighted_layers(model)
     graph = model.graph
     initializers = {t.name for t in graph.initializer}
@@ -199,15 +199,16 @@ def own_weights(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict]:
     node_of = {node.output[0]: i for i, node in enumerate(graph.node) if node.output}
     taken = initializers | {out for node in graph.node for out in node.output} | {v.name for v in graph.input}
     copy, owned, resolve = None, {}, None
-    if any(v.name in initializers for v in graph.input):
-        # IR < 4 exporters list every weight as a graph input too; the frontend would make it a
-        # data input as well as a parameter
+    if model.ir_version < 4 or any(v.name in initializers for v in graph.input):
+        # IR < 4 exporters list every weight as a graph input too (a default an input may
+        # override, from IR 4 on; a compiled library has none): the frontend would make it a
+        # data input as well as a parameter. IR 4 allows initializers that are not inputs.
         copy = onnx.ModelProto()
         copy.CopyFrom(model)
         inputs = [v for v in copy.graph.input if v.name not in initializers]
         del copy.graph.input[:]
         copy.graph.input.extend(inputs)
-        copy.ir_version = max(copy.ir_version, 4)  # IR 4 allows initializers that are not inputs
+        copy.ir_version = max(copy.ir_version, 4)
     for layer in layers:
         index = node_of[layer.output]
         source = graph.node[index].input[1]
