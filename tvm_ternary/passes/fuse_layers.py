@@ -76,19 +76,21 @@ class FuseLayers:
         self.linear = is_op("relax.nn.conv2d")(self.x, weight) | is_op("relax.matmul")(self.x, weight)
         self.bias = is_op("relax.add")(self.linear, is_const())
         chain = self.bias | self.linear
-        # (pattern, index of the residual among the add's operands); the residual add is kept
-        # as a pattern of its own so that its operands can be read as the vars they are
+        # The matcher tries a commutative add's operands as written first, then swapped, and
+        # offers only the first fit: the two orders are two patterns, so that a residual add
+        # of two chains is offered with each as the layer. The residual add is a pattern of
+        # its own so that its operands can be read as the vars they are.
         self.add_left = is_op("relax.add")(chain, wildcard())
         self.add_right = is_op("relax.add")(wildcard(), chain)
-        self.patterns = [(is_op("relax.nn.relu")(self.add_left), self.add_left, 1),
-                         (is_op("relax.nn.relu")(self.add_right), self.add_right, 0),
-                         (self.add_left, self.add_left, 1), (self.add_right, self.add_right, 0),
-                         (is_op("relax.nn.relu")(chain), None, None), (chain, None, None)]
+        self.patterns = [(is_op("relax.nn.relu")(self.add_left), self.add_left),
+                         (is_op("relax.nn.relu")(self.add_right), self.add_right),
+                         (self.add_left, self.add_left), (self.add_right, self.add_right),
+                         (is_op("relax.nn.relu")(chain), None), (chain, None)]
 
     def run(self, func: relax.Function) -> relax.Function:
         self._params = {ta.var_name(p): p for p in func.params}
-        for pattern, add, side in self.patterns:
-            self._add, self._side = add, side
+        for pattern, add in self.patterns:
+            self._add, self._values = add, relax.analysis.get_var2val(func)
             func = rewrite_call(pattern, self._rewrite, func)
         return func
 
@@ -119,15 +121,20 @@ class FuseLayers:
         layer = self._layer(m) if isinstance(expr, relax.Call) else None
         if layer is None or layer.name in self.fused:
             return expr
-        linear = m[self.linear]
-        # the matched calls' arguments are the vars the program passes (a matched wildcard
-        # holds the value behind a var, which must not be computed twice)
-        residual = None if self._add is None else m[self._add].args[self._side]
+        linear, bias = m[self.linear], m.get(self.bias)
+        residual = None
+        if self._add is not None:
+            # the add operand that is not the chain: read off the matched call, whose operands
+            # are the vars the program passes (a matched wildcard holds the value behind a var,
+            # which must not be computed twice)
+            chain = linear if bias is None else bias
+            others = [a for a in m[self._add].args if not self._values.get(a, a).same_as(chain)]
+            if len(others) != 1 or ta.const_numpy(others[0]) is not None:
+                return expr  # x + x, or an add of a constant: a bias, not a residual
+            residual = others[0]
         got = _Chain(op="conv" if ta.call_op_name(linear) == "relax.nn.conv2d" else "dense",
-                     bias=m.get(self.bias) is not None, residual=residual is not None,
+                     bias=bias is not None, residual=residual is not None,
                      relu=ta.call_op_name(expr) == "relax.nn.relu")
-        if residual is not None and ta.const_numpy(residual) is not None:
-            return expr  # an add of a constant is a bias, not a residual
         seen = self._seen.get(layer.name)
         if seen is None or got.size() > seen.size():
             self._seen[layer.name] = got

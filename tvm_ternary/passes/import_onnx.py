@@ -150,8 +150,9 @@ def import_onnx(
                         f"{type(error).__name__}: {error}") from None
     # the frontend names an initializer's parameter after it, less an "onnx::" prefix
     param_of = {tensor: tensor.removeprefix("onnx::") for tensor in owned}
-    weights = {param: params[param] for param in param_of.values() if param in params}
-    mod = ta.bind_params(mod, {name: value for name, value in params.items() if name not in weights})
+    wanted = set(param_of.values())
+    mod = ta.bind_params(mod, {name: value for name, value in params.items() if name not in wanted})
+    weights = {name: params[name] for name in ta.param_names(mod) if name in wanted}  # in parameter order
     n_dropout = _count_ops(mod, "relax.nn.dropout")
     n_bn = _count_ops(mod, "relax.nn.batch_norm")
     mod = cleanup_pipeline()(mod)
@@ -228,7 +229,7 @@ def own_weights(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict]:
 
 
 def _fresh_name(base: str, taken: set[str]) -> str:
-    name, k = base, 0
+    name, k = f"{base}.weight", 1
     while name in taken:
         k += 1
         name = f"{base}.weight{k}"
