@@ -1,8 +1,9 @@
 """The compile flow: ONNX in, quantized Relax module and deployable shared library out.
 
-    normalize ONNX -> import to Relax (passes.import_onnx) -> plan (numpy: policy, calibration,
-    per-layer quantization) -> apply the plan (passes.quantize_graph: kernels with packed
-    weights and fused epilogues, integer NHWC between layers) -> build -> export .so + sidecar
+    normalize ONNX (once) -> plan (numpy: policy, calibration, per-layer quantization) ->
+    import plan.model to Relax (passes.import_onnx: layer weights as named parameters) -> apply
+    the plan (passes.quantize_graph: pattern passes; kernels with packed weights and fused
+    epilogues, integer NHWC between layers) -> build -> export .so + sidecar
 
 Example::
 

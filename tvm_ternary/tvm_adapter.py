@@ -317,17 +317,6 @@ def main_bindings(mod, func_name: str = "main") -> list:
     return pairs
 
 
-def conv_dense_bindings(mod, func_name: str = "main") -> list:
-    """``(var, call)`` of every conv2d and matmul whose weight is a constant, in program order.
-
-    This is the project's layer order: import names layers in it, calibration keys statistics
-    on it, the ternarize pass rewrites in it.
-    """
-    return [(var, value) for var, value in main_bindings(mod, func_name)
-            if call_op_name(value) in ("relax.nn.conv2d", "relax.matmul")
-            and const_numpy(value.args[1]) is not None]
-
-
 def build_relax_vm(mod, *, target=None):
     """Compile a Relax module (see :func:`build_relax`) straight into a VM (float graphs are
     untuned: fine for tests on small CNNs, not for speed)."""

@@ -25,7 +25,7 @@ Example::
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from tvm import relax
 from tvm.relax.dpl import is_const, is_op, is_var, rewrite_call, wildcard
@@ -45,10 +45,12 @@ class _Chain:
     bias: bool
     residual: bool
     relu: bool
+    shared: bool = False  # a link inside the chain has another reader
 
     def describe(self) -> str:
         links = [self.op] + (["bias"] if self.bias else []) + (["residual add"] if self.residual else [])
-        return " -> ".join(links + (["relu"] if self.relu else []))
+        text = " -> ".join(links + (["relu"] if self.relu else []))
+        return text + (" with a link that other ops read too" if self.shared else "")
 
     def size(self) -> int:
         return self.bias + self.residual + self.relu
@@ -91,6 +93,8 @@ class FuseLayers:
         self._params = {ta.var_name(p): p for p in func.params}
         for pattern, add in self.patterns:
             self._add, self._values = add, relax.analysis.get_var2val(func)
+            self._var_of = {value: var for var, value in self._values.items()}
+            self._uses = _use_counts(func)
             func = rewrite_call(pattern, self._rewrite, func)
         return func
 
@@ -140,6 +144,12 @@ class FuseLayers:
             self._seen[layer.name] = got
         if got != planned_chain(layer) or not _fits(layer, linear):
             return expr
+        # each link inside the chain is read by the next one only (as the plan checked on the
+        # ONNX graph): another reader would keep the float chain alive next to the kernel
+        inner = [linear, bias, None if self._add is None or not got.relu else m[self._add]]
+        if any(self._uses.get(self._var_of.get(call), 0) != 1 for call in inner if call is not None):
+            self._seen[layer.name] = replace(got, shared=True)
+            return expr
         return self._kernel_call(layer, linear, residual)
 
     def _kernel_call(self, layer: LayerPlan, linear, residual):
@@ -163,6 +173,24 @@ class FuseLayers:
         if layer.output_quant is not None:
             return funcs.dequantize(y, layer.output_quant, shape=out_shape)
         return y if dense else relax.op.permute_dims(y, [0, 3, 1, 2])
+
+
+def _use_counts(func: relax.Function) -> dict:
+    """Var -> how many times the function's bindings and result read it."""
+    counts: dict = {}
+
+    def read(expr):
+        for v in (expr.fields if isinstance(expr, relax.Tuple) else [expr]):
+            if isinstance(v, relax.Var):
+                counts[v] = counts.get(v, 0) + 1
+
+    for block in func.body.blocks:
+        for binding in block.bindings:
+            value = binding.value
+            for arg in value.args if isinstance(value, relax.Call) else [value]:
+                read(arg)
+    read(func.body.body)
+    return counts
 
 
 def _fits(layer: LayerPlan, linear) -> bool:
