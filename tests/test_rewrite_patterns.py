@@ -179,3 +179,30 @@ def test_quantize_report_keeps_the_layers_compile_keeps():
     kept = {layer.name: layer.kept_reason for layer in report.layers if layer.kept_reason}
     assert kept == {name: d.reason for name, d in cm.plan.decisions.items() if d.reason != "configured"}
     assert kept == {"conv1": "first layer", "dw": "depthwise", "fc": "last layer"}
+
+
+def gemm_alpha_model(alpha: float):
+    n1, x = _conv("conv1", "input", "w1", stride=2)
+    nodes = n1 + [helper.make_node("GlobalAveragePool", [x], ["gap"], name="gap"),
+                  helper.make_node("Flatten", ["gap"], ["flat"], name="flat"),
+                  helper.make_node("Gemm", ["flat", "fw", "fb"], ["logits"], name="fc", transB=1, alpha=alpha)]
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 3, 16, 16])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 5])],
+        [_w("w1", 8, 3, 3, 3), _w("fw", 5, 8), numpy_helper.from_array(np.full(5, 0.1, np.float32), "fb")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    return model
+
+
+@pytest.mark.parametrize("alpha", [1.0, 0.5])
+def test_gemm_alpha_is_applied_once(alpha):
+    """The plan folds Gemm's alpha into the weight; the frontend scales the input by it: the
+    kernel must read the unscaled input. The GAP before the classifier runs in float (another
+    summation order): one input step of the dense layer times its largest row sum bounds it."""
+    cm = compiled(gemm_alpha_model(alpha))
+    assert sorted(cm.rewrite.fused) == ["conv1", "fc"]
+    x = tiny_images(4, seed=9)
+    got, want = cm.run(x), simulate(cm.plan, x)
+    fc = cm.plan.layers["fc"]
+    assert np.abs(got - want).max() <= fc.input_quant.scale * np.abs(fc.weights.dequantize()).sum(axis=1).max()

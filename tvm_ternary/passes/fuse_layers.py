@@ -27,6 +27,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+import numpy as np
+
 from tvm import relax
 from tvm.relax.dpl import is_const, is_op, is_var, rewrite_call, wildcard
 
@@ -46,11 +48,13 @@ class _Chain:
     residual: bool
     relu: bool
     shared: bool = False  # a link inside the chain has another reader
+    alpha: bool = False  # a Gemm's alpha is not the multiply of its input the frontend makes
 
     def describe(self) -> str:
         links = [self.op] + (["bias"] if self.bias else []) + (["residual add"] if self.residual else [])
         text = " -> ".join(links + (["relu"] if self.relu else []))
-        return text + (" with a link that other ops read too" if self.shared else "")
+        text += " with a link that other ops read too" if self.shared else ""
+        return text + (" whose input is not scaled by the Gemm's alpha" if self.alpha else "")
 
     def size(self) -> int:
         return self.bias + self.residual + self.relu
@@ -73,6 +77,9 @@ class FuseLayers:
         self.specs: dict[str, object] = {}  # layer name -> kernel spec
         self.kernel_of: dict[str, str] = {}  # layer name -> kernel function
         self._seen: dict[str, _Chain] = {}  # layer -> the longest chain a match offered
+        # Gemm alpha != 1 by node output (the plan folds it into the weight)
+        self._alpha = {node.output[0]: float(a.f) for node in plan.model.graph.node if node.op_type == "Gemm"
+                       for a in node.attribute if a.name == "alpha" and a.f != 1.0}
         self.x, self.w = wildcard(), is_var()
         weight = is_op("relax.permute_dims")(self.w) | self.w  # Gemm's transB: W.T, not folded
         self.linear = is_op("relax.nn.conv2d")(self.x, weight) | is_op("relax.matmul")(self.x, weight)
@@ -144,17 +151,33 @@ class FuseLayers:
             self._seen[layer.name] = got
         if got != planned_chain(layer) or not _fits(layer, linear):
             return expr
+        x = self._input(layer, linear)
+        if x is None:
+            self._seen[layer.name] = replace(got, alpha=True)
+            return expr
         # each link inside the chain is read by the next one only (as the plan checked on the
         # ONNX graph): another reader would keep the float chain alive next to the kernel
         inner = [linear, bias, None if self._add is None or not got.relu else m[self._add]]
         if any(self._uses.get(self._var_of.get(call), 0) != 1 for call in inner if call is not None):
             self._seen[layer.name] = replace(got, shared=True)
             return expr
-        return self._kernel_call(layer, linear, residual)
+        return self._kernel_call(layer, x, residual)
 
-    def _kernel_call(self, layer: LayerPlan, linear, residual):
-        funcs = self.funcs
+    def _input(self, layer: LayerPlan, linear):
+        """The tensor the plan's layer reads. A Gemm's ``alpha`` is in the plan's weight; the
+        frontend multiplies the input by it instead: the kernel reads the input before that."""
         x = linear.args[0]
+        alpha = self._alpha.get(layer.fused.weight.output, 1.0)
+        if alpha == 1.0:
+            return x
+        scaled = self._values.get(x)
+        factor = None if ta.call_op_name(scaled) != "relax.multiply" else ta.const_numpy(scaled.args[1])
+        if factor is None or factor.size != 1 or float(factor.reshape(-1)[0]) != np.float32(alpha):
+            return None
+        return scaled.args[0]
+
+    def _kernel_call(self, layer: LayerPlan, x, residual):
+        funcs = self.funcs
         dense = layer.is_dense
         x_shape = ta.static_shape(x)
         spec = layer_spec(layer, x_shape=x_shape)

@@ -44,7 +44,6 @@ class IntegerPoolConcat:
         self.dq = _call_tir()
         self.pool = is_op("relax.nn.max_pool2d")(self.dq)
         self.concat = is_op("relax.concat")(wildcard())
-        self.ops: list[str] = []  # what ran on integers, as it was rewritten
 
     def run(self, func: relax.Function) -> relax.Function:
         # A rewrite is only seen by the next round's matches (a pool reading a concat that was
@@ -84,7 +83,6 @@ class IntegerPoolConcat:
             for i, size in enumerate(shape[1:3]):
                 pads[i + 2] += (-(size + pads[i] + pads[i + 2] - kernel[i])) % stride[i]
         pooled, shape = self.funcs.max_pool(y, kernel=kernel, stride=stride, padding=tuple(pads))
-        self.ops.append("max_pool2d")
         return self.funcs.dequantize(pooled, quant, shape=shape)
 
     def _concat(self, expr, m):
@@ -97,7 +95,6 @@ class IntegerPoolConcat:
         if any(s is None for s in sources) or len({q for _, q in sources}) != 1:
             return expr
         joined, shape = self.funcs.concat([y for y, _ in sources])
-        self.ops.append("concat")
         return self.funcs.dequantize(joined, sources[0][1], shape=shape)
 
 

@@ -87,14 +87,16 @@ def apply_plan(imported: ImportedModel, *, plan: QuantPlan, target, isa: str | N
     make_kernel = _Kernels(funcs, target=target, isa=isa, provider=kernels)
     fuse = FuseLayers(funcs, plan=plan, layer_of_weight=imported.layer_of_weight(), kernel_for=make_kernel)
     funcs.set_main(fuse.run(funcs.main()))
-    pools = IntegerPoolConcat(funcs)
-    funcs.set_main(pools.run(funcs.main()))
+    funcs.set_main(IntegerPoolConcat(funcs).run(funcs.main()))
     funcs.set_main(CancelRequantize(funcs).run(funcs.main()))
     mod = bind_weights(funcs.module(), imported.weights)
     mod = relax.transform.DeadCodeElimination()(mod)
 
-    report = RewriteReport(fused=[name for name in plan.layers if name in fuse.fused],
-                           left_float=fuse.left_float, integer_ops=pools.ops)
+    # the integer ops as the final program runs them, in program order
+    kinds = {"max_pool": "max_pool2d", "concat": "concat"}
+    ops = [funcs.op_of(value) for _, value in ta.main_bindings(mod)]
+    report = RewriteReport(fused=[name for name in plan.layers if name in fuse.fused], left_float=fuse.left_float,
+                           integer_ops=[kinds[op.kind] for op in ops if op is not None and op.kind in kinds])
     for name in report.fused:
         kernel = fuse.kernel_of[name]
         report.layer_kernels[name] = kernel
