@@ -74,7 +74,6 @@ class FuseLayers:
         self.funcs, self.plan, self.layer_of_weight = funcs, plan, layer_of_weight
         self.kernel_for = kernel_for  # spec -> (GlobalVar, isa of the kernel)
         self.fused: list[str] = []
-        self.specs: dict[str, object] = {}  # layer name -> kernel spec
         self.kernel_of: dict[str, str] = {}  # layer name -> kernel function
         self._seen: dict[str, _Chain] = {}  # layer -> the longest chain a match offered
         # Gemm alpha != 1 by node output (the plan folds it into the weight)
@@ -182,7 +181,7 @@ class FuseLayers:
         x_shape = ta.static_shape(x)
         spec = layer_spec(layer, x_shape=x_shape)
         gv, isa = self.kernel_for(spec, "tt_dense" if dense else "tt_conv")
-        self.specs[layer.name], self.kernel_of[layer.name] = spec, gv.name_hint
+        self.kernel_of[layer.name] = gv.name_hint
         consts = layer_kernel_args(layer, spec, isa=isa)
         runtime = {"x": funcs.quantize(x, layer.input_quant, nhwc=not dense),
                    "residual": None if residual is None else funcs.quantize(residual, layer.residual_quant, nhwc=True)}
