@@ -89,6 +89,24 @@ def test_each_layer_reads_its_own_weight_parameter():
     np.testing.assert_array_equal(cm.run(x), simulate(cm.plan, x))
 
 
+def test_a_layer_output_read_twice_is_a_kernel_output():
+    """A squeeze conv without ReLU read by two convs: its chain ends at the bias add, which has
+    two readers (only links inside a chain must have one)."""
+    n1, x = _conv("conv1", "input", "w1", stride=2)
+    ns, s = _conv("squeeze", x, "ws", k=1, relu=False, bias="bs")
+    na, a = _conv("e1", s, "wa", k=1)
+    nb, b = _conv("e3", s, "wb")
+    cat = helper.make_node("Concat", [a, b], ["cat"], name="cat", axis=1)
+    nh, _ = _conv("head", "cat", "wh", k=1, relu=False)
+    inits = [_w("w1", 8, 3, 3, 3), _w("ws", 8, 8, 1, 1), _w("wa", 8, 8, 1, 1), _w("wb", 8, 8, 3, 3),
+             _w("wh", 4, 16, 1, 1), numpy_helper.from_array(np.full(8, 0.05, np.float32), "bs")]
+    cm = compiled(_model(n1 + ns + na + nb + [cat] + nh, inits, 4))
+    assert cm.rewrite.left_float == {} and len(cm.rewrite.fused) == 5
+    assert cm.rewrite.integer_ops == ["concat"]
+    x = tiny_images(3, seed=5)
+    np.testing.assert_array_equal(cm.run(x), simulate(cm.plan, x))
+
+
 @pytest.mark.parametrize("owner_first", [True, False], ids=["main+proj", "proj+main"])
 def test_residual_add_of_two_convs_goes_to_the_plans_layer(owner_first):
     cm = compiled(projection_residual_model(owner_first=owner_first))

@@ -156,8 +156,9 @@ class FuseLayers:
             return expr
         # each link inside the chain is read by the next one only (as the plan checked on the
         # ONNX graph): another reader would keep the float chain alive next to the kernel
-        inner = [linear, bias, None if self._add is None or not got.relu else m[self._add]]
-        if any(self._uses.get(self._var_of.get(call), 0) != 1 for call in inner if call is not None):
+        inner = [c for c in (linear, bias, None if self._add is None else m[self._add])
+                 if c is not None and not c.same_as(expr)]  # the root may have any readers
+        if any(self._uses.get(self._var_of.get(call), 0) != 1 for call in inner):
             self._seen[layer.name] = replace(got, shared=True)
             return expr
         return self._kernel_call(layer, x, residual)
