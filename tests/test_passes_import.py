@@ -46,7 +46,7 @@ def ops_in(mod):
 
 
 def run_tvm(imported, x):
-    vm = ta.build_relax_vm(imported.module)
+    vm = ta.build_relax_vm(imported.bound_module())
     return ta.run_relax_vm(vm, x.astype(np.float32))[0]
 
 
@@ -138,8 +138,11 @@ def test_fp16_model_with_weights_as_inputs_computes_in_fp32():
                        out_shape=[1, 4, 8, 8], weights_as_inputs=True)
     imported = import_onnx(model)
     func = imported.module["main"]
-    assert len(func.params) == 1  # the weight became a constant, not a parameter
-    assert ta.tensor_dtype(func.params[0]) == "float32"
+    # the data input, then the layer's weight (a parameter of its own, not a second data input)
+    assert [ta.var_name(p) for p in func.params] == ["x", "w"]
+    assert [layer.weight_param for layer in imported.layers] == ["w"]
+    assert all(ta.tensor_dtype(p) == "float32" for p in func.params)
+    assert len(imported.bound_module()["main"].params) == 1
     assert all(ta.tensor_dtype(var) != "float16" for var, _ in ta.main_bindings(imported.module))
     assert imported.input_dtype == "float16" and imported.output_dtype == "float16"
     assert imported.layers[0].weight_dtype == "float16"
@@ -220,7 +223,7 @@ def test_real_squeezenet_matches_onnxruntime_top1():
     paths, _ = load_image_folder(SHARED / "images" / "val200", limit=2)
     x = preprocess_images(paths, config=PreprocessConfig.preset("caffe"), dtype="float16")
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    vm = ta.build_relax_vm(imported.module)
+    vm = ta.build_relax_vm(imported.bound_module())
     for sample in x:
         ours = ta.run_relax_vm(vm, sample[None].astype(np.float32))[0].reshape(-1)
         ref = session.run(None, {"data_0": sample[None]})[0].reshape(-1).astype(np.float32)
@@ -248,7 +251,7 @@ def test_real_mobilenet_matches_onnxruntime_top1():
     paths, _ = load_image_folder(SHARED / "images" / "val200", limit=4)
     x = preprocess_images(paths, config=PreprocessConfig.preset("torchvision"))
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    vm = ta.build_relax_vm(imported.module)
+    vm = ta.build_relax_vm(imported.bound_module())
     for sample in x:
         ours = ta.run_relax_vm(vm, sample[None])[0].reshape(-1)
         ref = session.run(None, {"input": sample[None]})[0].reshape(-1)

@@ -117,7 +117,7 @@ def compile(model, *, calib=None, config=None, target: str | None = "host", prep
                                                  limit=calib_limit, seed=calib_seed)
     compiled = compile_model(model, config=config, calib_images=images, target=target_obj,
                              input_shapes=input_shapes, kernels=kernels, progress=progress,
-                             preprocess=preprocess)
+                             preprocess=preprocess, prepared=prep)  # normalised once, above
     return dataclasses.replace(compiled, calibration=calibration)  # frozen: a copy that records it
 
 

@@ -1,8 +1,9 @@
 """The compile flow: ONNX in, quantized Relax module and deployable shared library out.
 
-    normalize ONNX -> import to Relax (passes.import_onnx) -> plan (numpy: policy, calibration,
-    per-layer quantization) -> apply the plan (passes.quantize_graph: kernels with packed
-    weights and fused epilogues, integer NHWC between layers) -> build -> export .so + sidecar
+    normalize ONNX (once) -> plan (numpy: policy, calibration, per-layer quantization) ->
+    import plan.model to Relax (passes.import_onnx: layer weights as named parameters) -> apply
+    the plan (passes.quantize_graph: pattern passes; kernels with packed weights and fused
+    epilogues, integer NHWC between layers) -> build -> export .so + sidecar
 
 Example::
 
@@ -190,7 +191,7 @@ def float_ops(plan: QuantPlan, rewrite: RewriteReport) -> dict[str, int]:
 def compile_model(model, *, config: QuantConfig, calib_images: np.ndarray | None = None,
                   target=None, input_shapes=None, plan: QuantPlan | None = None,
                   isa: str | None = None, progress: bool = True, kernels=None,
-                  preprocess=None) -> CompiledModel:
+                  preprocess=None, prepared=None) -> CompiledModel:
     """Quantize and compile an ONNX CNN (path or ModelProto) for ``target`` (default: host).
 
     A model that is already quantized (QDQ: activation QuantizeLinear/DequantizeLinear pairs)
@@ -199,13 +200,18 @@ def compile_model(model, *, config: QuantConfig, calib_images: np.ndarray | None
 
     ``kernels``: a kernel provider for :func:`passes.quantize_graph.apply_plan` (e.g.
     ``tuning.apply.TunedKernels`` for tuned schedules); default schedules when None.
-    ``preprocess``: recorded in the exported sidecar. The public entry point, which validates
+    ``preprocess``: recorded in the exported sidecar. ``prepared``: ``model`` already normalised
+    (``normalize_onnx(model, input_shapes=...)``, e.g. for the caller's checks), so that it is
+    normalised once per compile. The public entry point, which validates
     its arguments and reads calibration images from files, is :func:`tvm_ternary.compile`."""
     seconds = {}
     start = time.perf_counter()
-    if not isinstance(model, onnx.ModelProto):
-        model = onnx_io.load_model(model)
-    prep = normalize_onnx(model, input_shapes=input_shapes)  # the one normalisation
+    if prepared is not None:
+        prep = prepared
+    else:
+        if not isinstance(model, onnx.ModelProto):
+            model = onnx_io.load_model(model)
+        prep = normalize_onnx(model, input_shapes=input_shapes)  # the one normalisation
     seconds["normalize"] = time.perf_counter() - start
     if plan is None:
         t0 = time.perf_counter()
@@ -225,9 +231,7 @@ def compile_model(model, *, config: QuantConfig, calib_images: np.ndarray | None
     target = ta.as_target(target)
     isa = isa or ta.choose_isa(target)
     t0 = time.perf_counter()
-    layer_vars = {layer.var_name: layer.name for layer in imported.layers}
-    mod, report = apply_plan(imported.module, plan=plan, layer_vars=layer_vars, target=target, isa=isa,
-                             kernels=kernels)
+    mod, report = apply_plan(imported, plan=plan, target=target, isa=isa, kernels=kernels)
     seconds["rewrite"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     executable = ta.build_relax(mod, target=target)

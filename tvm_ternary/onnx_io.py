@@ -184,6 +184,7 @@ class LayerWeight:
     bias: np.ndarray | None = None  # [K] float32 when constant (Gemm: beta applied)
     output_spatial: tuple[int, int] | None = None  # (H_out, W_out) when shape inference knows it
     reads_model_input: bool = False  # no other conv/dense lies between a graph input and this
+    output: str = ""  # the node's first output tensor: identifies the node (ONNX outputs are unique)
 
     @property
     def out_channels(self) -> int:
@@ -255,10 +256,17 @@ def find_weighted_layers(model: onnx.ModelProto) -> list[LayerWeight]:
                 onnx_op_type=node.op_type,
                 output_spatial=spatial.get(node.output[0]) if layer["op_type"] == "conv" else None,
                 reads_model_input=node.input[0] in before_any_layer,
+                output=node.output[0],
                 **layer,
             )
         )
     return layers
+
+
+def constant_resolver(graph: onnx.GraphProto):
+    """``resolve(tensor name) -> numpy array | None``: the value of a constant tensor
+    (initializer, Constant node, or Identity / Cast / Transpose / DequantizeLinear of constants)."""
+    return _Constants(graph).get
 
 
 def _check_finite(values: np.ndarray, layer_name: str, what: str) -> None:

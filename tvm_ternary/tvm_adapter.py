@@ -229,11 +229,34 @@ def tvm_version() -> str:
 # (section owned by the import pass: tvm_ternary/passes/import_onnx.py)
 
 
-def relax_from_onnx(model, *, shape_dict: dict, dtype_dict: dict):
-    """ONNX ModelProto -> Relax IRModule; initializers become constants (not parameters)."""
+def relax_from_onnx(model, *, shape_dict: dict, dtype_dict: dict) -> tuple:
+    """ONNX ModelProto -> ``(IRModule, {parameter name: numpy value})``: every initializer is a
+    parameter of ``main`` after the data inputs, named as in the graph (the frontend drops an
+    ``onnx::`` prefix), its value detached from the module (``relax.frontend.detach_params``)."""
+    from tvm.relax.frontend import detach_params
     from tvm.relax.frontend.onnx import from_onnx
 
-    return from_onnx(model, shape_dict=shape_dict, dtype_dict=dtype_dict)
+    mod, params = detach_params(from_onnx(model, shape_dict=shape_dict, dtype_dict=dtype_dict,
+                                          keep_params_in_input=True))
+    func = mod["main"]
+    n_inputs = int(func.attrs["num_input"])
+    values = [value.numpy() for value in params.get("main", [])]
+    if len(func.params) != n_inputs + len(values):  # an initializer listed as a graph input too
+        raise ValueError("the frontend's parameters do not line up with their values")
+    return mod, {var_name(var): value for var, value in zip(func.params[n_inputs:], values)}
+
+
+def bind_params(mod, values: dict, func_name: str = "main"):
+    """Bind parameters of ``func_name`` (by name) as constants; they leave its signature."""
+    from tvm import relax
+
+    if not values:
+        return mod
+    return relax.transform.BindParams(func_name, dict(values))(mod)
+
+
+def param_names(mod, func_name: str = "main") -> list[str]:
+    return [var_name(var) for var in mod[func_name].params]
 
 
 def const_numpy(expr) -> np.ndarray | None:
@@ -292,17 +315,6 @@ def main_bindings(mod, func_name: str = "main") -> list:
         for binding in block.bindings:
             pairs.append((binding.var, binding.value))
     return pairs
-
-
-def conv_dense_bindings(mod, func_name: str = "main") -> list:
-    """``(var, call)`` of every conv2d and matmul whose weight is a constant, in program order.
-
-    This is the project's layer order: import names layers in it, calibration keys statistics
-    on it, the ternarize pass rewrites in it.
-    """
-    return [(var, value) for var, value in main_bindings(mod, func_name)
-            if call_op_name(value) in ("relax.nn.conv2d", "relax.matmul")
-            and const_numpy(value.args[1]) is not None]
 
 
 def build_relax_vm(mod, *, target=None):

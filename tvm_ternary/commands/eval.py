@@ -247,7 +247,7 @@ def run(args: argparse.Namespace) -> int:
             from tvm_ternary.compiler import compile_model
 
             compiled = compile_model(onnx_model, config=QuantConfig(), target=args.target,
-                                     input_shapes=shapes, plan=plan, progress=progress)
+                                     input_shapes=shapes, plan=plan, progress=progress, prepared=prep)
             quant_fn, backend = compiled.run, "tvm (compiled library)"
     else:
         x_calib = preprocess_images(calib_paths, config=pre, input_shape=prep.input_shape, dtype="float32")
@@ -277,10 +277,9 @@ def run(args: argparse.Namespace) -> int:
             except ImportError as error:
                 raise UserError(f"--backend tvm needs tvm_ternary.compiler, which this build lacks "
                                 f"({error}); --backend simulate runs the numpy reference") from None
-            # the original model, as `tvm-ternary compile` gets it; the plan refers to its
-            # normalized copy, which compile_model makes the same way
+            # the normalised copy the plan was made on (normalised once per evaluation)
             compiled = compile_model(onnx_model, config=config, calib_images=x_calib, target=target,
-                                     input_shapes=shapes, plan=plan, progress=progress)
+                                     input_shapes=shapes, plan=plan, progress=progress, prepared=prep)
             quant_fn, backend = compiled.run, "tvm (compiled library)"
     quant_scores, quant_ips = ev.run_batched(quant_fn, x, batch=BATCH, label="quantized", progress=progress)
     metrics = ev.compare(float_scores, quant_scores, labels=labels, label_offset=offset)

@@ -166,7 +166,7 @@ def _run(args: argparse.Namespace) -> int:
             images, _ = load_calibration(args.calib, preprocess=preprocess, input_shape=prep.input_shape,
                                          limit=args.calib_limit, seed=args.calib_seed)
         tasks, untuned = model_tasks(model, config=config, calib_images=images, target=target, input_shapes=shapes,
-                                     progress=not args.quiet)
+                                     progress=not args.quiet, prepared=prep)
         if args.layers:
             wanted = {name.strip() for name in args.layers.split(",") if name.strip()}
             known = {layer for task in tasks for layer in task.layers}

@@ -24,16 +24,20 @@ from .space import KernelTask, kernel_task
 
 
 def model_tasks(model, *, config, calib_images, target, input_shapes=None, isa: str | None = None,
-                progress: bool = False) -> tuple[list[KernelTask], dict[str, str]]:
-    """``(tasks, untuned)``: tunable kernels in program order, and why the others are not."""
+                progress: bool = False, prepared=None) -> tuple[list[KernelTask], dict[str, str]]:
+    """``(tasks, untuned)``: tunable kernels in program order, and why the others are not.
+    ``prepared``: ``model`` already normalised (then normalised once per tune)."""
     from ..passes.import_onnx import import_onnx
     from ..passes.onnx_normalize import normalize_onnx
     from ..passes.quantize_graph import apply_plan
     from ..plan import make_plan, plan_from_model
 
-    if not isinstance(model, onnx.ModelProto):
-        model = onnx_io.load_model(model)
-    prep = normalize_onnx(model, input_shapes=input_shapes)
+    if prepared is not None:
+        prep = prepared
+    else:
+        if not isinstance(model, onnx.ModelProto):
+            model = onnx_io.load_model(model)
+        prep = normalize_onnx(model, input_shapes=input_shapes)
     if prep.is_quantized:  # a QDQ model carries its plan: the kernels compile would build
         plan = plan_from_model(prep, config=config)
     else:
@@ -41,8 +45,7 @@ def model_tasks(model, *, config, calib_images, target, input_shapes=None, isa: 
     imported = import_onnx(None, prepared=replace(prep, model=plan.model))  # the planned graph
     target = ta.as_target(target)
     isa = isa or ta.choose_isa(target)
-    layer_vars = {layer.var_name: layer.name for layer in imported.layers}
-    _, report = apply_plan(imported.module, plan=plan, layer_vars=layer_vars, target=target, isa=isa)
+    _, report = apply_plan(imported, plan=plan, target=target, isa=isa)
     tasks, untuned = [], {}
     for name, spec in report.specs.items():
         layers = [layer for layer, kernel in report.layer_kernels.items() if kernel == name]
