@@ -57,6 +57,9 @@ BAD = {
     "calib_limit": (dict(calib_limit=0), OptionError, "calib_limit must be a positive integer"),
     "target": (dict(target="no-such-cpu"), OptionError, "not a CPU LLVM knows"),
     "calib_shape": (dict(calib=tiny_images(2, size=8)), UserError, "does not fit the model input"),
+    "max_drop_negative": (dict(max_drop=-1), OptionError, "max_drop must be a number of points"),
+    "max_drop_bits": (dict(max_drop=1, config=tt.QuantConfig(weight_bits=4)), OptionError,
+                      "leave weight_bits at 2"),
 }
 
 
@@ -67,6 +70,23 @@ def test_bad_arguments_raise_before_work(case, workdir, monkeypatch):
     kwargs = {"model": "model.onnx", "calib": "calib.npy", **kwargs}
     with pytest.raises(error, match=match):
         tt.compile(kwargs.pop("model"), **kwargs, progress=False)
+
+
+def test_max_drop_compiles_the_policy_plan(workdir):
+    """An unbounded budget makes every eligible layer ternary; a zero one may keep none. The
+    library runs the policy's plan (its per-layer overrides are in the config it records)."""
+    from tvm_ternary.plan import simulate
+
+    calib = tiny_images(32, seed=4)
+    m = tt.compile(workdir / "model.onnx", calib=calib, config=tt.QuantConfig(method="exact"),
+                   max_drop=100, progress=False)
+    eligible = {"fire_squeeze", "fire_e1", "fire_e3", "res_a", "res_b"}
+    assert {n for n, lp in m.plan.layers.items() if lp.weights.bits == 2} == eligible
+    assert dict(m.plan.config.overrides).keys() >= eligible
+    x = tiny_images(2, seed=6)
+    # float tolerance: the model's global average pool and fc run in float after the integer
+    # region, and TVM sums the pool in another order than numpy
+    np.testing.assert_allclose(m.run(x), simulate(m.plan, x), rtol=1e-4, atol=1e-4)
 
 
 def test_keyword_only_and_run_checks_shape(workdir):

@@ -29,7 +29,8 @@ __all__ = ["compile", "load"]
 
 def compile(model, *, calib=None, config=None, target: str | None = "host", preprocess=None,
             calib_limit: int | None = None, calib_seed: int | None = None,
-            input_shapes: dict | None = None, tuning_db=None, progress: bool = True):
+            input_shapes: dict | None = None, tuning_db=None, max_drop: float | None = None,
+            progress: bool = True):
     """Quantize an ONNX CNN and compile it; returns a ``CompiledModel`` (``.run(x)``,
     ``.export(path)``, ``.coverage``).
 
@@ -42,6 +43,10 @@ def compile(model, *, calib=None, config=None, target: str | None = "host", prep
     ``"host"`` or an LLVM mcpu (``"icelake-server"``, ``"znver4"``, ``"haswell"``).
     ``calib_limit``: use the first N images. ``input_shapes``: ``{"input": (1, 3, 224, 224)}``
     for a model with a dynamic batch. ``tuning_db``: a ``tvm-ternary tune`` database folder.
+    ``max_drop``: the per-layer sensitivity policy (:func:`plan.sensitivity.choose_precision`)
+    picks ternary / 4 / 8-bit per layer, as many MACs ternary as keep the drop in top-1
+    agreement on held-out calibration images within ``max_drop`` points; ``config.weight_bits``
+    must then be 2 (the default).
     Every argument is checked before any work starts; bad ones raise :class:`UserError`.
 
     Example::
@@ -68,6 +73,11 @@ def compile(model, *, calib=None, config=None, target: str | None = "host", prep
         raise OptionError(f"model must be an ONNX file path or onnx.ModelProto, got {type(model).__name__}")
     if target is not None and not isinstance(target, str):
         raise OptionError(f"target must be 'host' or an LLVM mcpu name, got {type(target).__name__}")
+    if max_drop is not None and (isinstance(max_drop, bool) or not isinstance(max_drop, (int, float))
+                                 or not 0 <= max_drop <= 100):
+        raise OptionError(f"max_drop must be a number of points in [0, 100], got {max_drop!r}")
+    if max_drop is not None and config.weight_bits != 2:
+        raise OptionError("max_drop chooses each layer's weight bits itself: leave weight_bits at 2")
     if calib_limit is not None and (not isinstance(calib_limit, int) or calib_limit < 1):
         raise OptionError(f"calib_limit must be a positive integer, got {calib_limit!r}")
     if calib is not None and not isinstance(calib, (np.ndarray, str, Path)):
@@ -115,9 +125,19 @@ def compile(model, *, calib=None, config=None, target: str | None = "host", prep
     else:
         images, calibration = calibration_images(calib, preprocess=preprocess, input_shape=prep.input_shape,
                                                  limit=calib_limit, seed=calib_seed)
-    compiled = compile_model(model, config=config, calib_images=images, target=target_obj,
-                             input_shapes=input_shapes, kernels=kernels, progress=progress,
-                             preprocess=preprocess, prepared=prep)  # normalised once, above
+    plan = None
+    if max_drop is not None and not prep.is_quantized:
+        from .plan.sensitivity import choose_precision
+
+        result = choose_precision(prep.model, images, config=config, max_drops=(float(max_drop),),
+                                  progress=progress)
+        plan = result.choices[0].plan
+        if progress:
+            print(result.table(), file=sys.stderr)
+    compiled = compile_model(model, config=config if plan is None else plan.config, calib_images=images,
+                             target=target_obj, input_shapes=input_shapes, kernels=kernels,
+                             progress=progress, preprocess=preprocess, prepared=prep,  # normalised once, above
+                             plan=plan)
     return dataclasses.replace(compiled, calibration=calibration)  # frozen: a copy that records it
 
 

@@ -51,6 +51,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="also write the quantized model as standard QDQ ONNX (int8 weights "
                              "q_g*t per channel, our activation scales); ONNX Runtime runs it and "
                              "compile re-imports it to the same library")
+    parser.add_argument("--max-drop", type=float, metavar="P",
+                        help="per-layer sensitivity policy: ternary / 4 / 8-bit per layer, as many "
+                             "MACs ternary as keep the top-1 agreement drop on held-out calibration "
+                             "images within P points (use a large --calib-limit: the check is only "
+                             "as fine as the held-out quarter of the images)")
     add_quant_arguments(parser)
     add_preprocess_arguments(parser)
 
@@ -69,7 +74,8 @@ def run(args: argparse.Namespace) -> int:
                                    preprocess=preprocess, calib_limit=args.calib_limit,
                                    calib_seed=args.calib_seed,
                                    input_shapes=parse_input_shapes(args.input_shape),
-                                   tuning_db=args.tuning_db, progress=not args.quiet)
+                                   tuning_db=args.tuning_db, max_drop=args.max_drop,
+                                   progress=not args.quiet)
     meta = compiled.export(args.output)
     print(format_coverage(meta))
     if args.emit_onnx is not None:
