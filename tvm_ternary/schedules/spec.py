@@ -11,7 +11,9 @@ kernel built from a spec (``kernel_arg_names`` is the source of truth)::
   4/8-bit -> int8 values in the same 16x4 blocks, zero padded, each 4 input channels viewed as
   one little-endian int32 word: ``[ceil(K/16), ceil(Cg/4), R, S, 16]`` int32
   (``layout.block_weights``).  ``Cg = C / groups``; dense uses R = S = 1.
-- ``codes``: integer group scale codes ``q[K, ceil(Cg/N), R, S]`` uint8.
+- ``codes``: integer group scale codes ``q[K, ceil(Cg/N), R, S]`` uint8; with
+  ``grouping="cluster"`` (N whole kernels share one code) they must not vary over (R, S), and
+  the ternary avx2 / avx512 kernels read them at (0, 0).
 - ``bias``: int32 ``[K]``; present when ``spec.bias`` or when the ISA needs the +128
   compensation (s8/s4 activations on VNNI: pass ``params.kernel_bias(...)``).
 - requantize (``out`` in u8/s8/u4/s4): int32 ``multiplier[K]``, int32 ``shift[K]``; with a
@@ -35,6 +37,7 @@ OUT_DTYPES = {**ACT_DTYPES, "i32": "int32", "f32": "float32"}
 # Value range of each quantized container kind (ARCHITECTURE.md, "Activations").
 RANGES = {"u8": (0, 255), "s8": (-128, 127), "u4": (0, 15), "s4": (-8, 7)}
 WEIGHT_BITS = (2, 4, 8)
+GROUPINGS = ("fgq", "cluster")  # quant.groups: FGQ groups at one (r, s); cluster over R x S
 VALUE_MAX = {2: 1, 4: 7, 8: 127}
 
 
@@ -107,6 +110,9 @@ class ConvSpec:
     x_zero_point: int = 0
     out_zero_point: int = 0
     residual_zero_point: int = 0
+    # How the codes are shared: "cluster" lets the ternary avx2/avx512 kernels accumulate a
+    # group's R x S steps in int16 before applying its code (see ternary_form).
+    grouping: str = "fgq"
     dense: bool = field(default=False, repr=False)  # set by DenseSpec.as_conv only
 
     def __post_init__(self):
@@ -129,6 +135,8 @@ class ConvSpec:
             set_(self, "group_size", self.in_channels // self.groups)
         if int(self.group_size) < 1:
             raise ValueError(f"group_size must be >= 1, got {self.group_size}")
+        if self.grouping not in GROUPINGS:
+            raise ValueError(f"grouping must be one of {GROUPINGS}, got {self.grouping!r}")
         if self.out_height < 1 or self.out_width < 1:
             raise ValueError(f"empty output {self.out_shape} for {self}")
         _check_epilogue(self)
@@ -233,9 +241,33 @@ class DenseSpec:
                         dense=True)
 
 
+# Output lanes of the ternary forms' blocks (intrin.BLOCKS["avx2t"/"avx512t"]).
+_TERNARY_LANES = {"avx2": 8, "avx512": 16}
+
+
+def ternary_form(spec: ConvSpec, isa: str) -> str | None:
+    """``"avx2t"`` / ``"avx512t"`` when ``spec`` runs the ternary ``vpmaddubsw`` kernel on
+    ``isa``, else None (the layer keeps ``isa``'s own block).
+
+    Ternary weights only (4/8-bit values times u8 overflow vpmaddubsw's int16 pair sums), not
+    depthwise, groups aligned to the block's output lanes, and every ``vpmaddubsw`` pair of
+    input channels inside one group: N even, or a single group (N >= C).
+    """
+    if isa not in _TERNARY_LANES or spec.weight_bits != 2 or spec.depthwise:
+        return None
+    if spec.groups > 1 and spec.cout_per_group % _TERNARY_LANES[isa]:
+        return None
+    if spec.n_groups_q > 1 and spec.group_size % 2:
+        return None
+    return isa + "t"
+
+
 def needs_compensation(spec: ConvSpec, isa: str) -> bool:
-    """Signed activations on a u8 x s8 (VNNI) ISA are shifted by +128; the bias pays it back."""
-    return spec.act in ("s8", "s4") and isa in ("vnni512", "avxvnni") and not spec.depthwise
+    """Signed activations on a u8 x s8 kernel (VNNI, or the ternary vpmaddubsw forms) are
+    shifted by +128; the bias pays it back."""
+    if spec.act not in ("s8", "s4") or spec.depthwise:
+        return False
+    return isa in ("vnni512", "avxvnni") or ternary_form(spec, isa) is not None
 
 
 def kernel_arg_names(spec: ConvSpec, isa: str) -> list[str]:

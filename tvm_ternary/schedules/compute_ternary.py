@@ -1,0 +1,180 @@
+"""TE compute of the ternary ``vpmaddubsw`` kernels (forms ``avx2t`` / ``avx512t``, ternary layers
+on AVX2 / AVX-512BW targets without VNNI).
+
+The codes ``t`` stay {-1, 0, +1} bytes in the inner loop; the group codes ``q`` are applied once
+per *chunk* of steps that share them::
+
+    acc[k]   = sum_chunks  sum_h  q[k, chunk, h] * acc16[k, chunk, h]          (int32, vpmaddwd)
+    acc16[k, chunk, h] = sum_{steps of the chunk} sum_j  x[c] * t[k, c]         (int16, vpmaddubsw)
+              with c = 4 * cb + 2 * h + j: h picks the pair of the 4-channel step
+
+Why it is exact: one ``vpmaddubsw`` pair sum is at most ``2 * amax`` in magnitude (``amax`` = 255
+for u8 and for s8/s4 shifted by +128 into u8, 15 for u4), so neither its int16 saturation nor a
+run of ``32767 // (2 * amax)`` int16 additions (64 for u8, 1092 for u4) can overflow;
+:func:`plan_chunks` never puts more steps in a chunk.  Both channels of a pair belong to one
+group when N is even (or there is one group), so the pair's code is one int16 lane of ``q``.
+
+Stages (block names the schedule looks up): ``pad`` (as compute.py), ``decode`` (``t`` as int32
+words of 4 signed bytes, ``wt[kb, r, s, cb, ki]``), ``codes_t`` (int16 ``q[kb, chunk.., ki, h]``),
+``acc16``, ``conv`` (int32), ``y`` (the epilogue of compute.py).
+
+Example::
+
+    parts = ternary_conv_compute(spec, isa="avx2", acc_width=spec.out_width)
+    parts.chunks   # ChunkPlan(span=2, rs_inside=False, steps=2) for FGQ N=8
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from tvm import te
+
+from .. import tvm_adapter as ta
+from .intrin import BLOCKS
+from .spec import ACT_DTYPES, ConvSpec, needs_compensation, ternary_form
+
+INT16_MAX = 32767
+
+
+@dataclass(frozen=True)
+class ChunkPlan:
+    """How the reduction is cut into int16 runs.
+
+    span: 4-channel steps along C per chunk (every step of a chunk has the chunk's codes);
+    rs_inside: the chunk also runs over the kernel's (r, s) (cluster grouping: one code for
+        N channels x R x S), else the chunk sits at one (r, s);
+    steps: ``vpmaddubsw`` steps per chunk (<= max_steps).
+    """
+
+    span: int
+    rs_inside: bool
+    steps: int
+
+
+def max_steps(spec: ConvSpec) -> int:
+    """Steps an int16 accumulator takes exactly: ``32767 // (2 * amax)``."""
+    amax = 15 if spec.act == "u4" else 255  # s8/s4 are shifted by +128 into [0, 255]
+    return INT16_MAX // (2 * amax)
+
+
+def plan_chunks(spec: ConvSpec) -> ChunkPlan:
+    """The longest exact chunks for ``spec`` (see the module docstring)."""
+    cb_n = -(-spec.cin_per_group // 4)
+    n = spec.group_size
+    if spec.n_groups_q == 1:
+        per_group = cb_n  # one group: every step shares its codes
+    elif n % 4 == 0:
+        per_group = n // 4
+    else:  # N even, N % 4 == 2: a step's two pairs may be in two groups; q is per pair
+        per_group = 1
+    limit = max_steps(spec)
+    rs = spec.kernel[0] * spec.kernel[1]
+    rs_inside = spec.grouping == "cluster" and 1 < rs <= limit
+    per_step = rs if rs_inside else 1
+    # a chunk must not straddle a group, nor run past the last step
+    common = math.gcd(per_group, cb_n)
+    span = max(d for d in range(1, common + 1) if common % d == 0 and d * per_step <= limit)
+    return ChunkPlan(span=span, rs_inside=rs_inside, steps=span * per_step)
+
+
+def ternary_conv_compute(spec: ConvSpec, *, isa: str, acc_width: int):
+    """TE tensors of ``spec``'s ternary kernel on ``isa`` (``avx2`` / ``avx512``)."""
+    from .compute import ConvParts, _epilogue_stage, _pad_stage
+
+    form = ternary_form(spec, isa)
+    if form is None:
+        raise ValueError(f"{spec} has no ternary vpmaddubsw kernel on {isa!r}")
+    blk = BLOCKS[form]
+    chunks = plan_chunks(spec)
+    shift = needs_compensation(spec, isa)
+    x = te.placeholder(spec.x_shape, ACT_DTYPES[spec.act], name="x")
+    weights = te.placeholder(spec.weight_shape, "uint8", name="weights")
+    codes = te.placeholder(spec.codes_shape, "uint8", name="codes")
+    if spec.dense:
+        def x_at(n, h, w, c):
+            return x[w, c]
+    else:
+        def x_at(n, h, w, c):
+            return x[n, h, w, c]
+
+    cg, kg, k_ = spec.cin_per_group, spec.cout_per_group, spec.out_channels
+    ob = blk.lanes
+    (r_, s_), (sh, sw), (dh, dw) = spec.kernel, spec.stride, spec.dilation
+    kb_n, cb_n = -(-k_ // ob), -(-cg // 4)
+    has_pad = (any(spec.padding) or shift or cg % 4 != 0 or acc_width != spec.out_width)
+    if has_pad:
+        xp = _pad_stage(spec, x_at, blk, shift, acc_width)
+
+        def a_at(n, h, w, g, c):
+            return xp[n, h, w, g, c]
+    else:
+        def a_at(n, h, w, g, c):
+            return x_at(n, h, w, g * cg + c)
+
+    i32 = lambda v: ta.const(v, "int32")  # noqa: E731
+
+    def decode_fn(kb, r, s, cb, ki):
+        k = kb * ob + ki  # < 16 * ceil(K / 16): padded lanes read code 1 (t = 0)
+        src = weights[k // 16, cb, r, s, k % 16].astype("int32")
+        word = None
+        for j in range(4):
+            t = ((src >> i32(2 * j)) & i32(3)) - i32(1)
+            term = (t & i32(255)) << i32(8 * j)
+            word = term if word is None else word | term
+        return word
+
+    wt = te.compute((kb_n, r_, s_, cb_n, ob), decode_fn, name="decode")
+
+    span, n_grp, g_last = chunks.span, spec.group_size, spec.n_groups_q - 1
+    co_n = cb_n // span
+    chunk_shape = (co_n,) if chunks.rs_inside else (r_, s_, co_n)
+
+    def codes_fn(kb, *rest):
+        *chunk, ki, h = rest
+        r, s, co = (0, 0, chunk[0]) if chunks.rs_inside else chunk
+        k = te.min(kb * ob + ki, k_ - 1)
+        g = te.min((co * span * 4 + h * 2) // n_grp, g_last)
+        return codes[k, g, r, s].astype("int16")
+
+    cw = te.compute((kb_n, *chunk_shape, ob, 2), codes_fn, name="codes_t")
+
+    def group_of(kb):
+        return 0 if spec.groups == 1 else kb // (kg // ob)
+
+    cbi = te.reduce_axis((0, span), name="cbi")
+    j = te.reduce_axis((0, 2), name="j")
+    if chunks.rs_inside:
+        r = te.reduce_axis((0, r_), name="r")
+        s = te.reduce_axis((0, s_), name="s")
+        steps = [r, s, cbi]
+    else:
+        steps = [cbi]
+
+    def acc16_fn(n, oh, ow, kb, *rest):
+        *chunk, ki, h = rest
+        if chunks.rs_inside:
+            (co,), rr, ss = chunk, r, s
+        else:
+            rr, ss, co = chunk
+        cb = co * span + cbi
+        a = a_at(n, oh * sh + rr * dh, ow * sw + ss * dw, group_of(kb), cb * 4 + h * 2 + j)
+        t = (wt[kb, rr, ss, cb, ki].astype("int64") >> ((h * 2 + j) * 8)).astype("int8")
+        return te.sum(a.astype("int16") * t.astype("int16"), axis=[*steps, j])
+
+    acc_lead = (spec.batch, spec.out_height, acc_width, kb_n)
+    acc16 = te.compute((*acc_lead, *chunk_shape, ob, 2), acc16_fn, name="acc16")
+
+    red = [te.reduce_axis((0, e), name=nm) for e, nm in
+           zip(chunk_shape, ("co",) if chunks.rs_inside else ("r", "s", "co"))]
+    h = te.reduce_axis((0, 2), name="h")
+    acc = te.compute(
+        (*acc_lead, ob),
+        lambda n, oh, ow, kb, ki: te.sum(
+            acc16[(n, oh, ow, kb, *red, ki, h)].astype("int32")
+            * cw[(kb, *red, ki, h)].astype("int32"), axis=[*red, h]),
+        name="conv",
+    )
+    args, y = _epilogue_stage(spec, isa, lambda n, oh, ow, k: acc[n, oh, ow, k // ob, k % ob])
+    return ConvParts((x, weights, codes, *args, y), blk, has_pad, True, form=form, chunks=chunks)
