@@ -86,3 +86,28 @@ def test_export_and_run_in_fresh_process_with_runtime_only(tmp_path):
                          env=env, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"  # the compiler was never loaded
     np.testing.assert_array_equal(np.load(tmp_path / "y.npy"), cm.run(x))
+
+
+# Ternary layers on AVX2 / AVX-512BW targets (no VNNI) run the vpmaddubsw kernel
+# (schedules/compute_ternary.py); both run on this host. FGQ N=4, cluster (int16 runs over
+# R x S), N=2 (a code per vpmaddubsw pair) and u4 activations.
+@pytest.mark.parametrize("mcpu", ["haswell", "skylake-avx512"])
+@pytest.mark.parametrize(
+    "config",
+    [QuantConfig(method="exact"), QuantConfig(method="exact", grouping="cluster", group_size=8,
+                                              clamp_group_size=True),
+     QuantConfig(method="data-aware", group_size=2, act_bits=4)],
+    ids=["fgq-N4", "cluster-N8", "N2-act4"],
+)
+def test_ternary_maddubs_targets_bit_exact(mcpu, config):
+    from tvm_ternary import tvm_adapter as ta
+    from tvm_ternary.schedules.spec import ternary_form
+
+    target = ta.make_target(mcpu)
+    cm = compile_model(tiny_cnn(conv_head=True), config=config, calib_images=tiny_images(16),
+                       target=target, progress=False)
+    specs = [s for s in cm.rewrite.specs.values() if not getattr(s, "depthwise", False)]
+    convs = [s.as_conv() if hasattr(s, "as_conv") else s for s in specs]
+    assert any(ternary_form(s, cm.isa) for s in convs), "no layer used the ternary kernel"
+    x = tiny_images(3, seed=5)
+    np.testing.assert_array_equal(cm.run(x), simulate(cm.plan, x))

@@ -44,7 +44,7 @@ def layer_spec(layer: LayerPlan, *, x_shape: tuple[int, ...]) -> ConvSpec | Dens
                     dilation=g["dilation"], groups=g["groups"],
                     residual=act_kind(layer.residual_quant) if layer.residual_quant else None,
                     residual_zero_point=layer.residual_quant.zero_point if layer.residual_quant else 0,
-                    **common)
+                    grouping=iw.layout.grouping, **common)
 
 
 def layer_kernel_args(layer: LayerPlan, spec: ConvSpec | DenseSpec, *, isa: str) -> dict[str, np.ndarray]:
