@@ -52,7 +52,9 @@ def make_case(spec: ConvSpec, *, isa: str, seed: int = 0) -> dict:
         acc = to_out(acc)
         axis = 3
     k = spec.out_channels
-    case = {"x": x, "weights": weights, "codes": codes}
+    # "codes" is the kernel argument (the ternary forms' layout); "group_codes" [K, G, R, S]
+    case = {"x": x, "weights": weights, "codes": params.kernel_codes(spec, isa=isa, codes=codes),
+            "group_codes": codes}
     bias = rng.integers(-5000, 5000, size=k).astype(np.int32) if spec.bias else None
     if bias is not None:
         acc = acc + bias.reshape((1,) * (acc.ndim - 1) + (k,))

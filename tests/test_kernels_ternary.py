@@ -14,7 +14,7 @@ from kernels_harness import ISA_MCPU, build_cached, check, host_runs, run, run_a
 from tvm_ternary import quant
 from tvm_ternary import tvm_adapter as ta
 from tvm_ternary.quant import reference as ref
-from tvm_ternary.schedules import ConvSpec, DenseSpec, conv2d_kernel
+from tvm_ternary.schedules import ConvSpec, DenseSpec, conv2d_kernel, params
 from tvm_ternary.schedules.compute_ternary import max_steps, plan_chunks
 from tvm_ternary.schedules.spec import ternary_form
 
@@ -109,7 +109,8 @@ def test_int16_accumulation_exact_at_the_bound(isa, sign):
     w = ref.decode_weights(values, codes, group_size=256)
     acc = ref.conv2d_int(x.transpose(0, 3, 1, 2), w).transpose(0, 2, 3, 1).astype(np.int32)
     assert abs(int(acc.flat[0])) == 127 * 255 * 256
-    case = {"x": x, "weights": quant.pack_ternary(values), "codes": codes, "expected": acc}
+    case = {"x": x, "weights": quant.pack_ternary(values), "expected": acc,
+            "codes": params.kernel_codes(spec, isa=built, codes=codes)}
     check(run(mod, spec, names, case), case, spec)
 
 

@@ -14,8 +14,10 @@ run of ``32767 // (2 * amax)`` int16 additions (64 for u8, 1092 for u4) can over
 :func:`plan_chunks` never puts more steps in a chunk.  Both channels of a pair belong to one
 group when N is even (or there is one group), so the pair's code is one int16 lane of ``q``.
 
-Stages (block names the schedule looks up): ``pad`` (as compute.py), ``decode`` (``t`` as int32
-words of 4 signed bytes, ``wt[kb, r, s, cb, ki]``), ``codes_t`` (int16 ``q[kb, chunk.., ki, h]``),
+The ``codes`` argument is in the kernel layout of :func:`codes_layout` (``params.kernel_codes``
+makes it from ``[K, G, R, S]`` at compile time).  Stages (block names the schedule looks up):
+``pad`` (as compute.py), ``decode`` (``t`` as int32 words of 4 signed bytes,
+``wt[kb, r, s, cb, ki]``), ``codes_t`` (int16 ``q[kb, chunk.., ki, h]``),
 ``acc16``, ``conv`` (int32), ``y`` (the epilogue of compute.py).
 
 Example::
@@ -79,6 +81,28 @@ def plan_chunks(spec: ConvSpec) -> ChunkPlan:
     return ChunkPlan(span=span, rs_inside=rs_inside, steps=span * per_step)
 
 
+def codes_layout(spec: ConvSpec, isa: str) -> tuple[tuple, int]:
+    """``(shape, pairs)`` of the ``codes`` argument of the ternary form of ``isa``: uint8
+    ``[ceil(K / lanes), (R, S,) chunks, lanes, pairs]`` (cluster chunks drop R, S), the code of
+    every chunk (and ``vpmaddubsw`` pair when a step's two pairs can be in two groups,
+    ``pairs = 2``) per output lane, contiguous over lanes so that the kernel widens it to
+    int16 with vector loads.  Made at compile time by ``params.kernel_codes``: the per-call
+    gather of ``[K, G, R, S]`` codes took 40% of a 3x3 512@7 layer at N=4."""
+    blk = BLOCKS[ternary_form(spec, isa)]
+    chunks = plan_chunks(spec)
+    cb_n = -(-spec.cin_per_group // 4)
+    co_n = cb_n // chunks.span
+    pairs = 1 if spec.n_groups_q == 1 or spec.group_size % 4 == 0 else 2
+    rs = () if chunks.rs_inside else tuple(spec.kernel)
+    return (-(-spec.out_channels // blk.lanes), *rs, co_n, blk.lanes, pairs), pairs
+
+
+def chunk_group(spec: ConvSpec, co, h):
+    """Group of pair ``h`` in chunk ``co`` (its first channel's; a chunk is inside a group)."""
+    chunks = plan_chunks(spec)
+    return min((co * chunks.span * 4 + h * 2) // spec.group_size, spec.n_groups_q - 1)
+
+
 def ternary_conv_compute(spec: ConvSpec, *, isa: str, acc_width: int):
     """TE tensors of ``spec``'s ternary kernel on ``isa`` (``avx2`` / ``avx512``)."""
     from .compute import ConvParts, _epilogue_stage, _pad_stage
@@ -91,7 +115,8 @@ def ternary_conv_compute(spec: ConvSpec, *, isa: str, acc_width: int):
     shift = needs_compensation(spec, isa)
     x = te.placeholder(spec.x_shape, ACT_DTYPES[spec.act], name="x")
     weights = te.placeholder(spec.weight_shape, "uint8", name="weights")
-    codes = te.placeholder(spec.codes_shape, "uint8", name="codes")
+    codes_shape, pairs = codes_layout(spec, isa)
+    codes = te.placeholder(codes_shape, "uint8", name="codes")
     if spec.dense:
         def x_at(n, h, w, c):
             return x[w, c]
@@ -127,16 +152,12 @@ def ternary_conv_compute(spec: ConvSpec, *, isa: str, acc_width: int):
 
     wt = te.compute((kb_n, r_, s_, cb_n, ob), decode_fn, name="decode")
 
-    span, n_grp, g_last = chunks.span, spec.group_size, spec.n_groups_q - 1
-    co_n = cb_n // span
-    chunk_shape = (co_n,) if chunks.rs_inside else (r_, s_, co_n)
+    span = chunks.span
+    chunk_shape = codes_shape[1:-2]
 
-    def codes_fn(kb, *rest):
+    def codes_fn(kb, *rest):  # widen to int16 pairs (one code for both pairs when pairs == 1)
         *chunk, ki, h = rest
-        r, s, co = (0, 0, chunk[0]) if chunks.rs_inside else chunk
-        k = te.min(kb * ob + ki, k_ - 1)
-        g = te.min((co * span * 4 + h * 2) // n_grp, g_last)
-        return codes[k, g, r, s].astype("int16")
+        return codes[(kb, *chunk, ki, h if pairs == 2 else 0)].astype("int16")
 
     cw = te.compute((kb_n, *chunk_shape, ob, 2), codes_fn, name="codes_t")
 

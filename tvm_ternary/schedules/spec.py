@@ -12,8 +12,9 @@ kernel built from a spec (``kernel_arg_names`` is the source of truth)::
   one little-endian int32 word: ``[ceil(K/16), ceil(Cg/4), R, S, 16]`` int32
   (``layout.block_weights``).  ``Cg = C / groups``; dense uses R = S = 1.
 - ``codes``: integer group scale codes ``q[K, ceil(Cg/N), R, S]`` uint8; with
-  ``grouping="cluster"`` (N whole kernels share one code) they must not vary over (R, S), and
-  the ternary avx2 / avx512 kernels read them at (0, 0).
+  ``grouping="cluster"`` (N whole kernels share one code) they must not vary over (R, S).
+  The ternary avx2 / avx512 kernels (``ternary_form``) take them in their own layout instead:
+  ``params.kernel_codes(spec, isa=isa, codes=q)`` (identity for every other kernel).
 - ``bias``: int32 ``[K]``; present when ``spec.bias`` or when the ISA needs the +128
   compensation (s8/s4 activations on VNNI: pass ``params.kernel_bias(...)``).
 - requantize (``out`` in u8/s8/u4/s4): int32 ``multiplier[K]``, int32 ``shift[K]``; with a
