@@ -17,7 +17,8 @@ group when N is even (or there is one group), so the pair's code is one int16 la
 The ``codes`` argument is in the kernel layout of :func:`codes_layout` (``params.kernel_codes``
 makes it from ``[K, G, R, S]`` at compile time).  Stages (block names the schedule looks up):
 ``pad`` (as compute.py), ``decode`` (``t`` as int32 words of 4 signed bytes,
-``wt[kb, r, s, cb, ki]``), ``codes_t`` (int16 ``q[kb, chunk.., ki, h]``),
+``wt[kb, r, s, cb, ki]``), ``codes_t`` (int32 words of the two pairs' int16 codes
+``q[kb, chunk.., ki]``),
 ``acc16``, ``conv`` (int32), ``y`` (the epilogue of compute.py).
 
 Example::
@@ -155,11 +156,17 @@ def ternary_conv_compute(spec: ConvSpec, *, isa: str, acc_width: int):
     span = chunks.span
     chunk_shape = codes_shape[1:-2]
 
-    def codes_fn(kb, *rest):  # widen to int16 pairs (one code for both pairs when pairs == 1)
-        *chunk, ki, h = rest
-        return codes[(kb, *chunk, ki, h if pairs == 2 else 0)].astype("int16")
+    def codes_fn(kb, *rest):
+        # One int32 word per lane, its two int16 halves the pairs' codes: what one vpmaddwd
+        # lane eats.  Made with contiguous byte loads and a multiply (q * 0x10001 copies q into
+        # both halves), no per-pair index arithmetic (it would gather).
+        *chunk, ki = rest
+        q0 = codes[(kb, *chunk, ki, 0)].astype("int32")
+        if pairs == 1:
+            return q0 * i32(0x10001)
+        return q0 | (codes[(kb, *chunk, ki, 1)].astype("int32") << i32(16))
 
-    cw = te.compute((kb_n, *chunk_shape, ob, 2), codes_fn, name="codes_t")
+    cw = te.compute((kb_n, *chunk_shape, ob), codes_fn, name="codes_t")
 
     def group_of(kb):
         return 0 if spec.groups == 1 else kb // (kg // ob)
@@ -194,7 +201,8 @@ def ternary_conv_compute(spec: ConvSpec, *, isa: str, acc_width: int):
         (*acc_lead, ob),
         lambda n, oh, ow, kb, ki: te.sum(
             acc16[(n, oh, ow, kb, *red, ki, h)].astype("int32")
-            * cw[(kb, *red, ki, h)].astype("int32"), axis=[*red, h]),
+            * (cw[(kb, *red, ki)].astype("int64") >> (h * 16)).astype("int16").astype("int32"),
+            axis=[*red, h]),
         name="conv",
     )
     args, y = _epilogue_stage(spec, isa, lambda n, oh, ow, k: acc[n, oh, ow, k // ob, k % ob])

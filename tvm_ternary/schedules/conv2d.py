@@ -184,11 +184,7 @@ def _place_weight_stages(sch, par, decode_at: str, lanes: int) -> None:
             sch.compute_at(stage, par, preserve_unit_loops=True)
         else:
             sch.parallel(sch.get_loops(stage)[0])
-        if name == "codes_t":  # (ki, h) int16 pairs: one vector per block
-            loops = sch.get_loops(stage)
-            sch.vectorize(sch.fuse(loops[-2], loops[-1]))
-        else:
-            _vectorize_inner(sch, stage, lanes)
+        _vectorize_inner(sch, stage, lanes)
 
 
 def _schedule_ternary(sch, parts: ConvParts, *, ow_block, oc_tiles, decode_at: str) -> None:

@@ -12,6 +12,7 @@ ISA               block      operands (B: int32 words)     instructions per bloc
 ``avx2``           8 x 2     A s16[2], B s16[8, 2]         ``vpmaddwd ymm`` + ``vpaddd`` (2)
 ``avx512t``       16 x 4     A u8[4], B t s8[16, 4]        step: ``vpmaddubsw zmm`` + ``vpaddw``;
                              group: codes s16[16, 2]       group: ``vpmaddwd zmm`` + ``vpaddd``
+                             (as int32 words)
 ``avx2t``          8 x 4     A u8[4], B t s8[8, 4]         the same on ymm
 ================  =========  ============================  =======================================
 
@@ -214,20 +215,22 @@ def _ternary_step_impl(blk: Block, llvm_name: str):
 def _ternary_group_desc(blk: Block):
     lanes = blk.lanes
 
-    # One group: lane i gains code[i,0]*acc16[i,0] + code[i,1]*acc16[i,1] in int32.
+    # One group: lane i gains q[i,0]*acc16[i,0] + q[i,1]*acc16[i,1] in int32, q[i,h] being
+    # int16 half h of B's word i (the codes of the two pairs).
     @T.prim_func(s_tir=True)
     def desc(
         A: T.Buffer((lanes, 2), "int16", offset_factor=1),
-        B: T.Buffer((lanes, 2), "int16", offset_factor=1),
+        B: T.Buffer((lanes,), "int32", offset_factor=1),
         C: T.Buffer((lanes,), "int32", offset_factor=1),
     ) -> None:
         with T.sblock("root"):
-            T.reads(C[0:lanes], A[0:lanes, 0:2], B[0:lanes, 0:2])
+            T.reads(C[0:lanes], A[0:lanes, 0:2], B[0:lanes])
             T.writes(C[0:lanes])
             for i, h in T.grid(T.int64(lanes), T.int64(2)):
                 with T.sblock("update"):
                     vi, vh = T.axis.remap("SR", [i, h])
-                    C[vi] = C[vi] + T.Cast("int32", A[vi, vh]) * T.Cast("int32", B[vi, vh])
+                    C[vi] = C[vi] + T.Cast("int32", A[vi, vh]) * T.Cast(
+                        "int32", T.Cast("int16", T.Cast("int64", B[vi]) >> vh * T.int64(16)))
 
     return desc
 
@@ -239,16 +242,16 @@ def _ternary_group_impl(blk: Block, llvm_name: str):
     @T.prim_func(s_tir=True)
     def impl(
         A: T.Buffer((lanes, 2), "int16", offset_factor=1),
-        B: T.Buffer((lanes, 2), "int16", offset_factor=1),
+        B: T.Buffer((lanes,), "int32", offset_factor=1),
         C: T.Buffer((lanes,), "int32", offset_factor=1),
     ) -> None:
         with T.sblock("root"):
-            T.reads(C[0:lanes], A[0:lanes, 0:2], B[0:lanes, 0:2])
+            T.reads(C[0:lanes], A[0:lanes, 0:2], B[0:lanes])
             T.writes(C[0:lanes])
             C[T.ramp(T.int32(0), 1, lanes)] = C.vload([0], dtype=acc_t) + T.call_llvm_pure_intrin(
                 T.llvm_lookup_intrinsic_id(llvm_name),
                 A.vload([0, 0], dtype=half_t),
-                B.vload([0, 0], dtype=half_t),
+                T.reinterpret(B.vload([0], dtype=acc_t), dtype=half_t),
                 dtype=acc_t,
             )
 
