@@ -141,15 +141,17 @@ def ternary_conv_compute(spec: ConvSpec, *, isa: str, acc_width: int):
 
     i32 = lambda v: ta.const(v, "int32")  # noqa: E731
 
+    u32 = lambda v: ta.const(v, "uint32")  # noqa: E731
+
     def decode_fn(kb, r, s, cb, ki):
+        # The packed byte's 4 codes t + 1 (2 bits each) spread to one byte each, then per byte
+        # (code + 0x7f) ^ 0x80 = t as a signed byte (0x81 at most: no carry between bytes).
+        # uint32: TVM marks int32 adds nsw, and 0x02020202 + 0x7f7f7f7f passes 2^31.
         k = kb * ob + ki  # < 16 * ceil(K / 16): padded lanes read code 1 (t = 0)
-        src = weights[k // 16, cb, r, s, k % 16].astype("int32")
-        word = None
-        for j in range(4):
-            t = ((src >> i32(2 * j)) & i32(3)) - i32(1)
-            term = (t & i32(255)) << i32(8 * j)
-            word = term if word is None else word | term
-        return word
+        b = weights[k // 16, cb, r, s, k % 16].astype("uint32")
+        x = (b | (b << u32(12))) & u32(0x000F000F)
+        x = (x | (x << u32(6))) & u32(0x03030303)
+        return ((x + u32(0x7F7F7F7F)) ^ u32(0x80808080)).astype("int32")
 
     wt = te.compute((kb_n, r_, s_, cb_n, ob), decode_fn, name="decode")
 
