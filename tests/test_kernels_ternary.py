@@ -96,19 +96,22 @@ def test_ternary_dense_bit_exact(isa, name):
 
 
 @pytest.mark.parametrize("sign", [1, -1])
+@pytest.mark.parametrize("act,amax,steps", [("u8", 255, 64), ("u4", 15, 1092)])
 @pytest.mark.parametrize("isa", RUNNABLE)
-def test_int16_accumulation_exact_at_the_bound(isa, sign):
-    """64 steps of 255 * (+-1) pairs: the int16 accumulator reaches +-32640 (of 32767)."""
-    spec = ConvSpec(batch=1, in_channels=256, height=2, width=3, out_channels=16, kernel=1,
-                    act="u8", out="i32", group_size=256)
-    assert plan_chunks(spec).steps == max_steps(spec) == 64
+def test_int16_accumulation_exact_at_the_bound(isa, act, amax, steps, sign):
+    """A chunk of the longest exact run of full-scale pairs: the int16 accumulator reaches
+    +-64*510 = 32640 (u8) or +-1092*30 = 32760 (u4) of 32767."""
+    c = 4 * steps
+    spec = ConvSpec(batch=1, in_channels=c, height=2, width=3, out_channels=16, kernel=1,
+                    act=act, out="i32", group_size=c)
+    assert plan_chunks(spec).steps == max_steps(spec) == steps
     mod, names, built = build_cached(spec, isa)
-    values = np.full((16, 256, 1, 1), sign, np.int8)
+    values = np.full((16, c, 1, 1), sign, np.int8)
     codes = np.full(spec.codes_shape, 127, np.uint8)
-    x = np.full(spec.x_shape, 255, np.uint8)
-    w = ref.decode_weights(values, codes, group_size=256)
+    x = np.full(spec.x_shape, amax, np.uint8)
+    w = ref.decode_weights(values, codes, group_size=c)
     acc = ref.conv2d_int(x.transpose(0, 3, 1, 2), w).transpose(0, 2, 3, 1).astype(np.int32)
-    assert abs(int(acc.flat[0])) == 127 * 255 * 256
+    assert abs(int(acc.flat[0])) == 127 * amax * c
     case = {"x": x, "weights": quant.pack_ternary(values), "expected": acc,
             "codes": params.kernel_codes(spec, isa=built, codes=codes)}
     check(run(mod, spec, names, case), case, spec)
