@@ -5,6 +5,7 @@ instructions; chunk plans never exceed the int16 bound nor straddle a group."""
 
 from __future__ import annotations
 
+import dataclasses
 import re
 
 import numpy as np
@@ -16,7 +17,7 @@ from tvm_ternary import tvm_adapter as ta
 from tvm_ternary.quant import reference as ref
 from tvm_ternary.schedules import ConvSpec, DenseSpec, conv2d_kernel, params
 from tvm_ternary.schedules.compute_ternary import max_steps, plan_chunks
-from tvm_ternary.schedules.spec import ternary_form
+from tvm_ternary.schedules.spec import maddubs_form
 
 TERNARY_ISAS = ("avx2", "avx512")
 RUNNABLE = [isa for isa in TERNARY_ISAS if host_runs(isa)]
@@ -45,7 +46,19 @@ def _spec(geometry: str, n: int, grouping: str) -> ConvSpec:
 @pytest.mark.parametrize("isa", RUNNABLE)
 def test_ternary_conv_bit_exact(isa, geometry, n, grouping):
     spec = _spec(geometry, n, grouping)
-    assert ternary_form(spec, isa) == isa + "t"
+    assert maddubs_form(spec, isa) == isa + "t"
+    run_and_check(spec, isa)
+
+
+# 4-bit weights (|v| <= 7: pairs <= 3570 with u8, 9 steps per chunk) and 8-bit weights with u4
+# activations (pairs <= 3810) take the same kernel; 8-bit x u8 keeps the int16 block.
+@pytest.mark.parametrize("bits,geometry", [(4, "3x3_pad_u8_relu"), (4, "1x1_s2_u4_res"),
+                                           (4, "3x3_s2_s8_f32"), (8, "1x1_s2_u4_res")])
+@pytest.mark.parametrize("n,grouping", [(4, "fgq"), (8, "cluster")])
+@pytest.mark.parametrize("isa", RUNNABLE)
+def test_wide_values_conv_bit_exact(isa, bits, geometry, n, grouping):
+    spec = dataclasses.replace(_spec(geometry, n, grouping), weight_bits=bits)
+    assert maddubs_form(spec, isa) == isa + "t"
     run_and_check(spec, isa)
 
 
@@ -74,7 +87,7 @@ def test_ternary_conv_more_bit_exact(isa, name, grouping):
     kw = dict(MORE[name])
     kw.setdefault("batch", 1)
     spec = ConvSpec(grouping=grouping, **kw)
-    assert ternary_form(spec, isa) is not None
+    assert maddubs_form(spec, isa) is not None
     run_and_check(spec, isa)
 
 
@@ -91,7 +104,7 @@ DENSE = {
 @pytest.mark.parametrize("isa", RUNNABLE)
 def test_ternary_dense_bit_exact(isa, name):
     spec = DenseSpec(**DENSE[name]).as_conv()
-    assert ternary_form(spec, isa) is not None
+    assert maddubs_form(spec, isa) is not None
     run_and_check(spec, isa)
 
 
@@ -117,33 +130,37 @@ def test_int16_accumulation_exact_at_the_bound(isa, act, amax, steps, sign):
     check(run(mod, spec, names, case), case, spec)
 
 
-def test_ternary_form_choice():
+def test_maddubs_form_choice():
     base = dict(batch=1, in_channels=16, height=4, width=4, out_channels=32, kernel=3)
-    assert ternary_form(ConvSpec(group_size=4, **base), "avx2") == "avx2t"
-    assert ternary_form(ConvSpec(group_size=4, **base), "avx512") == "avx512t"
-    assert ternary_form(ConvSpec(group_size=4, **base), "vnni512") is None
-    assert ternary_form(ConvSpec(group_size=4, weight_bits=8, **base), "avx2") is None
-    assert ternary_form(ConvSpec(group_size=3, **base), "avx2") is None  # pairs straddle groups
-    assert ternary_form(ConvSpec(group_size=16, **base), "avx2") == "avx2t"
+    assert maddubs_form(ConvSpec(group_size=4, **base), "avx2") == "avx2t"
+    assert maddubs_form(ConvSpec(group_size=4, **base), "avx512") == "avx512t"
+    assert maddubs_form(ConvSpec(group_size=4, **base), "vnni512") is None
+    assert maddubs_form(ConvSpec(group_size=4, weight_bits=8, **base), "avx2") is None  # 64770
+    assert maddubs_form(ConvSpec(group_size=4, weight_bits=8, act="u4", **base), "avx2") == "avx2t"
+    assert maddubs_form(ConvSpec(group_size=4, weight_bits=4, act="s8", **base), "avx2") == "avx2t"
+    assert maddubs_form(ConvSpec(group_size=3, **base), "avx2") is None  # pairs straddle groups
+    assert maddubs_form(ConvSpec(group_size=16, **base), "avx2") == "avx2t"
     dw = dict(base, in_channels=32, groups=32)
-    assert ternary_form(ConvSpec(**dw), "avx2") is None
+    assert maddubs_form(ConvSpec(**dw), "avx2") is None
     small_groups = dict(base, groups=4)  # 8 outputs per group: not a multiple of 16 lanes
-    assert ternary_form(ConvSpec(group_size=4, **small_groups), "avx2") == "avx2t"
-    assert ternary_form(ConvSpec(group_size=4, **small_groups), "avx512") is None
+    assert maddubs_form(ConvSpec(group_size=4, **small_groups), "avx2") == "avx2t"
+    assert maddubs_form(ConvSpec(group_size=4, **small_groups), "avx512") is None
 
 
 @pytest.mark.parametrize("kernel", [1, 3, 7, 9])
-@pytest.mark.parametrize("act", ["u8", "u4", "s8"])
+@pytest.mark.parametrize("act,bits", [("u8", 2), ("u4", 2), ("s8", 2), ("u8", 4), ("u4", 8)])
 @pytest.mark.parametrize("n", [2, 4, 6, 8, 12, 16, 64, 256])
 @pytest.mark.parametrize("grouping", ["fgq", "cluster"])
-@pytest.mark.parametrize("channels", [24, 64, 256])
-def test_chunk_plan_is_exact(channels, grouping, n, act, kernel):
+@pytest.mark.parametrize("channels", [24, 256])
+def test_chunk_plan_is_exact(channels, grouping, n, act, bits, kernel):
     """Every chunk's steps share their pair codes, and no chunk exceeds the int16 bound."""
     spec = ConvSpec(batch=1, in_channels=channels, height=9, width=9, out_channels=16,
-                    kernel=kernel, group_size=min(n, channels), grouping=grouping, act=act)
+                    kernel=kernel, group_size=min(n, channels), grouping=grouping, act=act,
+                    weight_bits=bits)
     plan = plan_chunks(spec)
     amax = 15 if act == "u4" else 255
-    assert plan.steps * 2 * amax <= 32767
+    vmax = {2: 1, 4: 7, 8: 127}[bits]
+    assert plan.steps * 2 * amax * vmax <= 32767
     cb_n = -(-channels // 4)
     assert cb_n % plan.span == 0
     groups = lambda c: min(c // spec.group_size, spec.n_groups_q - 1)  # noqa: E731

@@ -1,23 +1,25 @@
-"""TE compute of the ternary ``vpmaddubsw`` kernels (forms ``avx2t`` / ``avx512t``, ternary layers
-on AVX2 / AVX-512BW targets without VNNI).
+"""TE compute of the ``vpmaddubsw`` kernels (forms ``avx2t`` / ``avx512t``: ternary layers, and
+4/8-bit layers whose pair sums fit int16, on AVX2 / AVX-512BW targets without VNNI).
 
-The codes ``t`` stay {-1, 0, +1} bytes in the inner loop; the group codes ``q`` are applied once
-per *chunk* of steps that share them::
+The values ``v`` (ternary ``t`` in {-1, 0, +1}, or 4/8-bit) stay signed bytes in the inner loop;
+the group codes ``q`` are applied once per *chunk* of steps that share them::
 
     acc[k]   = sum_chunks  sum_h  q[k, chunk, h] * acc16[k, chunk, h]          (int32, vpmaddwd)
-    acc16[k, chunk, h] = sum_{steps of the chunk} sum_j  x[c] * t[k, c]         (int16, vpmaddubsw)
+    acc16[k, chunk, h] = sum_{steps of the chunk} sum_j  x[c] * v[k, c]         (int16, vpmaddubsw)
               with c = 4 * cb + 2 * h + j: h picks the pair of the 4-channel step
 
-Why it is exact: one ``vpmaddubsw`` pair sum is at most ``2 * amax`` in magnitude (``amax`` = 255
-for u8 and for s8/s4 shifted by +128 into u8, 15 for u4), so neither its int16 saturation nor a
-run of ``32767 // (2 * amax)`` int16 additions (64 for u8, 1092 for u4) can overflow;
-:func:`plan_chunks` never puts more steps in a chunk.  Both channels of a pair belong to one
-group when N is even (or there is one group), so the pair's code is one int16 lane of ``q``.
+Why it is exact: one ``vpmaddubsw`` pair sum is at most ``spec.pair_bound(spec)`` in magnitude
+(``2 * amax * vmax``; ``amax`` = 255 for u8 and for s8/s4 shifted by +128 into u8, 15 for u4), at
+most 32767 by ``maddubs_form``, so its int16 saturation never triggers; a run of
+``32767 // pair_bound`` int16 additions (64 for ternary x u8, 1092 for ternary x u4) cannot
+overflow, and :func:`plan_chunks` never puts more steps in a chunk.  Both channels of a pair
+belong to one group when N is even (or there is one group), so the pair's code is one int16
+lane of ``q``.
 
 The ``codes`` argument is in the kernel layout of :func:`codes_layout` (``params.kernel_codes``
 makes it from ``[K, G, R, S]`` at compile time).  Stages (block names the schedule looks up):
-``pad`` (as compute.py), ``decode`` (``t`` as int32 words of 4 signed bytes,
-``wt[kb, r, s, cb, ki]``), ``codes_t`` (int32 words of the two pairs' int16 codes
+``pad`` (as compute.py), ``decode`` (``v`` as int32 words of 4 signed bytes,
+``wt[kb, r, s, cb, ki]``: unpacked from 2 bits, or the 4/8-bit blocked words as they are), ``codes_t`` (int32 words of the two pairs' int16 codes
 ``q[kb, chunk.., ki]``),
 ``acc16``, ``conv`` (int32), ``y`` (the epilogue of compute.py).
 
@@ -36,9 +38,7 @@ from tvm import te
 
 from .. import tvm_adapter as ta
 from .intrin import BLOCKS
-from .spec import ACT_DTYPES, ConvSpec, needs_compensation, ternary_form
-
-INT16_MAX = 32767
+from .spec import ACT_DTYPES, INT16_MAX, ConvSpec, maddubs_form, needs_compensation, pair_bound
 
 
 @dataclass(frozen=True)
@@ -57,9 +57,9 @@ class ChunkPlan:
 
 
 def max_steps(spec: ConvSpec) -> int:
-    """Steps an int16 accumulator takes exactly: ``32767 // (2 * amax)``."""
-    amax = 15 if spec.act == "u4" else 255  # s8/s4 are shifted by +128 into [0, 255]
-    return INT16_MAX // (2 * amax)
+    """Steps an int16 accumulator takes exactly: ``32767 // pair_bound(spec)`` (64 for ternary
+    x u8, 1092 for ternary x u4, 9 for 4-bit x u8)."""
+    return INT16_MAX // pair_bound(spec)
 
 
 def plan_chunks(spec: ConvSpec) -> ChunkPlan:
@@ -89,7 +89,7 @@ def codes_layout(spec: ConvSpec, isa: str) -> tuple[tuple, int]:
     ``pairs = 2``) per output lane, contiguous over lanes so that the kernel widens it to
     int16 with vector loads.  Made at compile time by ``params.kernel_codes``: the per-call
     gather of ``[K, G, R, S]`` codes took 40% of a 3x3 512@7 layer at N=4."""
-    blk = BLOCKS[ternary_form(spec, isa)]
+    blk = BLOCKS[maddubs_form(spec, isa)]
     chunks = plan_chunks(spec)
     cb_n = -(-spec.cin_per_group // 4)
     co_n = cb_n // chunks.span
@@ -105,17 +105,18 @@ def chunk_group(spec: ConvSpec, co, h):
 
 
 def ternary_conv_compute(spec: ConvSpec, *, isa: str, acc_width: int):
-    """TE tensors of ``spec``'s ternary kernel on ``isa`` (``avx2`` / ``avx512``)."""
+    """TE tensors of ``spec``'s vpmaddubsw kernel on ``isa`` (``avx2`` / ``avx512``)."""
     from .compute import ConvParts, _epilogue_stage, _pad_stage
 
-    form = ternary_form(spec, isa)
+    form = maddubs_form(spec, isa)
     if form is None:
-        raise ValueError(f"{spec} has no ternary vpmaddubsw kernel on {isa!r}")
+        raise ValueError(f"{spec} has no vpmaddubsw kernel on {isa!r}")
     blk = BLOCKS[form]
     chunks = plan_chunks(spec)
     shift = needs_compensation(spec, isa)
     x = te.placeholder(spec.x_shape, ACT_DTYPES[spec.act], name="x")
-    weights = te.placeholder(spec.weight_shape, "uint8", name="weights")
+    ternary = spec.weight_bits == 2
+    weights = te.placeholder(spec.weight_shape, "uint8" if ternary else "int32", name="weights")
     codes_shape, pairs = codes_layout(spec, isa)
     codes = te.placeholder(codes_shape, "uint8", name="codes")
     if spec.dense:
@@ -148,6 +149,8 @@ def ternary_conv_compute(spec: ConvSpec, *, isa: str, acc_width: int):
         # (code + 0x7f) ^ 0x80 = t as a signed byte (0x81 at most: no carry between bytes).
         # uint32: TVM marks int32 adds nsw, and 0x02020202 + 0x7f7f7f7f passes 2^31.
         k = kb * ob + ki  # < 16 * ceil(K / 16): padded lanes read code 1 (t = 0)
+        if not ternary:  # 4/8-bit: the blocked int32 word already holds the 4 signed bytes
+            return weights[k // 16, cb, r, s, k % 16]
         b = weights[k // 16, cb, r, s, k % 16].astype("uint32")
         x = (b | (b << u32(12))) & u32(0x000F000F)
         x = (x | (x << u32(6))) & u32(0x03030303)

@@ -26,7 +26,7 @@ from .. import tvm_adapter as ta
 from .compute import ConvParts, conv_compute, depthwise_compute
 from .compute_ternary import ternary_conv_compute
 from .intrin import group_intrin_name, intrin_name
-from .spec import ConvSpec, ternary_form
+from .spec import ConvSpec, maddubs_form
 from .tiling import Tiling, default_tiling
 
 
@@ -90,7 +90,7 @@ def tiled_workload(spec: ConvSpec, *, isa: str, acc_width: int):
     tuner and :func:`conv2d_kernel` must both build it here.  ``acc_width`` is part of the
     workload (the padded accumulator width): a tuned ``ow_block`` must divide it.
     """
-    if ternary_form(spec, isa):
+    if maddubs_form(spec, isa):
         parts = ternary_conv_compute(spec, isa=isa, acc_width=acc_width)
     else:
         parts = conv_compute(spec, isa=isa, acc_width=acc_width)

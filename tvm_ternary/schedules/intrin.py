@@ -17,7 +17,7 @@ ISA               block      operands (B: int32 words)     instructions per bloc
 ================  =========  ============================  =======================================
 
 The ternary forms ``avx2t`` / ``avx512t`` (ternary layers on avx2 / avx512 targets, see
-``spec.ternary_form``) keep the codes ``t`` in {-1, 0, +1} in the inner loop and have two
+``spec.maddubs_form``) keep the codes ``t`` in {-1, 0, +1} in the inner loop and have two
 intrinsics: a *step* (``vpmaddubsw(u8 x, s8 t)`` adds int16 pair sums, ``|sum| <= 2*255``, into an
 int16 accumulator: never saturates) and a *group* (``vpmaddwd(acc16, group codes)`` + ``vpaddd``
 into int32), applied once per run of steps that share their group codes.  The kernel bounds a

@@ -18,7 +18,7 @@ import numpy as np
 
 from ..quant import reference, unpack_ternary
 from .layout import unblock_weights
-from .spec import ConvSpec, needs_compensation, ternary_form
+from .spec import ConvSpec, needs_compensation, maddubs_form
 
 
 def decoded_weights(spec: ConvSpec, *, weights, codes) -> np.ndarray:
@@ -67,7 +67,7 @@ def kernel_codes(spec: ConvSpec, *, isa: str, codes) -> np.ndarray:
     q = np.ascontiguousarray(codes, dtype=np.uint8)
     if q.shape != spec.codes_shape:
         raise ValueError(f"codes must have shape {spec.codes_shape}, got {q.shape}")
-    if ternary_form(spec, isa) is None:
+    if maddubs_form(spec, isa) is None:
         return q
     shape, pairs = codes_layout(spec, isa)
     kb_n, lanes, co_n = shape[0], shape[-2], shape[-3]

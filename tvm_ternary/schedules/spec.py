@@ -13,7 +13,7 @@ kernel built from a spec (``kernel_arg_names`` is the source of truth)::
   (``layout.block_weights``).  ``Cg = C / groups``; dense uses R = S = 1.
 - ``codes``: integer group scale codes ``q[K, ceil(Cg/N), R, S]`` uint8; with
   ``grouping="cluster"`` (N whole kernels share one code) they must not vary over (R, S).
-  The ternary avx2 / avx512 kernels (``ternary_form``) take them in their own layout instead:
+  The ternary avx2 / avx512 kernels (``maddubs_form``) take them in their own layout instead:
   ``params.kernel_codes(spec, isa=isa, codes=q)`` (identity for every other kernel).
 - ``bias``: int32 ``[K]``; present when ``spec.bias`` or when the ISA needs the +128
   compensation (s8/s4 activations on VNNI: pass ``params.kernel_bias(...)``).
@@ -112,7 +112,7 @@ class ConvSpec:
     out_zero_point: int = 0
     residual_zero_point: int = 0
     # How the codes are shared: "cluster" lets the ternary avx2/avx512 kernels accumulate a
-    # group's R x S steps in int16 before applying its code (see ternary_form).
+    # group's R x S steps in int16 before applying its code (see maddubs_form).
     grouping: str = "fgq"
     dense: bool = field(default=False, repr=False)  # set by DenseSpec.as_conv only
 
@@ -242,21 +242,32 @@ class DenseSpec:
                         dense=True)
 
 
-# Output lanes of the ternary forms' blocks (intrin.BLOCKS["avx2t"/"avx512t"]).
-_TERNARY_LANES = {"avx2": 8, "avx512": 16}
+# Output lanes of the vpmaddubsw forms' blocks (intrin.BLOCKS["avx2t"/"avx512t"]).
+_MADDUBS_LANES = {"avx2": 8, "avx512": 16}
+INT16_MAX = 32767
 
 
-def ternary_form(spec: ConvSpec, isa: str) -> str | None:
-    """``"avx2t"`` / ``"avx512t"`` when ``spec`` runs the ternary ``vpmaddubsw`` kernel on
-    ``isa``, else None (the layer keeps ``isa``'s own block).
+def pair_bound(spec: ConvSpec) -> int:
+    """Largest ``|x0*v0 + x1*v1|`` of one ``vpmaddubsw`` pair: ``2 * amax * vmax``, with
+    ``amax`` = 15 for u4 and 255 otherwise (s8/s4 are shifted by +128 into u8)."""
+    amax = 15 if spec.act == "u4" else 255
+    return 2 * amax * VALUE_MAX[spec.weight_bits]
 
-    Ternary weights only (4/8-bit values times u8 overflow vpmaddubsw's int16 pair sums), not
-    depthwise, groups aligned to the block's output lanes, and every ``vpmaddubsw`` pair of
-    input channels inside one group: N even, or a single group (N >= C).
+
+def maddubs_form(spec: ConvSpec, isa: str) -> str | None:
+    """``"avx2t"`` / ``"avx512t"`` when ``spec`` runs the ``vpmaddubsw`` kernel (values in the
+    inner loop, group codes applied after an int16 accumulation, compute_ternary) on ``isa``,
+    else None (the layer keeps ``isa``'s int16 ``vpmaddwd`` block).
+
+    Where the pair sums provably fit int16 (:func:`pair_bound`): ternary weights (510 with u8),
+    4-bit weights (3570 with u8, 210 with u4), 8-bit weights with u4 activations (3810) -- not
+    8-bit weights with 8-bit activations (64770 saturates).  Not depthwise, groups aligned to
+    the block's output lanes, and every pair of input channels inside one group (N even, or a
+    single group: N >= C).
     """
-    if isa not in _TERNARY_LANES or spec.weight_bits != 2 or spec.depthwise:
+    if isa not in _MADDUBS_LANES or spec.depthwise or pair_bound(spec) > INT16_MAX:
         return None
-    if spec.groups > 1 and spec.cout_per_group % _TERNARY_LANES[isa]:
+    if spec.groups > 1 and spec.cout_per_group % _MADDUBS_LANES[isa]:
         return None
     if spec.n_groups_q > 1 and spec.group_size % 2:
         return None
@@ -264,11 +275,11 @@ def ternary_form(spec: ConvSpec, isa: str) -> str | None:
 
 
 def needs_compensation(spec: ConvSpec, isa: str) -> bool:
-    """Signed activations on a u8 x s8 kernel (VNNI, or the ternary vpmaddubsw forms) are
+    """Signed activations on a u8 x s8 kernel (VNNI, or the vpmaddubsw forms) are
     shifted by +128; the bias pays it back."""
     if spec.act not in ("s8", "s4") or spec.depthwise:
         return False
-    return isa in ("vnni512", "avxvnni") or ternary_form(spec, isa) is not None
+    return isa in ("vnni512", "avxvnni") or maddubs_form(spec, isa) is not None
 
 
 def kernel_arg_names(spec: ConvSpec, isa: str) -> list[str]:

@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .intrin import BLOCKS
-from .spec import ConvSpec, ternary_form
+from .spec import ConvSpec, maddubs_form
 
 # Vector registers per ISA (zmm0-31 with AVX-512, ymm0-15 otherwise).
 _REGS = {"vnni512": 32, "avx512": 32, "avxvnni": 16, "avx2": 16, "plain": 16}
@@ -67,7 +67,7 @@ def default_tiling(spec: ConvSpec, *, isa: str, threads: int = 1) -> Tiling:
     # Measured on znver5 (3x3 and 1x1 ResNet layers): 2 output blocks x up to 14 pixels is
     # within 5% of the best tile everywhere; 4 blocks x 7 pixels spills (28 acc + 4 weights).
     budget = regs - 4
-    ternary = ternary_form(spec, isa) is not None
+    ternary = maddubs_form(spec, isa) is not None
     if ternary:
         # int16 and int32 accumulators of each cell are live together while a chunk runs
         # (LLVM spills the int32 ones, touched once per chunk, when it must): half the tile.
