@@ -16,12 +16,13 @@ ISA               block      operands (B: int32 words)     instructions per bloc
 ``avx2t``          8 x 4     A u8[4], B t s8[8, 4]         the same on ymm
 ================  =========  ============================  =======================================
 
-The ternary forms ``avx2t`` / ``avx512t`` (ternary layers on avx2 / avx512 targets, see
-``spec.maddubs_form``) keep the codes ``t`` in {-1, 0, +1} in the inner loop and have two
-intrinsics: a *step* (``vpmaddubsw(u8 x, s8 t)`` adds int16 pair sums, ``|sum| <= 2*255``, into an
-int16 accumulator: never saturates) and a *group* (``vpmaddwd(acc16, group codes)`` + ``vpaddd``
-into int32), applied once per run of steps that share their group codes.  The kernel bounds a
-run so that the int16 accumulator is exact (``compute_ternary.plan_chunks``).
+The forms ``avx2t`` / ``avx512t`` (ternary layers, and 4/8-bit ones whose pair sums fit int16,
+on avx2 / avx512 targets: ``spec.maddubs_form``) keep the values (ternary ``t`` in {-1, 0, +1})
+in the inner loop and have two intrinsics: a *step* (``vpmaddubsw(u8 x, s8 v)`` adds int16 pair
+sums, ``|sum| <= spec.pair_bound``, e.g. 2*255 for ternary, into an int16 accumulator: never
+saturates) and a *group* (``vpmaddwd(acc16, group codes)`` + ``vpaddd`` into int32), applied
+once per run of steps that share their group codes.  The kernel bounds a run so that the int16
+accumulator is exact (``compute_ternary.plan_chunks``).
 
 Without VNNI we widen to int16 and use ``vpmaddwd`` rather than TVM's ``vpmaddubsw`` pair: the
 u8 x s8 pair sum of ``vpmaddubsw`` saturates at int16 (255*127*2 > 32767), so it is not bit-exact
