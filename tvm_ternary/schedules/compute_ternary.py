@@ -83,7 +83,7 @@ def plan_chunks(spec: ConvSpec) -> ChunkPlan:
 
 
 def codes_layout(spec: ConvSpec, isa: str) -> tuple[tuple, int]:
-    """``(shape, pairs)`` of the ``codes`` argument of the ternary form of ``isa``: uint8
+    """``(shape, pairs)`` of the ``codes`` argument of the vpmaddubsw form of ``isa``: uint8
     ``[ceil(K / lanes), (R, S,) chunks, lanes, pairs]`` (cluster chunks drop R, S), the code of
     every chunk (and ``vpmaddubsw`` pair when a step's two pairs can be in two groups,
     ``pairs = 2``) per output lane, contiguous over lanes so that the kernel widens it to

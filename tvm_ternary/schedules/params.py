@@ -1,15 +1,15 @@
 """Host-side (numpy, compile-time) argument preparation for the kernels.
 
-ISA-dependent arguments: the int32 bias (on VNNI and the ternary vpmaddubsw forms, u8 x s8,
+ISA-dependent arguments: the int32 bias (on VNNI and the vpmaddubsw forms, u8 x s8,
 signed activations are shifted by +128 inside the kernel, so the bias must subtract
-``128 * sum(w[k])`` per output channel) and, for the ternary forms, the group codes in the
+``128 * sum(w[k])`` per output channel) and, for the vpmaddubsw forms, the group codes in the
 kernel's layout (``kernel_codes``).  Weights are constants: both are made once at compile time.
 
 Example::
 
     b = kernel_bias(spec, isa="vnni512", weights=packed, codes=q, bias=bias_i32)
     # None when the kernel takes no bias argument
-    c = kernel_codes(spec, isa="avx2", codes=q)   # q itself unless a ternary form runs
+    c = kernel_codes(spec, isa="avx2", codes=q)   # q itself unless a vpmaddubsw form runs
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ def kernel_bias(spec: ConvSpec, *, isa: str, weights, codes, bias=None) -> np.nd
 
 def kernel_codes(spec: ConvSpec, *, isa: str, codes) -> np.ndarray:
     """The ``codes`` argument of a kernel built for ``isa`` from group codes ``[K, G, R, S]``:
-    unchanged, except for the ternary vpmaddubsw forms, which take
+    unchanged, except for the vpmaddubsw forms (``spec.maddubs_form``), which take
     ``compute_ternary.codes_layout`` (the code of each chunk and pair, per output lane)."""
     from .compute_ternary import chunk_group, codes_layout, plan_chunks
 

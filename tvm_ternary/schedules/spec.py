@@ -13,10 +13,10 @@ kernel built from a spec (``kernel_arg_names`` is the source of truth)::
   (``layout.block_weights``).  ``Cg = C / groups``; dense uses R = S = 1.
 - ``codes``: integer group scale codes ``q[K, ceil(Cg/N), R, S]`` uint8; with
   ``grouping="cluster"`` (N whole kernels share one code) they must not vary over (R, S).
-  The ternary avx2 / avx512 kernels (``maddubs_form``) take them in their own layout instead:
+  The vpmaddubsw kernels of avx2 / avx512 targets (``maddubs_form``) take them in their own layout:
   ``params.kernel_codes(spec, isa=isa, codes=q)`` (identity for every other kernel).
 - ``bias``: int32 ``[K]``; present when ``spec.bias`` or when the ISA needs the +128
-  compensation (s8/s4 activations on VNNI: pass ``params.kernel_bias(...)``).
+  compensation (s8/s4 activations on VNNI or a vpmaddubsw form: pass ``params.kernel_bias(...)``).
 - requantize (``out`` in u8/s8/u4/s4): int32 ``multiplier[K]``, int32 ``shift[K]``; with a
   residual: ``residual`` (same shape as y, dtype ``spec.residual``) and int32 ``residual_multiplier[K]``.
 - dequantize (``out == "f32"``): float32 ``scale[K]`` and, with ``float_bias``, float32 ``[K]``.
@@ -111,7 +111,7 @@ class ConvSpec:
     x_zero_point: int = 0
     out_zero_point: int = 0
     residual_zero_point: int = 0
-    # How the codes are shared: "cluster" lets the ternary avx2/avx512 kernels accumulate a
+    # How the codes are shared: "cluster" lets the vpmaddubsw kernels (avx2/avx512) accumulate a
     # group's R x S steps in int16 before applying its code (see maddubs_form).
     grouping: str = "fgq"
     dense: bool = field(default=False, repr=False)  # set by DenseSpec.as_conv only

@@ -67,15 +67,15 @@ def default_tiling(spec: ConvSpec, *, isa: str, threads: int = 1) -> Tiling:
     # Measured on znver5 (3x3 and 1x1 ResNet layers): 2 output blocks x up to 14 pixels is
     # within 5% of the best tile everywhere; 4 blocks x 7 pixels spills (28 acc + 4 weights).
     budget = regs - 4
-    ternary = maddubs_form(spec, isa) is not None
-    if ternary:
+    maddubs = maddubs_form(spec, isa) is not None
+    if maddubs:
         # int16 and int32 accumulators of each cell are live together while a chunk runs
         # (LLVM spills the int32 ones, touched once per chunk, when it must): half the tile.
         budget = (regs - 4) // 2 + 2
     oc_cands = [d for d in _divisors(kb) if d <= 8]
     if ow <= 2:  # dense / tiny maps: no pixel reuse, use channel tiles for independent chains
         oct_ = max(d for d in oc_cands if d * max(ow, 1) <= budget)
-    elif ternary:  # 1 or 2 output blocks: the most useful (unpadded) cells, 2 on a tie
+    elif maddubs:  # 1 or 2 output blocks: the most useful (unpadded) cells, 2 on a tie
         def useful(o):
             b = _pick_ow_block(ow, max(1, budget // o))
             return b * o * ow / (-(-ow // b) * b), o
