@@ -2,6 +2,7 @@
 """Per-layer benchmark: our ternary / 8-bit-weight kernels against ONNX Runtime fp32 and int8.
 
     python scripts/bench_kernels.py --model resnet50 --threads 1 --batch 1 --json out.json
+    python scripts/bench_kernels.py --target haswell --group-size 4 --layers l1_3x3,fc --skip-ort
 
 Every distinct conv shape of the model plus its dense layer, side by side in one run:
 ``tvm_ternary`` (2-bit weights, u8 activations, fused bias+ReLU+requantize), ``tvm_ternary_w8``
@@ -29,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tvm_ternary import quant  # noqa: E402
 from tvm_ternary import tvm_adapter as ta  # noqa: E402
+from tvm_ternary.errors import TargetError  # noqa: E402
 from tvm_ternary.schedules import ConvSpec, DenseSpec, conv2d_kernel, kernel_arg_names  # noqa: E402
 from tvm_ternary.schedules import layout, params  # noqa: E402
 
@@ -70,8 +72,8 @@ def model_layers(model: str, batch: int):
 # ---------------------------------------------------------------- our kernels
 
 
-def bench_ours(spec: ConvSpec, threads: int) -> float:
-    target = ta.make_target(ta.host_cpu(), num_cores=threads)
+def bench_ours(spec: ConvSpec, threads: int, mcpu: str | None = None) -> float:
+    target = ta.make_target(mcpu or ta.host_cpu(), num_cores=threads)
     func = conv2d_kernel(spec, target=target)
     isa = str(func.attrs["tvm_ternary.isa"])
     mod = ta.build(func, target=target)
@@ -84,7 +86,7 @@ def bench_ours(spec: ConvSpec, threads: int) -> float:
     weights = quant.pack_ternary(values) if spec.weight_bits == 2 else layout.block_weights(values)
     k = spec.out_channels
     data = {"x": rng.integers(0, 256, size=spec.x_shape).astype(np.uint8), "weights": weights,
-            "codes": codes, "multiplier": np.full(k, 1 << 30, np.int32),
+            "codes": params.kernel_codes(spec, isa=isa, codes=codes), "multiplier": np.full(k, 1 << 30, np.int32),
             "shift": np.full(k, 40, np.int32), "scale": np.full(k, 1e-3, np.float32),
             "bias": params.kernel_bias(spec, isa=isa, weights=weights, codes=codes,
                                        bias=np.zeros(k, np.int32) if spec.bias else None)}
@@ -97,14 +99,14 @@ def bench_ours(spec: ConvSpec, threads: int) -> float:
     return statistics.median(ta.time_ms(mod, args, number=1, repeat=reps))
 
 
-def our_spec(kw: dict, *, bits: int, group_size: int, dense: bool):
+def our_spec(kw: dict, *, bits: int, group_size: int, dense: bool, grouping: str = "fgq"):
     if dense:
         c = kw["in_features"]
         return DenseSpec(weight_bits=bits, group_size=min(group_size, c), out="f32",
                          **kw).as_conv()
     c = kw["in_channels"]
     return ConvSpec(weight_bits=bits, group_size=min(group_size, c), act="u8", out="u8",
-                    bias=True, relu=True, **kw)
+                    bias=True, relu=True, grouping=grouping if bits != 8 else "fgq", **kw)
 
 
 # ---------------------------------------------------------------- ONNX Runtime
@@ -207,8 +209,17 @@ def main(argv=None) -> int:
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--group-size", type=int, default=64, help="FGQ group size N of ours")
     ap.add_argument("--layers", default="", help="comma-separated subset of layer names")
+    ap.add_argument("--grouping", choices=("fgq", "cluster"), default="fgq",
+                    help="grouping of ours: fgq (N channels at one r, s) or cluster (N kernels)")
+    ap.add_argument("--target", default=None, metavar="MCPU",
+                    help="LLVM mcpu our kernels are built for (default: the host), e.g. haswell "
+                         "(avx2) or skylake-avx512 (avx512 without VNNI); it must run here")
     ap.add_argument("--skip-ort", action="store_true")
     a = ap.parse_args(argv)
+    try:
+        mcpu = None if a.target is None else ta.check_mcpu(a.target)
+    except TargetError as error:
+        ap.error(str(error))  # one line, exit 2
 
     if os.environ.get("TVM_NUM_THREADS") != str(a.threads):
         # TVM sizes its thread pool once per process: resizing it later did not change the
@@ -218,6 +229,8 @@ def main(argv=None) -> int:
     stamp = machine_stamp(a.threads)
     peak = measure_vnni_peak(a.threads)
     stamp["vnni_peak_gmacs"] = peak
+    target = ta.make_target(mcpu or ta.host_cpu())
+    stamp["kernel_target"] = {"mcpu": ta.target_mcpu(target), "isa": ta.choose_isa(target)}
     print(json.dumps(stamp))
     try:
         import openvino  # noqa: F401
@@ -234,8 +247,9 @@ def main(argv=None) -> int:
         dense = name == "fc"
         runs = {}
         for rt, bits in (("tvm_ternary", 2), ("tvm_ternary_w8", 8)):
-            spec = our_spec(kw, bits=bits, group_size=a.group_size, dense=dense)
-            runs[rt] = (bench_ours(spec, a.threads), spec.macs)
+            spec = our_spec(kw, bits=bits, group_size=a.group_size, dense=dense,
+                            grouping=a.grouping)
+            runs[rt] = (bench_ours(spec, a.threads, mcpu), spec.macs)
         if not a.skip_ort:
             macs = runs["tvm_ternary"][1]
             runs["ort_fp32"] = (bench_ort(kw, dense, a.threads, int8=False), macs)
@@ -247,6 +261,7 @@ def main(argv=None) -> int:
             rec = {"layer": name, "runtime": rt, "threads": a.threads, "batch": a.batch,
                    "median_ms": round(ms, 4), "gmacs": round(gmacs, 1), "count": count,
                    "macs": macs, "pct_peak": round(100 * gmacs / peak, 1) if peak else None,
+                   "kernel_target": stamp["kernel_target"], "grouping": a.grouping,
                    **weight_bytes(kw, dense, a.group_size), "cpu": stamp["cpu"]}
             records.append(rec)
             print(f"{name:18s} {rt:15s} {ms:8.3f} ms {gmacs:7.1f} GMAC/s "

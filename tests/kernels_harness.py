@@ -34,6 +34,8 @@ def make_case(spec: ConvSpec, *, isa: str, seed: int = 0) -> dict:
     values = rng.integers(-vmax, vmax + 1, size=wshape).astype(np.int8)
     qmax = 127 // vmax
     codes = rng.integers(0, qmax + 1, size=spec.codes_shape).astype(np.uint8)
+    if spec.grouping == "cluster":  # one code per N kernels: the same at every (r, s)
+        codes = np.ascontiguousarray(np.broadcast_to(codes[:, :, :1, :1], codes.shape))
     weights = quant.pack_ternary(values) if spec.weight_bits == 2 else layout.block_weights(values)
     w = ref.decode_weights(values, codes, group_size=spec.group_size)
 
@@ -50,7 +52,9 @@ def make_case(spec: ConvSpec, *, isa: str, seed: int = 0) -> dict:
         acc = to_out(acc)
         axis = 3
     k = spec.out_channels
-    case = {"x": x, "weights": weights, "codes": codes}
+    # "codes" is the kernel argument (the ternary forms' layout); "group_codes" [K, G, R, S]
+    case = {"x": x, "weights": weights, "codes": params.kernel_codes(spec, isa=isa, codes=codes),
+            "group_codes": codes}
     bias = rng.integers(-5000, 5000, size=k).astype(np.int32) if spec.bias else None
     if bias is not None:
         acc = acc + bias.reshape((1,) * (acc.ndim - 1) + (k,))

@@ -86,3 +86,32 @@ def test_export_and_run_in_fresh_process_with_runtime_only(tmp_path):
                          env=env, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"  # the compiler was never loaded
     np.testing.assert_array_equal(np.load(tmp_path / "y.npy"), cm.run(x))
+
+
+# Ternary (and 4-bit) layers on AVX2 / AVX-512BW targets (no VNNI) run the vpmaddubsw kernel
+# (schedules/compute_ternary.py); both run on this host. FGQ N=4, cluster (int16 runs over
+# R x S), N=2 (a code per vpmaddubsw pair) with u4 activations, 4-bit weights.
+_MADDUBS_CONFIGS = {
+    "fgq-N4": QuantConfig(method="exact"),
+    "cluster-N8": QuantConfig(method="exact", grouping="cluster", group_size=8,
+                              clamp_group_size=True),
+    "N2-act4": QuantConfig(method="data-aware", group_size=2, act_bits=4),
+    "w4": QuantConfig(weight_bits=4, method="exact"),
+}
+
+
+@pytest.mark.parametrize("mcpu,name", [("haswell", n) for n in _MADDUBS_CONFIGS]
+                         + [("skylake-avx512", "fgq-N4"), ("skylake-avx512", "w4")])
+def test_ternary_maddubs_targets_bit_exact(mcpu, name):
+    config = _MADDUBS_CONFIGS[name]
+    from tvm_ternary import tvm_adapter as ta
+    from tvm_ternary.schedules.spec import maddubs_form
+
+    target = ta.make_target(mcpu)
+    cm = compile_model(tiny_cnn(conv_head=True), config=config, calib_images=tiny_images(16),
+                       target=target, progress=False)
+    specs = [s for s in cm.rewrite.specs.values() if not getattr(s, "depthwise", False)]
+    convs = [s.as_conv() if hasattr(s, "as_conv") else s for s in specs]
+    assert any(maddubs_form(s, cm.isa) for s in convs), "no layer used the vpmaddubsw kernel"
+    x = tiny_images(3, seed=5)
+    np.testing.assert_array_equal(cm.run(x), simulate(cm.plan, x))

@@ -3,6 +3,8 @@ instruction), compile-only variants for every ISA, spec validation, layout helpe
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -57,8 +59,12 @@ def test_reference_is_unscheduled_and_plain():
 def test_kernel_args_follow_spec():
     assert kernel_arg_names(SMALL, "vnni512") == ["x", "weights", "codes", "bias",
                                                   "multiplier", "shift", "y"]
-    assert kernel_arg_names(SMALL, "avx512") == ["x", "weights", "codes", "multiplier",
-                                                 "shift", "y"]
+    # ternary s8 on avx512 runs the vpmaddubsw kernel (u8 x s8 as VNNI): +128 and a bias;
+    # 8-bit weights there keep the int16 vpmaddwd path, which takes s8 as it is
+    assert kernel_arg_names(SMALL, "avx512") == ["x", "weights", "codes", "bias",
+                                                 "multiplier", "shift", "y"]
+    w8 = dataclasses.replace(SMALL, weight_bits=8)
+    assert kernel_arg_names(w8, "avx512") == ["x", "weights", "codes", "multiplier", "shift", "y"]
     f32 = ConvSpec(batch=1, in_channels=4, height=3, width=3, out_channels=4, kernel=1,
                    out="f32", float_bias=True)
     assert kernel_arg_names(f32, "plain") == ["x", "weights", "codes", "scale", "float_bias", "y"]

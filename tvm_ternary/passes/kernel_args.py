@@ -1,8 +1,9 @@
 """Turn one planned layer (numpy) into a kernel spec and its constant arguments.
 
 This is the *pack* step: ternary values go to the 2-bit packed layout, 4/8-bit values to the
-16x4 int32-word blocks, group codes to ``[K, G, R, S]``, and the int32 bias gets the +128
-compensation a signed-activation VNNI kernel needs.
+16x4 int32-word blocks, group codes to ``[K, G, R, S]`` (the ternary avx2/avx512 kernels: their own layout,
+``params.kernel_codes``), and the int32 bias gets the +128 compensation a u8 x s8 kernel
+needs for signed activations.
 
 Example::
 
@@ -17,7 +18,7 @@ from ..plan import LayerPlan
 from ..quant import ActivationQuant, pack_ternary
 from ..schedules import ConvSpec, DenseSpec, kernel_arg_names
 from ..schedules.layout import block_weights
-from ..schedules.params import kernel_bias
+from ..schedules.params import kernel_bias, kernel_codes
 
 
 def act_kind(quant: ActivationQuant | None) -> str:
@@ -44,7 +45,7 @@ def layer_spec(layer: LayerPlan, *, x_shape: tuple[int, ...]) -> ConvSpec | Dens
                     dilation=g["dilation"], groups=g["groups"],
                     residual=act_kind(layer.residual_quant) if layer.residual_quant else None,
                     residual_zero_point=layer.residual_quant.zero_point if layer.residual_quant else 0,
-                    **common)
+                    grouping=iw.layout.grouping, **common)
 
 
 def layer_kernel_args(layer: LayerPlan, spec: ConvSpec | DenseSpec, *, isa: str) -> dict[str, np.ndarray]:
@@ -56,7 +57,7 @@ def layer_kernel_args(layer: LayerPlan, spec: ConvSpec | DenseSpec, *, isa: str)
     codes = iw.kernel_group_codes().reshape(values.shape[0], -1, *values.shape[2:])
     available = {
         "weights": weights,
-        "codes": np.ascontiguousarray(codes, dtype=np.uint8),
+        "codes": kernel_codes(conv, isa=isa, codes=codes),
         "bias": kernel_bias(conv, isa=isa, weights=weights, codes=codes, bias=layer.bias_int),
         "multiplier": layer.multiplier,
         "shift": layer.shift,

@@ -36,6 +36,8 @@ class ConvParts:
     block: Block
     has_pad: bool
     tensorizable: bool  # one group per output block: the intrinsic's A operand is block-uniform
+    form: str | None = None  # "avx2t" / "avx512t": the ternary vpmaddubsw kernel (compute_ternary)
+    chunks: object = None  # its compute_ternary.ChunkPlan
 
 
 def _pad_stage(spec: ConvSpec, x_at, blk: Block, shift: bool, acc_width: int):

@@ -24,8 +24,9 @@ from __future__ import annotations
 
 from .. import tvm_adapter as ta
 from .compute import ConvParts, conv_compute, depthwise_compute
-from .intrin import intrin_name
-from .spec import ConvSpec
+from .compute_ternary import ternary_conv_compute
+from .intrin import group_intrin_name, intrin_name
+from .spec import ConvSpec, maddubs_form
 from .tiling import Tiling, default_tiling
 
 
@@ -89,7 +90,10 @@ def tiled_workload(spec: ConvSpec, *, isa: str, acc_width: int):
     tuner and :func:`conv2d_kernel` must both build it here.  ``acc_width`` is part of the
     workload (the padded accumulator width): a tuned ``ow_block`` must divide it.
     """
-    parts = conv_compute(spec, isa=isa, acc_width=acc_width)
+    if maddubs_form(spec, isa):
+        parts = ternary_conv_compute(spec, isa=isa, acc_width=acc_width)
+    else:
+        parts = conv_compute(spec, isa=isa, acc_width=acc_width)
     return parts, ta.create_prim_func(parts.args)
 
 
@@ -103,13 +107,16 @@ def schedule_tiled(sch, parts: ConvParts, *, isa: str, ow_block, oc_tiles, decod
     """
     if decode_at not in ("tile", "root"):
         raise ValueError(f"decode_at must be 'tile' or 'root', got {decode_at!r}")
+    if parts.form is not None:
+        _schedule_ternary(sch, parts, ow_block=ow_block, oc_tiles=oc_tiles, decode_at=decode_at)
+        return
     _schedule_tiled(sch, parts, isa=isa, ow_block=ow_block, oc_tiles=oc_tiles, decode_at=decode_at)
 
 
 def _lanes(isa: str) -> int:
     from .intrin import BLOCKS
 
-    return BLOCKS[isa].lanes
+    return BLOCKS[isa].lanes  # the ternary forms keep their ISA's lane count
 
 
 def _vectorize_inner(sch, block, width: int) -> None:
@@ -167,6 +174,71 @@ def _schedule_tiled(sch, parts: ConvParts, *, isa: str, ow_block, oc_tiles, deco
     sch.vectorize(sch.get_loops(init)[-1])
     if name is not None:
         sch.tensorize(ki, name)
+
+
+def _place_weight_stages(sch, par, decode_at: str, lanes: int) -> None:
+    """decode + codes_t per (oc tile, image) inside the parallel loop, or once at the root."""
+    for name in ("decode", "codes_t"):  # decode first: codes_t then lands before it
+        stage = sch.get_sblock(name)
+        if decode_at == "tile":
+            sch.compute_at(stage, par, preserve_unit_loops=True)
+        else:
+            sch.parallel(sch.get_loops(stage)[0])
+        _vectorize_inner(sch, stage, lanes)
+
+
+def _schedule_ternary(sch, parts: ConvParts, *, ow_block, oc_tiles, decode_at: str) -> None:
+    """The ternary vpmaddubsw kernel (compute_ternary): the register tile of ``conv`` (int32)
+    and, per chunk, of ``acc16`` (int16) over the same (ow, kb) cells::
+
+        for r, s, co (chunk; cluster: co only):
+          acc16[owi, kbi] = 0
+          for steps of the chunk (cbi; cluster: r, s, cbi):
+            for owi, kbi: acc16 += vpmaddubsw(x bytes, t)          # step intrinsic
+          for owi, kbi: acc[owi, kbi] += vpmaddwd(acc16, codes)    # group intrinsic
+    """
+    n_chunk = 1 if parts.chunks.rs_inside else 3
+    conv = sch.get_sblock("conv")
+    n, oh, ow, kb, ki, *rest = sch.get_loops(conv)
+    chunk, h = rest[:n_chunk], rest[n_chunk]
+    owo, owi = sch.split(ow, [None, ow_block])
+    kbo, kbi = sch.split(kb, [None, oc_tiles])
+    sch.reorder(kbo, n, oh, owo, *chunk, owi, kbi, ki, h)
+    epi = sch.get_sblock("y")
+    sch.reverse_compute_at(epi, owo, preserve_unit_loops=True)
+    par = sch.fuse(kbo, n) if decode_at == "tile" else sch.fuse(kbo, n, oh)
+    sch.parallel(par)
+    acc16 = sch.get_sblock("acc16")
+    sch.compute_at(acc16, chunk[-1], preserve_unit_loops=True)
+    _place_weight_stages(sch, par, decode_at, parts.block.lanes)
+    if parts.has_pad:
+        pad = sch.get_sblock("pad")
+        loops = sch.get_loops(pad)
+        sch.parallel(sch.fuse(loops[0], loops[1]))
+        _vectorize_inner(sch, pad, 64)
+    _vectorize_inner(sch, epi, parts.block.lanes)
+
+    loops = sch.get_loops(acc16)
+    depth = len(sch.get_loops(conv)) - 4  # conv's loops down to chunk[-1] (then owi kbi ki h)
+    inner = loops[depth:]
+    # spatial loops under the chunk: n oh ow kb [chunk..] ki h (unit ones kept), then reductions
+    n_sp = 4 + n_chunk + 2
+    sp, red = inner[:n_sp], inner[n_sp:]
+    a_ow, a_kb, a_ki, a_h = sp[2], sp[3], sp[-2], sp[-1]
+    *steps, a_j = red
+    sch.reorder(*steps, a_ow, a_kb, a_ki, a_h, a_j)
+    sch.unroll(a_ow)
+    sch.unroll(a_kb)
+    init16 = sch.decompose_reduction(acc16, steps[0])
+    il = sch.get_loops(init16)
+    sch.vectorize(sch.fuse(il[-2], il[-1]))
+    sch.tensorize(a_ki, intrin_name(parts.form))
+
+    sch.unroll(owi)
+    sch.unroll(kbi)
+    init = sch.decompose_reduction(conv, chunk[0])
+    sch.vectorize(sch.get_loops(init)[-1])
+    sch.tensorize(ki, group_intrin_name(parts.form))
 
 
 def _schedule_depthwise(sch, parts: ConvParts) -> None:

@@ -1,13 +1,15 @@
 """Host-side (numpy, compile-time) argument preparation for the kernels.
 
-The only ISA-dependent argument is the int32 bias: on VNNI (u8 x s8) signed activations are
-shifted by +128 inside the kernel, so the bias must subtract ``128 * sum(w[k])`` per output
-channel.  Weights are constants, so this is folded once when the graph is compiled.
+ISA-dependent arguments: the int32 bias (on VNNI and the vpmaddubsw forms, u8 x s8,
+signed activations are shifted by +128 inside the kernel, so the bias must subtract
+``128 * sum(w[k])`` per output channel) and, for the vpmaddubsw forms, the group codes in the
+kernel's layout (``kernel_codes``).  Weights are constants: both are made once at compile time.
 
 Example::
 
     b = kernel_bias(spec, isa="vnni512", weights=packed, codes=q, bias=bias_i32)
     # None when the kernel takes no bias argument
+    c = kernel_codes(spec, isa="avx2", codes=q)   # q itself unless a vpmaddubsw form runs
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import numpy as np
 
 from ..quant import reference, unpack_ternary
 from .layout import unblock_weights
-from .spec import ConvSpec, needs_compensation
+from .spec import ConvSpec, needs_compensation, maddubs_form
 
 
 def decoded_weights(spec: ConvSpec, *, weights, codes) -> np.ndarray:
@@ -54,3 +56,28 @@ def kernel_bias(spec: ConvSpec, *, isa: str, weights, codes, bias=None) -> np.nd
     if np.abs(out).max(initial=0) >= 2**31:
         raise OverflowError("bias (with +128 compensation) exceeds int32")
     return out.astype(np.int32)
+
+
+def kernel_codes(spec: ConvSpec, *, isa: str, codes) -> np.ndarray:
+    """The ``codes`` argument of a kernel built for ``isa`` from group codes ``[K, G, R, S]``:
+    unchanged, except for the vpmaddubsw forms (``spec.maddubs_form``), which take
+    ``compute_ternary.codes_layout`` (the code of each chunk and pair, per output lane)."""
+    from .compute_ternary import chunk_group, codes_layout, plan_chunks
+
+    q = np.ascontiguousarray(codes, dtype=np.uint8)
+    if q.shape != spec.codes_shape:
+        raise ValueError(f"codes must have shape {spec.codes_shape}, got {q.shape}")
+    if maddubs_form(spec, isa) is None:
+        return q
+    shape, pairs = codes_layout(spec, isa)
+    kb_n, lanes, co_n = shape[0], shape[-2], shape[-3]
+    full = np.zeros((kb_n * lanes, *q.shape[1:]), np.uint8)  # padded lanes: t = 0 anyway
+    full[: q.shape[0]] = q
+    g = np.array([[chunk_group(spec, co, h) for h in range(pairs)] for co in range(co_n)])
+    sel = full[:, g]  # [K', co, pairs, R, S]
+    if plan_chunks(spec).rs_inside:  # cluster: one code over R x S, read at (0, 0)
+        out = sel[..., 0, 0].reshape(kb_n, lanes, co_n, pairs).transpose(0, 2, 1, 3)
+    else:
+        r, s = spec.kernel
+        out = sel.reshape(kb_n, lanes, co_n, pairs, r, s).transpose(0, 4, 5, 2, 1, 3)
+    return np.ascontiguousarray(out).reshape(shape)

@@ -11,9 +11,12 @@ kernel built from a spec (``kernel_arg_names`` is the source of truth)::
   4/8-bit -> int8 values in the same 16x4 blocks, zero padded, each 4 input channels viewed as
   one little-endian int32 word: ``[ceil(K/16), ceil(Cg/4), R, S, 16]`` int32
   (``layout.block_weights``).  ``Cg = C / groups``; dense uses R = S = 1.
-- ``codes``: integer group scale codes ``q[K, ceil(Cg/N), R, S]`` uint8.
+- ``codes``: integer group scale codes ``q[K, ceil(Cg/N), R, S]`` uint8; with
+  ``grouping="cluster"`` (N whole kernels share one code) they must not vary over (R, S).
+  The vpmaddubsw kernels of avx2 / avx512 targets (``maddubs_form``) take them in their own layout:
+  ``params.kernel_codes(spec, isa=isa, codes=q)`` (identity for every other kernel).
 - ``bias``: int32 ``[K]``; present when ``spec.bias`` or when the ISA needs the +128
-  compensation (s8/s4 activations on VNNI: pass ``params.kernel_bias(...)``).
+  compensation (s8/s4 activations on VNNI or a vpmaddubsw form: pass ``params.kernel_bias(...)``).
 - requantize (``out`` in u8/s8/u4/s4): int32 ``multiplier[K]``, int32 ``shift[K]``; with a
   residual: ``residual`` (same shape as y, dtype ``spec.residual``) and int32 ``residual_multiplier[K]``.
 - dequantize (``out == "f32"``): float32 ``scale[K]`` and, with ``float_bias``, float32 ``[K]``.
@@ -35,6 +38,7 @@ OUT_DTYPES = {**ACT_DTYPES, "i32": "int32", "f32": "float32"}
 # Value range of each quantized container kind (ARCHITECTURE.md, "Activations").
 RANGES = {"u8": (0, 255), "s8": (-128, 127), "u4": (0, 15), "s4": (-8, 7)}
 WEIGHT_BITS = (2, 4, 8)
+GROUPINGS = ("fgq", "cluster")  # quant.groups: FGQ groups at one (r, s); cluster over R x S
 VALUE_MAX = {2: 1, 4: 7, 8: 127}
 
 
@@ -107,6 +111,9 @@ class ConvSpec:
     x_zero_point: int = 0
     out_zero_point: int = 0
     residual_zero_point: int = 0
+    # How the codes are shared: "cluster" lets the vpmaddubsw kernels (avx2/avx512) accumulate a
+    # group's R x S steps in int16 before applying its code (see maddubs_form).
+    grouping: str = "fgq"
     dense: bool = field(default=False, repr=False)  # set by DenseSpec.as_conv only
 
     def __post_init__(self):
@@ -129,6 +136,8 @@ class ConvSpec:
             set_(self, "group_size", self.in_channels // self.groups)
         if int(self.group_size) < 1:
             raise ValueError(f"group_size must be >= 1, got {self.group_size}")
+        if self.grouping not in GROUPINGS:
+            raise ValueError(f"grouping must be one of {GROUPINGS}, got {self.grouping!r}")
         if self.out_height < 1 or self.out_width < 1:
             raise ValueError(f"empty output {self.out_shape} for {self}")
         _check_epilogue(self)
@@ -233,9 +242,44 @@ class DenseSpec:
                         dense=True)
 
 
+# Output lanes of the vpmaddubsw forms' blocks (intrin.BLOCKS["avx2t"/"avx512t"]).
+_MADDUBS_LANES = {"avx2": 8, "avx512": 16}
+INT16_MAX = 32767
+
+
+def pair_bound(spec: ConvSpec) -> int:
+    """Largest ``|x0*v0 + x1*v1|`` of one ``vpmaddubsw`` pair: ``2 * amax * vmax``, with
+    ``amax`` = 15 for u4 and 255 otherwise (s8/s4 are shifted by +128 into u8)."""
+    amax = 15 if spec.act == "u4" else 255
+    return 2 * amax * VALUE_MAX[spec.weight_bits]
+
+
+def maddubs_form(spec: ConvSpec, isa: str) -> str | None:
+    """``"avx2t"`` / ``"avx512t"`` when ``spec`` runs the ``vpmaddubsw`` kernel (values in the
+    inner loop, group codes applied after an int16 accumulation, compute_ternary) on ``isa``,
+    else None (the layer keeps ``isa``'s int16 ``vpmaddwd`` block).
+
+    Where the pair sums provably fit int16 (:func:`pair_bound`): ternary weights (510 with u8),
+    4-bit weights (3570 with u8, 210 with u4), 8-bit weights with u4 activations (3810) -- not
+    8-bit weights with 8-bit activations (64770 saturates).  Not depthwise, groups aligned to
+    the block's output lanes, and every pair of input channels inside one group (N even, or a
+    single group: N >= C).
+    """
+    if isa not in _MADDUBS_LANES or spec.depthwise or pair_bound(spec) > INT16_MAX:
+        return None
+    if spec.groups > 1 and spec.cout_per_group % _MADDUBS_LANES[isa]:
+        return None
+    if spec.n_groups_q > 1 and spec.group_size % 2:
+        return None
+    return isa + "t"
+
+
 def needs_compensation(spec: ConvSpec, isa: str) -> bool:
-    """Signed activations on a u8 x s8 (VNNI) ISA are shifted by +128; the bias pays it back."""
-    return spec.act in ("s8", "s4") and isa in ("vnni512", "avxvnni") and not spec.depthwise
+    """Signed activations on a u8 x s8 kernel (VNNI, or the vpmaddubsw forms) are
+    shifted by +128; the bias pays it back."""
+    if spec.act not in ("s8", "s4") or spec.depthwise:
+        return False
+    return isa in ("vnni512", "avxvnni") or maddubs_form(spec, isa) is not None
 
 
 def kernel_arg_names(spec: ConvSpec, isa: str) -> list[str]:

@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .intrin import BLOCKS
-from .spec import ConvSpec
+from .spec import ConvSpec, maddubs_form
 
 # Vector registers per ISA (zmm0-31 with AVX-512, ymm0-15 otherwise).
 _REGS = {"vnni512": 32, "avx512": 32, "avxvnni": 16, "avx2": 16, "plain": 16}
@@ -67,9 +67,19 @@ def default_tiling(spec: ConvSpec, *, isa: str, threads: int = 1) -> Tiling:
     # Measured on znver5 (3x3 and 1x1 ResNet layers): 2 output blocks x up to 14 pixels is
     # within 5% of the best tile everywhere; 4 blocks x 7 pixels spills (28 acc + 4 weights).
     budget = regs - 4
+    maddubs = maddubs_form(spec, isa) is not None
+    if maddubs:
+        # int16 and int32 accumulators of each cell are live together while a chunk runs
+        # (LLVM spills the int32 ones, touched once per chunk, when it must): half the tile.
+        budget = (regs - 4) // 2 + 2
     oc_cands = [d for d in _divisors(kb) if d <= 8]
     if ow <= 2:  # dense / tiny maps: no pixel reuse, use channel tiles for independent chains
         oct_ = max(d for d in oc_cands if d * max(ow, 1) <= budget)
+    elif maddubs:  # 1 or 2 output blocks: the most useful (unpadded) cells, 2 on a tie
+        def useful(o):
+            b = _pick_ow_block(ow, max(1, budget // o))
+            return b * o * ow / (-(-ow // b) * b), o
+        oct_ = max((o for o in (1, 2) if kb % o == 0), key=useful)
     else:
         oct_ = 2 if kb % 2 == 0 else 1
     owb = _pick_ow_block(ow, max(1, budget // oct_))
