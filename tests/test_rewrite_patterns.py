@@ -224,3 +224,30 @@ def test_gemm_alpha_is_applied_once(alpha):
     got, want = cm.run(x), simulate(cm.plan, x)
     fc = cm.plan.layers["fc"]
     assert np.abs(got - want).max() <= fc.input_quant.scale * np.abs(fc.weights.dequantize()).sum(axis=1).max()
+
+
+def test_duplicate_node_names_plan_and_compile():
+    """ONNX does not require unique node names: two convs both named "conv" get distinct layer
+    names (NAME:OUTPUT) and compile bit-exact against the reference."""
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    from tvm_ternary.compiler import compile_model
+    from tvm_ternary.plan import QuantConfig, simulate
+
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.normal(size=s).astype(np.float32), n)
+             for n, s in (("w1", (8, 3, 3, 3)), ("w2", (8, 8, 1, 1)), ("w3", (4, 8, 1, 1)))]
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["a"], name="conv", pads=[1] * 4),
+             helper.make_node("Relu", ["a"], ["ar"], name="relu"),
+             helper.make_node("Conv", ["ar", "w2"], ["b"], name="conv"),
+             helper.make_node("Relu", ["b"], ["br"], name="relu"),
+             helper.make_node("Conv", ["br", "w3"], ["y"], name="head")]
+    graph = helper.make_graph(nodes, "dup", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 8, 8])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    calib = rng.normal(size=(8, 3, 8, 8)).astype(np.float32)
+    cm = compile_model(model, config=QuantConfig(method="exact"), calib_images=calib, progress=False)
+    assert [r["layer"] for r in cm.plan.coverage()] == ["conv", "conv:b", "head"]
+    x = calib[:2]
+    np.testing.assert_array_equal(cm.run(x), simulate(cm.plan, x))

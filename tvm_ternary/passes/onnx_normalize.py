@@ -135,6 +135,10 @@ def normalize_onnx(
     bn = fold_batchnorm(graph, source_dtypes)
     if bn:
         notes.append(f"{bn} BatchNormalization folded into the Conv before it")
+    renamed = _unique_node_names(graph)
+    if renamed:
+        notes.append(f"{renamed} node(s) sharing a name renamed NAME:OUTPUT (ONNX allows it; "
+                     "layers are named by node)")
     return NormalizedOnnx(
         model=model, input_name=data_input.name, input_shape=input_shape,
         input_dtype=input_dtype, output_name=output.name, output_shape=output_shape,
@@ -314,3 +318,18 @@ def _convert_fp16(graph: onnx.GraphProto, source_dtypes: dict[str, str]) -> bool
                 attr.t.CopyFrom(numpy_helper.from_array(values, attr.t.name))
                 changed = True
     return changed
+
+
+def _unique_node_names(graph) -> int:
+    """Give every node a distinct key (its name, or its first output when unnamed): the plan
+    names layers and finds nodes by it. A repeated name becomes ``NAME:OUTPUT``, as
+    :func:`onnx_io.find_weighted_layers` already calls such a layer. Returns how many changed."""
+    used, renamed = set(), 0
+    for node in graph.node:
+        key = node.name or node.output[0]
+        if key in used:
+            node.name = f"{key}:{node.output[0]}"
+            renamed += 1
+            key = node.name
+        used.add(key)
+    return renamed
