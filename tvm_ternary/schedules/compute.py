@@ -63,6 +63,33 @@ def _pad_stage(spec: ConvSpec, x_at, blk: Block, shift: bool, acc_width: int):
     return te.compute((n_, hp, wp, spec.groups, cp), fn, name="pad")
 
 
+def input_stage(spec: ConvSpec, blk: Block, shift: bool, acc_width: int):
+    """``(x, a_at, has_pad)``: the input placeholder and the activation ``a_at(n, h, w, g, c)``
+    the reduction reads: ``x`` itself, or a padded stage where the block needs one (padding,
+    the +128 shift, another element type, channels not a multiple of the block depth, a
+    widened accumulator)."""
+    x = te.placeholder(spec.x_shape, ACT_DTYPES[spec.act], name="x")
+    if spec.dense:
+        def x_at(n, h, w, c):
+            return x[w, c]
+    else:
+        def x_at(n, h, w, c):
+            return x[n, h, w, c]
+
+    cg = spec.cin_per_group
+    has_pad = (any(spec.padding) or shift or blk.a_dtype != ACT_DTYPES[spec.act]
+               or cg % blk.depth != 0 or acc_width != spec.out_width)
+    if has_pad:
+        xp = _pad_stage(spec, x_at, blk, shift, acc_width)
+
+        def a_at(n, h, w, g, c):
+            return xp[n, h, w, g, c]
+    else:
+        def a_at(n, h, w, g, c):
+            return x_at(n, h, w, g * cg + c)
+    return x, a_at, has_pad
+
+
 def _decode_stage(spec: ConvSpec, weights, codes, blk: Block):
     """Weights ``q_g * v`` as int32 words, one per (output lane, intrinsic depth) block.
 
@@ -128,14 +155,7 @@ def conv_compute(spec: ConvSpec, *, isa: str, acc_width: int | None = None) -> C
     if isa == "plain":
         blk = Block(blk.lanes, blk.depth, ACT_DTYPES[spec.act], "int8")
     shift = needs_compensation(spec, isa)
-    x = te.placeholder(spec.x_shape, ACT_DTYPES[spec.act], name="x")
-    if spec.dense:
-        def x_at(n, h, w, c):
-            return x[w, c]
-    else:
-        def x_at(n, h, w, c):
-            return x[n, h, w, c]
-
+    x, a_at, has_pad = input_stage(spec, blk, shift, acc_width)
     weights = te.placeholder(spec.weight_shape, "uint8" if spec.weight_bits == 2 else "int32",
                              name="weights")
     codes = te.placeholder(spec.codes_shape, "uint8", name="codes")
@@ -143,16 +163,6 @@ def conv_compute(spec: ConvSpec, *, isa: str, acc_width: int | None = None) -> C
     cg, kg, k_ = spec.cin_per_group, spec.cout_per_group, spec.out_channels
     ob, depth = blk.lanes, blk.depth
     (r_, s_), (sh, sw), (dh, dw) = spec.kernel, spec.stride, spec.dilation
-    has_pad = (any(spec.padding) or shift or blk.a_dtype != ACT_DTYPES[spec.act]
-               or cg % depth != 0 or acc_width != spec.out_width)
-    if has_pad:
-        xp = _pad_stage(spec, x_at, blk, shift, acc_width)
-
-        def a_at(n, h, w, g, c):
-            return xp[n, h, w, g, c]
-    else:
-        def a_at(n, h, w, g, c):
-            return x_at(n, h, w, g * cg + c)
 
     wd = _decode_stage(spec, weights, codes, blk)
     tensorizable = spec.groups == 1 or kg % ob == 0

@@ -38,7 +38,7 @@ from tvm import te
 
 from .. import tvm_adapter as ta
 from .intrin import BLOCKS
-from .spec import ACT_DTYPES, INT16_MAX, ConvSpec, maddubs_form, needs_compensation, pair_bound
+from .spec import INT16_MAX, ConvSpec, maddubs_form, needs_compensation, pair_bound
 
 
 @dataclass(frozen=True)
@@ -106,7 +106,7 @@ def chunk_group(spec: ConvSpec, co, h):
 
 def ternary_conv_compute(spec: ConvSpec, *, isa: str, acc_width: int):
     """TE tensors of ``spec``'s vpmaddubsw kernel on ``isa`` (``avx2`` / ``avx512``)."""
-    from .compute import ConvParts, _epilogue_stage, _pad_stage
+    from .compute import ConvParts, _epilogue_stage, input_stage
 
     form = maddubs_form(spec, isa)
     if form is None:
@@ -114,31 +114,17 @@ def ternary_conv_compute(spec: ConvSpec, *, isa: str, acc_width: int):
     blk = BLOCKS[form]
     chunks = plan_chunks(spec)
     shift = needs_compensation(spec, isa)
-    x = te.placeholder(spec.x_shape, ACT_DTYPES[spec.act], name="x")
+    # signed activations are always shifted here (needs_compensation), so the block's u8 input
+    # pads exactly where channels, padding or the shift ask for it
+    x, a_at, has_pad = input_stage(spec, blk, shift, acc_width)
     ternary = spec.weight_bits == 2
     weights = te.placeholder(spec.weight_shape, "uint8" if ternary else "int32", name="weights")
     codes_shape, pairs = codes_layout(spec, isa)
     codes = te.placeholder(codes_shape, "uint8", name="codes")
-    if spec.dense:
-        def x_at(n, h, w, c):
-            return x[w, c]
-    else:
-        def x_at(n, h, w, c):
-            return x[n, h, w, c]
-
     cg, kg, k_ = spec.cin_per_group, spec.cout_per_group, spec.out_channels
     ob = blk.lanes
     (r_, s_), (sh, sw), (dh, dw) = spec.kernel, spec.stride, spec.dilation
     kb_n, cb_n = -(-k_ // ob), -(-cg // 4)
-    has_pad = (any(spec.padding) or shift or cg % 4 != 0 or acc_width != spec.out_width)
-    if has_pad:
-        xp = _pad_stage(spec, x_at, blk, shift, acc_width)
-
-        def a_at(n, h, w, g, c):
-            return xp[n, h, w, g, c]
-    else:
-        def a_at(n, h, w, g, c):
-            return x_at(n, h, w, g * cg + c)
 
     i32 = lambda v: ta.const(v, "int32")  # noqa: E731
 
