@@ -72,16 +72,31 @@ def _conv(node, x, w, b=None):
     return y if b is None else y + b.reshape(1, -1, 1, 1)
 
 
+def pool_geometry(node: onnx.NodeProto, x_hw) -> tuple[list, list, list]:
+    """(kernel, strides, pads (top, left, bottom, right)) of an ONNX MaxPool / AveragePool;
+    ``ceil_mode`` becomes extra bottom/right padding so the last window fits."""
+    attrs = _attrs(node)
+    k = list(attrs["kernel_shape"])
+    strides = list(attrs.get("strides", [1, 1]))
+    pads = _conv_pads(attrs, x_hw, k, strides, [1, 1])
+    if attrs.get("ceil_mode", 0):
+        pads = ceil_mode_pads(pads, x_hw, k, strides)
+    return k, strides, pads
+
+
+def ceil_mode_pads(pads, x_hw, kernel, strides) -> list:
+    """``pads`` (top, left, bottom, right) with the extra bottom/right padding a ceil-mode
+    pool needs for its last window (the integer max-pool of the compiled library uses it too)."""
+    pads = list(pads)
+    for i, size in enumerate(x_hw):
+        pads[i + 2] += (-(size + pads[i] + pads[i + 2] - kernel[i])) % strides[i]
+    return pads
+
+
 def _pool(node, x, reduce):
     attrs = _attrs(node)
-    k = attrs["kernel_shape"]
-    strides = attrs.get("strides", [1, 1])
-    pads = _conv_pads(attrs, x.shape[2:], k, strides, [1, 1])
     n, c, h, w = x.shape
-    if attrs.get("ceil_mode", 0):  # extra bottom/right padding so the last window fits
-        for i, size in enumerate((h, w)):
-            span = size + pads[i] + pads[i + 2] - k[i]
-            pads[i + 2] += (-span) % strides[i]
+    k, strides, pads = pool_geometry(node, (h, w))
     fill = -np.inf if reduce == "max" else 0.0
     cols = im2col(x.reshape(n * c, 1, h, w), kernel_hw=k, stride=strides, padding=pads,
                   pad_value=fill, dtype=np.float32)

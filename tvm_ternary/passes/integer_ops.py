@@ -27,6 +27,7 @@ from tvm import relax
 from tvm.relax.dpl import is_op, is_tuple, rewrite_call, wildcard
 
 from .. import tvm_adapter as ta
+from ..numpy_graph import ceil_mode_pads
 from .region_funcs import RegionFuncs
 
 _MAX_ROUNDS = 64  # a pool of a concat of pools ...: each round reaches one op further
@@ -79,9 +80,8 @@ class IntegerPoolConcat:
         kernel = tuple(int(k) for k in attrs.pool_size)
         stride = tuple(int(s) for s in attrs.strides)
         pads = [int(p) for p in attrs.padding]  # top, left, bottom, right
-        if bool(attrs.ceil_mode):  # extra bottom/right padding, as numpy_graph's reference does
-            for i, size in enumerate(shape[1:3]):
-                pads[i + 2] += (-(size + pads[i] + pads[i + 2] - kernel[i])) % stride[i]
+        if bool(attrs.ceil_mode):  # as numpy_graph's reference pads it
+            pads = ceil_mode_pads(pads, shape[1:3], kernel, stride)
         pooled, shape = self.funcs.max_pool(y, kernel=kernel, stride=stride, padding=tuple(pads))
         return self.funcs.dequantize(pooled, quant, shape=shape)
 

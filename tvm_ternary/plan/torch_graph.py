@@ -20,7 +20,8 @@ import onnx
 import torch
 import torch.nn.functional as F
 
-from ..numpy_graph import NumpyGraph, _attrs, _conv_pads, conv_geometry
+# ops whose numpy semantics need nothing but .T, @, * and .reshape run on torch tensors as is
+from ..numpy_graph import NumpyGraph, _attrs, _gemm, _reshape, conv_geometry, pool_geometry
 from ..quant import ActivationQuant
 from .graph import node_key
 
@@ -61,12 +62,7 @@ def _conv(node, x, w, b=None):
 
 def _pool(node, x, reduce):
     attrs = _attrs(node)
-    k = list(attrs["kernel_shape"])
-    strides = list(attrs.get("strides", [1, 1]))
-    pads = _conv_pads(attrs, tuple(x.shape[2:]), k, strides, [1, 1])
-    if attrs.get("ceil_mode", 0):
-        for i, size in enumerate(x.shape[2:]):
-            pads[i + 2] += (-(size + pads[i] + pads[i + 2] - k[i])) % strides[i]
+    k, strides, pads = pool_geometry(node, tuple(x.shape[2:]))
     if reduce == "max":
         return F.max_pool2d(F.pad(x, _pads4(pads), value=float("-inf")), k, strides)
     total = F.avg_pool2d(F.pad(x, _pads4(pads)), k, strides) * (k[0] * k[1])
@@ -76,25 +72,11 @@ def _pool(node, x, reduce):
     return total / (F.avg_pool2d(ones, k, strides) * (k[0] * k[1]))
 
 
-def _gemm(node, a, b, c=None):
-    attrs = _attrs(node)
-    a = a.T if attrs.get("transA", 0) else a
-    b = b.T if attrs.get("transB", 0) else b
-    y = attrs.get("alpha", 1.0) * (a @ b)
-    return y if c is None else y + attrs.get("beta", 1.0) * c
-
-
 def _clip(node, x, lo=None, hi=None):
     attrs = _attrs(node)
     lo = attrs.get("min", -np.inf) if lo is None else float(lo)
     hi = attrs.get("max", np.inf) if hi is None else float(hi)
     return torch.clamp(x, lo, hi)
-
-
-def _reshape(node, x, shape):
-    shape = [int(d) for d in shape]
-    shape = [x.shape[i] if d == 0 and not _attrs(node).get("allowzero", 0) else d for i, d in enumerate(shape)]
-    return x.reshape(shape)
 
 
 def _axes(node, extra):
