@@ -19,12 +19,10 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
-import onnx
 
-from . import onnx_io
 from . import tvm_adapter as ta
 from .passes.import_onnx import ImportedModel, import_onnx
-from .passes.onnx_normalize import normalize_onnx
+from .passes.onnx_normalize import prepare
 from .passes.quantize_graph import RewriteReport, apply_plan
 from .plan import QuantConfig, QuantPlan, make_plan, plan_from_model
 
@@ -188,6 +186,16 @@ def float_ops(plan: QuantPlan, rewrite: RewriteReport) -> dict[str, int]:
     return {op: n for op, n in sorted(counts.items()) if n > 0}
 
 
+def plan_model(prep, *, config: QuantConfig, calib_images, progress: bool = True) -> QuantPlan:
+    """The plan of a normalised model: a QDQ model's own (:func:`plan.plan_from_model`), else
+    fitted on ``calib_images`` (:func:`plan.make_plan`)."""
+    if prep.is_quantized:
+        return plan_from_model(prep, config=config)
+    if calib_images is None:
+        raise ValueError("a float model needs calib_images (activation scales come from them)")
+    return make_plan(prep.model, np.asarray(calib_images, np.float32), config=config, progress=progress)
+
+
 def compile_model(model, *, config: QuantConfig, calib_images: np.ndarray | None = None,
                   target=None, input_shapes=None, plan: QuantPlan | None = None,
                   isa: str | None = None, progress: bool = True, kernels=None,
@@ -206,22 +214,11 @@ def compile_model(model, *, config: QuantConfig, calib_images: np.ndarray | None
     its arguments and reads calibration images from files, is :func:`tvm_ternary.compile`."""
     seconds = {}
     start = time.perf_counter()
-    if prepared is not None:
-        prep = prepared
-    else:
-        if not isinstance(model, onnx.ModelProto):
-            model = onnx_io.load_model(model)
-        prep = normalize_onnx(model, input_shapes=input_shapes)  # the one normalisation
+    prep = prepare(model, input_shapes=input_shapes, prepared=prepared)  # the one normalisation
     seconds["normalize"] = time.perf_counter() - start
     if plan is None:
         t0 = time.perf_counter()
-        if prep.is_quantized:
-            plan = plan_from_model(prep, config=config)
-        else:
-            if calib_images is None:
-                raise ValueError("a float model needs calib_images (activation scales come from them)")
-            plan = make_plan(prep.model, np.asarray(calib_images, np.float32), config=config,
-                             progress=progress)
+        plan = plan_model(prep, config=config, calib_images=calib_images, progress=progress)
         seconds["plan"] = time.perf_counter() - t0
     # The Relax module is imported from the graph the plan was made on (for an imported QDQ
     # model: with the model's roundings on float paths, plan.imported.with_float_roundings).

@@ -41,7 +41,7 @@ from tvm_ternary import onnx_io
 from tvm_ternary import tvm_adapter as ta
 from tvm_ternary.errors import UserError
 from tvm_ternary.passes.cleanup import RemoveDropout
-from tvm_ternary.passes.onnx_normalize import NormalizedOnnx, normalize_onnx, weight_source_dtype
+from tvm_ternary.passes.onnx_normalize import NormalizedOnnx, prepare, weight_source_dtype
 
 __all__ = ["LayerInfo", "ImportedModel", "import_onnx", "cleanup_pipeline", "bind_weights", "own_weights"]
 
@@ -134,12 +134,7 @@ def import_onnx(
 
         >>> imported = import_onnx("model.onnx", input_shapes={"input": (1, 3, 224, 224)})  # doctest: +SKIP
     """
-    if prepared is not None:
-        prep = prepared
-    else:
-        if not isinstance(model, onnx.ModelProto):
-            model = onnx_io.load_model(model)
-        prep = normalize_onnx(model, input_shapes=input_shapes)
+    prep = prepare(model, input_shapes=input_shapes, prepared=prepared)
     notes = list(prep.notes)
     graph_model, owned = own_weights(prep.model)
     try:

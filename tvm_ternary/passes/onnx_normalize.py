@@ -28,6 +28,7 @@ import onnx
 from onnx import TensorProto, numpy_helper
 
 # One DequantizeLinear implementation for the project: onnx_io's (per tensor, per axis, blocked).
+from tvm_ternary import onnx_io
 from tvm_ternary.onnx_io import _dequantize_linear
 from tvm_ternary.errors import UserError
 from tvm_ternary.passes.onnx_qdq import fold_constant_chains, strip_activation_qdq
@@ -80,6 +81,16 @@ def parse_input_shape(text: str) -> tuple[str, tuple[int, ...]]:
     if not sep or not name or not shape or any(d <= 0 for d in shape):
         raise UserError(f"--input-shape {text!r}: expected NAME:D0,D1,... with positive dims")
     return name, shape
+
+
+def prepare(model, *, input_shapes=None, prepared: "NormalizedOnnx | None" = None) -> "NormalizedOnnx":
+    """``prepared`` if the caller already normalised the model (so it is normalised once per
+    compile, tune or eval), else ``model`` (a path or ModelProto) loaded and normalised."""
+    if prepared is not None:
+        return prepared
+    if not isinstance(model, onnx.ModelProto):
+        model = onnx_io.load_model(model)
+    return normalize_onnx(model, input_shapes=input_shapes)
 
 
 def normalize_onnx(

@@ -15,10 +15,6 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-import numpy as np
-import onnx
-
-from .. import onnx_io
 from .. import tvm_adapter as ta
 from .space import KernelTask, kernel_task
 
@@ -27,21 +23,13 @@ def model_tasks(model, *, config, calib_images, target, input_shapes=None, isa: 
                 progress: bool = False, prepared=None) -> tuple[list[KernelTask], dict[str, str]]:
     """``(tasks, untuned)``: tunable kernels in program order, and why the others are not.
     ``prepared``: ``model`` already normalised (then normalised once per tune)."""
+    from ..compiler import plan_model
     from ..passes.import_onnx import import_onnx
-    from ..passes.onnx_normalize import normalize_onnx
+    from ..passes.onnx_normalize import prepare
     from ..passes.quantize_graph import apply_plan
-    from ..plan import make_plan, plan_from_model
 
-    if prepared is not None:
-        prep = prepared
-    else:
-        if not isinstance(model, onnx.ModelProto):
-            model = onnx_io.load_model(model)
-        prep = normalize_onnx(model, input_shapes=input_shapes)
-    if prep.is_quantized:  # a QDQ model carries its plan: the kernels compile would build
-        plan = plan_from_model(prep, config=config)
-    else:
-        plan = make_plan(prep.model, np.asarray(calib_images, np.float32), config=config, progress=progress)
+    prep = prepare(model, input_shapes=input_shapes, prepared=prepared)
+    plan = plan_model(prep, config=config, calib_images=calib_images, progress=progress)  # what compile builds
     imported = import_onnx(None, prepared=replace(prep, model=plan.model))  # the planned graph
     target = ta.as_target(target)
     isa = isa or ta.choose_isa(target)
