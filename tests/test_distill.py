@@ -36,7 +36,7 @@ def test_fake_quantized_graph_matches_simulate(planned):
     within a few output steps and top-1 is the same."""
     plan, calib = planned
     graph = TorchGraph(plan.model, plan.analysis)
-    layers = {n: _Layer(lp, torch, tune_codes=True).forward for n, lp in plan.layers.items()}
+    layers = {n: _Layer(lp, tune_codes=True).forward for n, lp in plan.layers.items()}
     with torch.no_grad():
         got = graph.run(torch.from_numpy(calib), layers).numpy()
     want = simulate(plan, calib)

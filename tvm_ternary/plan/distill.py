@@ -13,7 +13,8 @@ quantized network at once, what is cheap to change and exactly representable by 
 minimising the KL divergence between the float and the quantized network's class
 distributions on the calibration images (activation quantization in the loop, with the plan's
 scales). The result is written back as integer codes, scales and integer biases: a plan like
-any other, which ``simulate`` and the kernels execute bit-exactly. torch is imported here only.
+any other, which ``simulate`` and the kernels execute bit-exactly. torch is imported here only
+(``make_plan`` imports this module only when asked to distill).
 
 Example::
 
@@ -26,11 +27,13 @@ import time
 from dataclasses import replace
 
 import numpy as np
+import torch
 
 from ..progress import progress as progress_bar
 from ..quant import relative_error
 from ..quant.intscales import code_max
 from .layer import LayerPlan, integer_params
+from .torch_graph import TorchGraph, UnsupportedOp, conv2d, fake_quant, round_ste
 
 DISTILL_EPOCHS = 6
 DISTILL_BATCH = 16
@@ -49,10 +52,6 @@ def distill_plan(plan, images: np.ndarray, *, epochs: int = DISTILL_EPOCHS, batc
     Returns ``(new_plan, info)``; ``info`` records what was done (for the sidecar) or, when the
     graph has an op without torch semantics, why nothing was (the plan is then returned as is).
     """
-    import torch
-
-    from .torch_graph import TorchGraph, UnsupportedOp
-
     start = time.perf_counter()
     try:
         graph = TorchGraph(plan.model, plan.analysis)
@@ -63,7 +62,7 @@ def distill_plan(plan, images: np.ndarray, *, epochs: int = DISTILL_EPOCHS, batc
     gen = torch.Generator().manual_seed(seed)
     x_all = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32))
 
-    layers = {name: _Layer(lp, torch, tune_codes=tune_codes) for name, lp in plan.layers.items()}
+    layers = {name: _Layer(lp, tune_codes=tune_codes) for name, lp in plan.layers.items()}
     groups = [
         {"params": [l.code for l in layers.values() if l.code.requires_grad], "lr": LR_CODE},
         {"params": [l.log_scale for l in layers.values()], "lr": LR_LOG_SCALE},
@@ -79,7 +78,7 @@ def distill_plan(plan, images: np.ndarray, *, epochs: int = DISTILL_EPOCHS, batc
         order = torch.randperm(len(x_all), generator=gen)
         for i in range(0, len(x_all), batch):
             idx = order[i : i + batch]
-            x = _augment(x_all[idx], gen, torch) if augment else x_all[idx]
+            x = _augment(x_all[idx], gen) if augment else x_all[idx]
             with torch.no_grad():
                 teacher = torch.log_softmax(graph.run(x).reshape(len(idx), -1) / TEMPERATURE, dim=1)
             student = graph.run(x, calls).reshape(len(idx), -1)
@@ -100,7 +99,7 @@ def distill_plan(plan, images: np.ndarray, *, epochs: int = DISTILL_EPOCHS, batc
     return replace(plan, layers=new_layers, calibration={**plan.calibration, "distill": info}), info
 
 
-def _augment(x, gen, torch):
+def _augment(x, gen):
     """A random horizontal flip and a shift of up to SHIFT pixels (edge-replicated) per image:
     the teacher labels each new view, so a few hundred images give many distinct targets."""
     n, _, h, w = x.shape
@@ -114,8 +113,8 @@ def _augment(x, gen, torch):
 class _Layer:
     """The trainable view of one LayerPlan."""
 
-    def __init__(self, lp: LayerPlan, torch, *, tune_codes: bool):
-        self.torch, self.lp = torch, lp
+    def __init__(self, lp: LayerPlan, *, tune_codes: bool):
+        self.lp = lp
         iw = lp.weights
         self.qmax = code_max(bits=iw.bits, code_bits=iw.code_bits)
         index = iw.layout.broadcast_to_weights(np.arange(iw.layout.total_groups).reshape(iw.layout.scale_shape))
@@ -135,12 +134,10 @@ class _Layer:
         self.bias_steps = torch.zeros(len(bias), requires_grad=True)
 
     def codes(self):
-        t = self.torch
-        c = t.clamp(self.code, 0, self.qmax)
-        return c + (t.round(c) - c).detach()
+        return round_ste(torch.clamp(self.code, 0, self.qmax))
 
     def weight(self):
-        scale = self.scale0 * self.torch.exp(self.log_scale)
+        scale = self.scale0 * torch.exp(self.log_scale)
         w = self.codes()[self.index] * self.values
         return w * scale.reshape((-1,) + (1,) * (w.ndim - 1))
 
@@ -148,9 +145,7 @@ class _Layer:
         return self.bias0 + self.bias_steps * self.unit
 
     def forward(self, x, residual):
-        from .torch_graph import conv2d, fake_quant
-
-        lp, t = self.lp, self.torch
+        lp = self.lp
         x = fake_quant(x, lp.input_quant)
         if lp.is_dense:
             y = x.reshape(x.shape[0], -1) @ self.weight().T + self.bias()
@@ -159,15 +154,15 @@ class _Layer:
         if residual is not None:
             y = y + fake_quant(residual, lp.residual_quant)
         if lp.fused.relu:
-            y = t.relu(y)
+            y = torch.relu(y)
         return y if lp.output_quant is None else fake_quant(y, lp.output_quant)
 
     def export(self) -> LayerPlan:
         """The tuned values on the kernels' integer grid, as a new LayerPlan."""
         lp = self.lp
-        with self.torch.no_grad():
+        with torch.no_grad():
             codes = self.codes().numpy().astype(np.uint8).reshape(lp.weights.layout.scale_shape)
-            scales = (self.scale0 * self.torch.exp(self.log_scale)).numpy().astype(np.float32)
+            scales = (self.scale0 * torch.exp(self.log_scale)).numpy().astype(np.float32)
             bias = self.bias().numpy().astype(np.float64)
         iw = replace(lp.weights, group_codes=codes, channel_scales=scales, lossless=False)
         bias_int, dequant, mult, shift, res_mult = integer_params(
