@@ -152,6 +152,47 @@ def test_rounding_rshift_matches_float_half_even():
         np.testing.assert_array_equal(ref.rounding_rshift(v, shift), np.rint(v / 2.0**shift).astype(np.int64))
 
 
+def _requantize_python(acc, mult, shift, res, rmult, lo, hi):
+    """Python-integer requantize of one channel (exact rationals): the oracle of both paths."""
+    from fractions import Fraction
+
+    out = []
+    for a, r in zip(acc, res):
+        v = Fraction(int(a) * int(mult) + int(r) * int(rmult), 2 ** int(shift))
+        f = v.numerator // v.denominator
+        up = v - f > Fraction(1, 2) or (v - f == Fraction(1, 2) and f % 2 == 1)
+        out.append(min(max(f + up, lo), hi))
+    return out
+
+
+@pytest.mark.parametrize("peak", [2**8, 2**20, 2**23, 2**30])  # 2^23, 2^30 take the int64 path
+@pytest.mark.parametrize("residual", [False, True])
+def test_requantize_float64_and_int64_paths_are_exact(peak, residual):
+    rng = np.random.default_rng(peak + residual)
+    k, n = 6, 400
+    mult = rng.integers(2**30, 2**31, size=k)
+    shift = rng.integers(8, 45, size=k)
+    acc = rng.integers(-peak, peak, size=(n, k))
+    res = rng.integers(-128, 128, size=(n, k)) if residual else np.zeros((n, k), np.int64)
+    rmult = rng.integers(2**29, 2**31, size=k)
+    got = ref.requantize(acc.astype(np.int64), multiplier=mult, shift=shift, channel_axis=1, signed=True,
+                         residual=res if residual else None, residual_multiplier=rmult if residual else None)
+    assert ref._exact_in_float64(acc, mult, 1) == (peak <= 2**20)
+    for j in range(k):
+        want = _requantize_python(acc[:, j], mult[j], shift[j], res[:, j], rmult[j] if residual else 0,
+                                  -128, 127)
+        assert got[:, j].tolist() == want
+
+
+def test_requantize_ties_round_half_to_even_on_both_paths():
+    # multiplier 2^30, shift 31: v = acc / 2 exactly; acc odd gives a tie
+    acc = np.array([[1], [3], [5], [-1], [-3]], np.int64)
+    for big in (False, True):  # a huge value in the tensor forces the int64 path
+        a = np.concatenate([acc, [[2**31 - 1]]]) if big else acc
+        got = ref.requantize(a, multiplier=np.array([2**30]), shift=np.array([31]), signed=True)
+        assert got.ravel()[:5].tolist() == [0, 2, 2, 0, -2]
+
+
 def test_integer_bias():
     b = ref.integer_bias(np.array([0.5, -1.0, 0.0]), input_scale=0.5, channel_scales=np.array([0.5, 0.25, 0.0]))
     assert b.tolist() == [2, -8, 0]

@@ -95,3 +95,55 @@ def test_budget_is_checked_on_held_out_images():
     assert np.array_equal(again[1], check)
     same, same_check = split_holdout(x, 0.0)
     assert same is x and same_check is x
+
+
+def test_labelled_check_set_budgets_top1_accuracy(model):
+    """With labels the budget is accuracy lost against float on the check images (+ mirrors),
+    recomputed here from the chosen plan."""
+    from tvm_ternary import evaluate as ev
+    from tvm_ternary.numpy_graph import NumpyGraph
+    from tvm_ternary.plan.sensitivity import CheckSet
+
+    calib, x = tiny_images(32), tiny_images(12, seed=7)
+    pred = ev.class_scores(NumpyGraph(model).run(x)).argmax(1)
+    labels = np.where(np.arange(12) % 3 == 0, (pred + 1) % 10, pred)  # float top-1: 2/3 here
+    result = choose_precision(model, calib, config=QuantConfig(group_size=4, method="exact"),
+                              max_drops=(100.0,), check=CheckSet(images=x, labels=labels, source="12 test images"),
+                              probe=8, progress=False)
+    both, both_labels = np.concatenate([x, x[..., ::-1]]), np.concatenate([labels, labels])
+    float_top1 = np.mean(ev.class_scores(NumpyGraph(model).run(both)).argmax(1) == both_labels)
+    (choice,) = result.choices
+    quant_top1 = np.mean(ev.class_scores(simulate(choice.plan, both)).argmax(1) == both_labels)
+    assert result.criterion == "accuracy" and result.float_accuracy == pytest.approx(float_top1)
+    assert choice.accuracy == pytest.approx(quant_top1)
+    assert choice.verified_drop == pytest.approx(100 * (float_top1 - quant_top1))
+    assert "top-1 accuracy lost against float, checked on 12 test images" in result.table()
+    with pytest.raises(ValueError, match="inside check="):
+        choose_precision(model, calib, config=QuantConfig(), check=CheckSet(images=x), labels=labels,
+                         progress=False)
+
+
+def test_check_set_is_the_unused_calibration_images(tmp_path):
+    from PIL import Image
+
+    from tvm_ternary.inputs import policy_check_set
+    from tvm_ternary.preprocess import PreprocessConfig
+
+    rng = np.random.default_rng(3)
+    names = [f"{i:02d}.png" for i in range(12)]
+    for n in names:
+        Image.fromarray(rng.integers(0, 256, (18, 18, 3), dtype=np.uint8)).save(tmp_path / n)
+    (tmp_path / "labels.txt").write_text("".join(f"{n},{i % 5}\n" for i, n in enumerate(names)))
+    kw = dict(preprocess=PreprocessConfig.preset("unit"), input_shape=(1, 3, 16, 16), seed=0)
+    check = policy_check_set(tmp_path, calibration={"files": names[:8]}, limit=10, **kw)
+    assert len(check.images) == 4 and check.labels.tolist() == [8 % 5, 9 % 5, 10 % 5, 11 % 5]
+    assert "4 images" in check.source and "labelled" in check.source
+    two = policy_check_set(tmp_path, calibration={"files": names[:8]}, limit=2, **kw)
+    again = policy_check_set(tmp_path, calibration={"files": names[:8]}, limit=2, **kw)
+    assert len(two.images) == 2 and np.array_equal(two.images, again.images)  # seeded
+    assert policy_check_set(tmp_path, calibration={"files": names}, limit=10, **kw) is None
+    (tmp_path / "labels.txt").unlink()
+    assert policy_check_set(tmp_path, calibration={"files": names[:10]}, limit=10, **kw).labels is None
+    arr = tiny_images(10)
+    rows = policy_check_set(arr, calibration={"indices": [0, 1, 2, 3, 4, 5]}, limit=10, **kw)
+    assert rows.labels is None and np.array_equal(rows.images, arr[6:])

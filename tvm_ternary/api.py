@@ -44,8 +44,9 @@ def compile(model, *, calib=None, config=None, target: str | None = "host", prep
     ``calib_limit``: use the first N images. ``input_shapes``: ``{"input": (1, 3, 224, 224)}``
     for a model with a dynamic batch. ``tuning_db``: a ``tvm-ternary tune`` database folder.
     ``max_drop``: the per-layer sensitivity policy (:func:`plan.sensitivity.choose_precision`)
-    picks ternary / 4 / 8-bit per layer, as many MACs ternary as keep the drop in top-1
-    agreement on held-out calibration images within ``max_drop`` points; ``config.weight_bits``
+    picks ternary / 4 / 8-bit per layer, as many MACs ternary as keep the top-1 points lost
+    within ``max_drop``, checked on images of ``calib`` that calibration did not take (accuracy
+    when the folder has a ``labels.txt``, else agreement with the float model); ``config.weight_bits``
     must then be 2 (the default).
     Every argument is checked before any work starts; bad ones raise :class:`UserError`.
 
@@ -129,8 +130,15 @@ def compile(model, *, calib=None, config=None, target: str | None = "host", prep
     if max_drop is not None and not prep.is_quantized:
         from .plan.sensitivity import choose_precision
 
+        from .inputs import policy_check_set
+        from .plan.sensitivity import CHECK_IMAGES
+
+        # the budget is checked on images calibration did not take (labelled when they are)
+        check = policy_check_set(calib, calibration=calibration, preprocess=preprocess,
+                                 input_shape=prep.input_shape, limit=CHECK_IMAGES,
+                                 seed=calibration.get("seed", 0))
         result = choose_precision(prep.model, images, config=config, max_drops=(float(max_drop),),
-                                  progress=progress)
+                                  check=check, progress=progress)
         plan = result.choices[0].plan
         if progress:
             print(result.table(), file=sys.stderr)

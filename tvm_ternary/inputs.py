@@ -148,3 +148,35 @@ def load_calibration(source: Path, *, preprocess, input_shape, limit: int | None
     info.update(images=len(paths), files=[p.name for p in paths])
     images = preprocess_images(paths, config=preprocess, input_shape=input_shape).astype(np.float32)
     return check_samples(images, source=source, what="calibration"), info
+
+
+def policy_check_set(source, *, calibration: dict, preprocess, input_shape, limit: int, seed: int):
+    """The images the sensitivity policy checks its budget on: up to ``limit`` of ``source``'s
+    images that calibration did not take (``calibration``: the record ``load_calibration`` /
+    ``api.calibration_images`` returned), sampled (seeded), with their labels when the folder
+    has a ``labels.txt``. None when nothing is left (the policy then holds out part of the
+    calibration images instead). Returns a :class:`~tvm_ternary.plan.sensitivity.CheckSet`."""
+    from .plan.sensitivity import CheckSet
+    from .preprocess import load_image_folder, preprocess_images, sample_calibration
+
+    if isinstance(source, np.ndarray) or Path(source).suffix == ".npy":
+        arr = source if isinstance(source, np.ndarray) else np.load(source, mmap_mode="r")
+        used = set(calibration.get("indices", range(len(arr))))
+        rest = [i for i in range(len(arr)) if i not in used]
+        if not rest:
+            return None
+        pick = [rest[i] for i in sample_calibration(rest, limit, seed=seed + 1)]
+        return CheckSet(images=np.asarray(arr[pick], dtype=np.float32), labels=None,
+                        source=f"{len(pick)} samples of {'the array' if isinstance(source, np.ndarray) else source} "
+                               "not used for calibration")
+    paths, labels = load_image_folder(Path(source))
+    used = set(calibration.get("files", ()))
+    rest = [i for i, p in enumerate(paths) if p.name not in used]
+    if not rest:
+        return None
+    pick = [rest[i] for i in sample_calibration(rest, limit, seed=seed + 1)]
+    images = preprocess_images([paths[i] for i in pick], config=preprocess, input_shape=input_shape)
+    return CheckSet(images=check_samples(images.astype(np.float32), source=source, what="calibration"),
+                    labels=None if labels is None else np.asarray([labels[i] for i in pick]),
+                    source=f"{len(pick)} images of {source} not used for calibration"
+                           + (", labelled" if labels is not None else ""))

@@ -53,9 +53,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "compile re-imports it to the same library")
     parser.add_argument("--max-drop", type=float, metavar="P",
                         help="per-layer sensitivity policy: ternary / 4 / 8-bit per layer, as many "
-                             "MACs ternary as keep the top-1 agreement drop on held-out calibration "
-                             "images within P points (use a large --calib-limit: the check is only "
-                             "as fine as the held-out quarter of the images)")
+                             "MACs ternary as keep the top-1 points lost within P, checked on --calib "
+                             "images calibration did not take (accuracy with the folder's labels.txt, "
+                             "else agreement with the float model; a seeded quarter of the calibration "
+                             "images is held out when none are left)")
     add_quant_arguments(parser)
     add_preprocess_arguments(parser)
 

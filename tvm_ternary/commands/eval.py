@@ -56,7 +56,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_calibration_arguments(parser)
     add_quant_arguments(parser, defaults=False)  # a .so refuses them: tell given from default
     parser.add_argument("--max-drop", type=float, metavar="P", help="per-layer sensitivity policy: "
-                        "as many MACs ternary as keep the calibration-set drop within P points")
+                        "as many MACs ternary as keep the top-1 points lost within P, checked on --calib "
+                        "images calibration did not take (accuracy with their labels.txt, else agreement "
+                        "with the float model)")
     parser.add_argument("--label-offset", type=int, metavar="K", help="label = class index - K "
                         "(default 1 for 1001-class outputs, else 0)")
     parser.add_argument("--backend", choices=("tvm", "simulate"), default="tvm",
@@ -257,9 +259,16 @@ def run(args: argparse.Namespace) -> int:
         if args.max_drop is not None:
             from tvm_ternary.plan.sensitivity import choose_precision
 
-            # it calibrates itself on the images it does not hold out to check the budget on
+            from tvm_ternary.inputs import policy_check_set
+            from tvm_ternary.plan.sensitivity import CHECK_IMAGES
+
+            # the budget is checked on --calib images calibration did not take (labelled when
+            # the folder has labels.txt); without such images the policy holds some out itself
+            check = None if args.calib is None else policy_check_set(
+                Path(args.calib), calibration={"files": [p.name for p in calib_paths]}, preprocess=pre,
+                input_shape=prep.input_shape, limit=CHECK_IMAGES, seed=args.calib_seed)
             result = choose_precision(prep.model, x_calib, config=config, max_drops=(args.max_drop,),
-                                      progress=progress)
+                                      check=check, progress=progress)
             plan, config = result.choices[0].plan, result.choices[0].config
             sensitivity_text = result.table()
             config_json["overrides"] = [list(o) for o in config.overrides]

@@ -1,13 +1,15 @@
 """Per-layer sensitivity policy: as many MACs ternary as a ``max_drop`` budget allows.
 
-Budget: top-1 points lost on held-out calibration images (``holdout``, a seeded quarter by
-default: never used to fit a layer or an activation scale), measured as the drop in top-1
-*agreement with the float model* relative to the same network with every eligible layer at
-8-bit weights (the policy's most precise choice, same activations). Agreement needs no labels;
-the budget is what the low-bit weights cost on top of the 8-bit/activation floor, which is
-reported beside it (``baseline_agreement``). The calibration images are scored together with
-their horizontal mirror images: twice the samples, so one image is half as many points (with
-64 images one disagreement would otherwise already be 1.6 points).
+Budget: top-1 points lost on a *check set* of images never used to fit a layer or an activation
+scale (:class:`CheckSet`: the calibration folder's images calibration did not take, or a seeded
+quarter held out of the calibration images). With labels (the folder has a ``labels.txt``) the
+budget is what it says: top-1 *accuracy* lost against the float model. Without labels it is the
+drop in top-1 *agreement with the float model* relative to the same network with every eligible
+layer at 8-bit weights (the policy's most precise choice), which is stricter: a changed
+prediction on an image the float model already got wrong costs nothing in accuracy but a point
+of agreement (SqueezeNet with its 3x3 expands ternary: 85% agreement, 1 point of accuracy lost on
+400 held-out calib1000 images). The check images are scored together with their horizontal
+mirror images: twice the samples, so one image is half as many points.
 
 Cost on 2 cores is a few make_plan passes, not one per layer:
 
@@ -39,7 +41,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 import onnx
 
-from ..evaluate import class_scores, compare
+from ..evaluate import class_scores, compare, default_label_offset
 from ..numpy_graph import NumpyGraph
 from ..progress import progress as progress_bar
 from .build import QuantPlan, calibration_stats, make_plan, simulate
@@ -47,8 +49,22 @@ from .config import LayerDecision, QuantConfig
 from .summary import plan_summary
 
 BATCH = 16
+CHECK_IMAGES = 256  # check-set size when the calibration folder has images calibration did not take
 HOLDOUT = 0.25  # share of the calibration images the budget is checked on (not fitted on)
 MAX_RETRIES = 3  # verification misses before giving up on a budget (shrinking each time)
+
+
+@dataclass(frozen=True)
+class CheckSet:
+    """Images the budget is checked on (never fitted on) and their labels (None: the budget is
+    agreement with the float model); ``source`` says where they came from (for the report)."""
+    images: np.ndarray
+    labels: np.ndarray | None = None
+    source: str = "held out of the calibration images"
+
+    def __post_init__(self):
+        if self.labels is not None and len(self.labels) != len(self.images):
+            raise ValueError(f"{len(self.labels)} labels for {len(self.images)} check images")
 
 
 @dataclass(frozen=True)
@@ -69,6 +85,7 @@ class PolicyChoice:
     agreement: float
     summary: dict  # plan_summary of the verified plan
     plan: QuantPlan
+    accuracy: float | None = None  # top-1 on the labelled check set
 
 
 @dataclass(frozen=True)
@@ -78,6 +95,9 @@ class SensitivityResult:
     choices: tuple[PolicyChoice, ...]
     passes: int  # full make_plan passes
     seconds: float
+    criterion: str = "agreement"  # "accuracy" (labelled check set) or "agreement"
+    check_source: str = ""
+    float_accuracy: float | None = None  # on the check set, when labelled
 
     def table(self) -> str:
         """The chosen plan per budget as a text table."""
@@ -89,11 +109,17 @@ class SensitivityResult:
         widths = [max(len(r[i]) for r in [head] + rows) for i in range(len(head))]
         line = lambda r: "  ".join(c.ljust(w) if i in (0,) else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
         out = [line(head), line(["-" * w for w in widths])] + [line(r) for r in rows]
+        what = ("top-1 accuracy lost against float" if self.criterion == "accuracy"
+                else "top-1 agreement with float lost against the all-8-bit network")
+        out.append(f"budget = {what}, checked on {self.check_source} (+ mirror images)")
+        if self.float_accuracy is not None:
+            out.append(f"float top-1 there: {self.float_accuracy:.1%}")
         out.append(f"8-bit baseline agreement with float: {self.baseline_agreement:.1%}")
         for c in self.choices:
             out.append(f"budget {c.max_drop:g} pt: {c.summary['ternary_mac_share']:.1%} of MACs ternary, "
                        f"{c.summary['int4_mac_share']:.1%} int4; drop estimated {c.estimated_drop:.2f} pt, "
-                       f"verified {c.verified_drop:.2f} pt (agreement {c.agreement:.1%})")
+                       f"verified {c.verified_drop:.2f} pt (agreement {c.agreement:.1%}"
+                       + (f", top-1 {c.accuracy:.1%})" if c.accuracy is not None else ")"))
         out.append(f"{self.passes} make_plan passes, {self.seconds:.0f} s")
         return "\n".join(out)
 
@@ -101,11 +127,19 @@ class SensitivityResult:
 def split_holdout(images: np.ndarray, holdout: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """(fitting images, held-out check images): a seeded ``holdout`` fraction is held out
     (at least one image each side; with ``holdout`` 0 both are all the images)."""
-    if holdout <= 0 or len(images) < 2:
+    fit, check = holdout_indices(len(images), holdout, seed)
+    if fit is None:
         return images, images
-    n_check = min(len(images) - 1, max(1, int(round(len(images) * holdout))))
-    perm = np.random.default_rng(seed + 1).permutation(len(images))
-    return images[np.sort(perm[n_check:])], images[np.sort(perm[:n_check])]
+    return images[fit], images[check]
+
+
+def holdout_indices(n: int, holdout: float, seed: int = 0):
+    """(fitting indices, check indices) of :func:`split_holdout`; (None, None): no split."""
+    if holdout <= 0 or n < 2:
+        return None, None
+    n_check = min(n - 1, max(1, int(round(n * holdout))))
+    perm = np.random.default_rng(seed + 1).permutation(n)
+    return np.sort(perm[n_check:]), np.sort(perm[:n_check])
 
 
 def _scores(fn, x) -> np.ndarray:
@@ -139,30 +173,46 @@ def _largest_prefix(order: list[str], ok) -> int:
 
 
 def choose_precision(model: onnx.ModelProto, images: np.ndarray, *, config: QuantConfig,
-                     max_drops: tuple[float, ...] = (1.0,), probe: int = 24, stats=None,
-                     progress: bool = True, seed: int = 0, holdout: float = HOLDOUT) -> SensitivityResult:
+                     max_drops: tuple[float, ...] = (1.0,), check: CheckSet | None = None,
+                     labels=None, probe: int = 24, stats=None, progress: bool = True, seed: int = 0,
+                     holdout: float = HOLDOUT) -> SensitivityResult:
     """Pick ternary / 4-bit / 8-bit per eligible layer for each budget in ``max_drops`` (points).
 
     ``config`` gives everything else (group size, grouping, method, activations); its
     ``weight_bits`` is ignored. Layers the policy keeps precise (first, last, depthwise,
-    overrides) are left as they are. ``holdout``: the fraction of ``images`` (a seeded sample)
-    the budget is checked on; the rest calibrate and fit (``stats``, if given, must come from
-    those: ``calibration_stats(model, split_holdout(images, holdout, seed)[0])``). 0 checks on
-    the fitting images themselves. See the module docstring.
+    overrides) are left as they are. ``check``: the images the budget is checked on; without
+    it a seeded ``holdout`` fraction of ``images`` is held out (with ``labels``, the labels of
+    ``images``, it is labelled) and the rest calibrate and fit (``stats``, if given, must come
+    from those: ``calibration_stats(model, split_holdout(images, holdout, seed)[0])``; 0 checks
+    on the fitting images themselves). See the module docstring.
     """
     start = time.perf_counter()
-    images, check = split_holdout(images, holdout, seed)
+    if check is None:
+        fit_idx, check_idx = holdout_indices(len(images), holdout, seed)
+        lab = None if labels is None else np.asarray(labels)
+        if fit_idx is not None:
+            check = CheckSet(images=images[check_idx], labels=None if lab is None else lab[check_idx],
+                             source=f"{len(check_idx)} of {len(images)} calibration images held out")
+            images = images[fit_idx]
+        else:
+            check = CheckSet(images=images, labels=lab, source=f"the {len(images)} calibration images")
+    elif labels is not None:
+        raise ValueError("labels are those of a held-out split: give them inside check= instead")
     if stats is None:
         stats = calibration_stats(model, images, progress=progress, seed=seed)
-    scored = np.concatenate([check, check[..., ::-1]])  # + mirror images (see the docstring)
+    scored = np.concatenate([check.images, check.images[..., ::-1]])  # + mirror images (docstring)
+    scored_labels = None if check.labels is None else np.concatenate([check.labels, check.labels])
     float_scores = _scores(NumpyGraph(model).run, scored)
+    offset = default_label_offset(float_scores.shape[1])
     probe_x, probe_f = scored[:probe], float_scores[:probe]
 
     def measure(plan: QuantPlan, on_probe: bool = False) -> dict:
         x, f = (probe_x, probe_f) if on_probe else (scored, float_scores)
-        return compare(f, _scores(lambda b: simulate(plan, b), x), labels=None)
+        return compare(f, _scores(lambda b: simulate(plan, b), x),
+                       labels=None if on_probe else scored_labels, label_offset=offset)
 
-    _log(progress, "sensitivity: 8-bit pass with ternary and 4-bit alternatives")
+    _log(progress, f"sensitivity: 8-bit pass with ternary and 4-bit alternatives; budget checked on "
+                   f"{check.source}")
     base = make_plan(model, images, config=replace(config, weight_bits=8, distill_epochs=0), stats=stats,
                      alternatives=(2, 4), progress=progress, seed=seed)
     passes = 1
@@ -170,6 +220,12 @@ def choose_precision(model: onnx.ModelProto, images: np.ndarray, *, config: Quan
     macs = {l.name: int(l.weight.macs or l.weight.weight.size) for l in eligible}
     base_full = measure(base)
     base_probe = measure(base, on_probe=True)
+    by_accuracy = scored_labels is not None
+
+    def points_lost(m: dict) -> float:
+        if by_accuracy:
+            return 100.0 * (m["float"]["top1"] - m["quantized"]["top1"])
+        return 100.0 * (base_full["agreement_top1"] - m["agreement_top1"])
 
     sens = {}
     bar = progress_bar(len(eligible), desc="sensitivity", unit="layers", enabled=progress)
@@ -192,7 +248,7 @@ def choose_precision(model: onnx.ModelProto, images: np.ndarray, *, config: Quan
     def drop_of(assignment: dict[str, int]) -> float:
         key = tuple(sorted(assignment.items()))
         if key not in cache:
-            cache[key] = 100.0 * (base_full["agreement_top1"] - measure(_swapped(base, assignment))["agreement_top1"])
+            cache[key] = points_lost(measure(_swapped(base, assignment)))
         return cache[key]
 
     choices = []
@@ -210,7 +266,7 @@ def choose_precision(model: onnx.ModelProto, images: np.ndarray, *, config: Quan
             plan = make_plan(model, images, config=cfg, stats=stats, progress=False, seed=seed)
             passes += 1
             got = measure(plan)
-            verified = 100.0 * (base_full["agreement_top1"] - got["agreement_top1"])
+            verified = points_lost(got)
             _log(progress, f"budget {budget:g} pt: {k} ternary + {m} int4 layers, drop estimated "
                            f"{estimated:.2f}, verified {verified:.2f} pt")
             if verified <= budget or k == 0:
@@ -218,7 +274,11 @@ def choose_precision(model: onnx.ModelProto, images: np.ndarray, *, config: Quan
             limit = max(0, k - max(1, k // 5))  # shrink the ternary prefix and try again
         choices.append(PolicyChoice(max_drop=budget, config=cfg, estimated_drop=estimated,
                                     verified_drop=verified, agreement=got["agreement_top1"],
-                                    summary=plan_summary(plan), plan=plan))
+                                    summary=plan_summary(plan), plan=plan,
+                                    accuracy=got["quantized"]["top1"] if by_accuracy else None))
     return SensitivityResult(baseline_agreement=base_full["agreement_top1"],
                              layers=tuple(sens[n] for n in order), choices=tuple(choices),
-                             passes=passes, seconds=time.perf_counter() - start)
+                             passes=passes, seconds=time.perf_counter() - start,
+                             criterion="accuracy" if by_accuracy else "agreement",
+                             check_source=check.source,
+                             float_accuracy=base_full["float"]["top1"] if by_accuracy else None)
