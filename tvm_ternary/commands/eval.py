@@ -272,6 +272,7 @@ def run(args: argparse.Namespace) -> int:
             plan, config = result.choices[0].plan, result.choices[0].config
             sensitivity_text = result.table()
             config_json["overrides"] = [list(o) for o in config.overrides]
+            config_json["group_overrides"] = [list(o) for o in config.group_overrides]
         else:
             stats = calibration_stats(prep.model, x_calib, progress=progress)
             plan = make_plan(prep.model, x_calib, config=config, stats=stats, progress=progress)

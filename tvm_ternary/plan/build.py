@@ -135,9 +135,9 @@ def _relu_aware_stats(fit, rows, stats: LayerStatistics) -> LayerStatistics:
 
 
 def _quantize_weights(fused: FusedLayer, bits: int, config: QuantConfig, stats: LayerStatistics | None,
-                      rows=None):
+                      rows=None, group_size: int | None = None):
     w = fused.weight.weight
-    n = min(config.group_size, w.shape[1])
+    n = min(config.group_size_of(fused.name) if group_size is None else group_size, w.shape[1])
     if config.method == "reconstruct" and fused.weight.is_depthwise and rows is not None and bits == 8:
         return fit_depthwise(w, *rows, bits=bits, grouping=config.grouping)
     if config.method in FITTED_METHODS and stats is not None:
@@ -220,14 +220,16 @@ def calibration_stats(model: onnx.ModelProto, images: np.ndarray, *, progress: b
 def make_plan(model: onnx.ModelProto, images: np.ndarray, *, config: QuantConfig,
               fit_images: int = FIT_IMAGES, progress: bool = True, seed: int = 0,
               stats: dict[str, TensorStats] | None = None,
-              alternatives: tuple[int, ...] = ()) -> QuantPlan:
+              alternatives: tuple = ()) -> QuantPlan:
     """Plan the quantization of a normalized float32 ONNX ``model`` with calibration ``images``.
 
     Activation scales come from all ``images``; the sequential fit walks ``fit_images`` of
     them, a seeded sample spread across the set (recorded in ``plan.calibration``).
     ``stats``: from :func:`calibration_stats` on the same images (skips calibration).
-    ``alternatives``: weight bits at which every layer the policy gives ``config.weight_bits``
-    is also fitted, on the same inputs, into ``plan.alternatives`` (for the sensitivity policy).
+    ``alternatives``: weight bits (or ``(bits, N)`` pairs: at group size N) at which every layer
+    the policy gives ``config.weight_bits`` is also fitted, on the same inputs, into
+    ``plan.alternatives[layer][alternative]`` (for the sensitivity policy; a pair is skipped
+    where N is not below the layer's input channels).
     """
     start = time.perf_counter()
     graph = NumpyGraph(model)
@@ -275,19 +277,23 @@ def make_plan(model: onnx.ModelProto, images: np.ndarray, *, config: QuantConfig
                 layer_stats.accumulate(fit_rows[0][chunk], fit_rows[1][chunk])
         decision = decisions[fused.name]
 
-        def build(bits, decision):
+        def build(bits, decision, group_size=None):
             return build_layer(fused, bits, decision, geometry=geometry, in_q=in_q, layer_stats=layer_stats,
-                               fit_rows=fit_rows)
+                               fit_rows=fit_rows, group_size=group_size)
 
         if decision.reason == "configured":
-            others = {b: build(b, decision) for b in alternatives if b != decision.bits}
+            others = {}
+            for alt in alternatives:
+                bits, n = alt if isinstance(alt, tuple) else (alt, None)
+                if alt != decision.bits and (n is None or n < fused.weight.in_channels_per_group):
+                    others[alt] = build(bits, decision, group_size=n)
             if others:
                 alt_plans[fused.name] = others
         return build(decision.bits, decision)
 
-    def build_layer(fused, bits, decision, *, geometry, in_q, layer_stats, fit_rows) -> LayerPlan:
+    def build_layer(fused, bits, decision, *, geometry, in_q, layer_stats, fit_rows, group_size=None) -> LayerPlan:
         w = fused.weight.weight
-        qw, bias, out_err = _quantize_weights(fused, bits, config, layer_stats, fit_rows)
+        qw, bias, out_err = _quantize_weights(fused, bits, config, layer_stats, fit_rows, group_size=group_size)
         # reconstruct returns integer scales already (it fits the codes on that grid)
         iw = qw if isinstance(qw, IntegerWeights) else to_integer_scales(qw, code_bits=config.code_bits)
         terminal = fused.name == last_layer and fused.residual is None

@@ -43,6 +43,9 @@ class QuantConfig:
     last_layer_bits: int = PRECISE_BITS
     depthwise_bits: int = PRECISE_BITS
     overrides: tuple[tuple[str, int], ...] = ()  # (layer name or op type, weight bits | 0 = float)
+    # (layer name, N): that layer's groups hold N input channels instead of group_size (what the
+    # sensitivity policy gives a layer that is too sensitive at group_size but not at N = 2)
+    group_overrides: tuple[tuple[str, int], ...] = ()
     # True: a layer with fewer input channels than group_size gets N = C (one group per kernel
     # position) instead of an error; the papers' "N = 64" and "N = C" rows need it.
     clamp_group_size: bool = False
@@ -71,6 +74,13 @@ class QuantConfig:
                              f"got {self.distill_epochs!r}")
         for key, bits in self.overrides:
             check(f"override bits for {key!r}", bits, (0,) + WEIGHT_BITS)
+        for key, n in self.group_overrides:
+            if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+                raise ValueError(f"group size override for {key!r} must be a positive integer, got {n!r}")
+
+    def group_size_of(self, name: str) -> int:
+        """N of layer ``name``: its ``group_overrides`` entry, else ``group_size``."""
+        return dict(self.group_overrides).get(name, self.group_size)
 
     @property
     def act_calibration_method(self) -> str:
@@ -100,9 +110,10 @@ def decide(*, name: str, op_type: str, depthwise: bool, is_first: bool, is_last:
         return LayerDecision(bits=config.last_layer_bits, reason="last layer")
     if depthwise:
         return LayerDecision(bits=config.depthwise_bits, reason="depthwise")
-    if config.weight_bits != 8 and config.group_size > in_channels and not config.clamp_group_size:
+    n = config.group_size_of(name)
+    if config.weight_bits != 8 and n > in_channels and not config.clamp_group_size:
         raise OptionError(
-            f"layer {name}: group size N={config.group_size} exceeds its {in_channels} input channels "
+            f"layer {name}: group size N={n} exceeds its {in_channels} input channels "
             f"(use -N {in_channels} or less, or --layer-bits {name}=8)")
     return LayerDecision(bits=config.weight_bits, reason="configured")
 

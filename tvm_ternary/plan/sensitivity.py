@@ -13,16 +13,19 @@ mirror images: twice the samples, so one image is half as many points.
 
 Cost on 2 cores is a few make_plan passes, not one per layer:
 
-1. one data-aware pass with every eligible layer at 8-bit, fitting each layer's ternary and
-   4-bit alternatives on the same inputs (``make_plan(alternatives=(2, 4))``);
+1. one data-aware pass with every eligible layer at 8-bit, fitting each layer's alternatives on
+   the same inputs (``make_plan(alternatives=(2, 4, (2, 2)))``: ternary at the configured N,
+   4-bit, and ternary at N = 2);
 2. sensitivity of layer i: the KL divergence from the float outputs, on ``probe`` images, of
    the 8-bit network with only layer i swapped for its ternary fit (simulate only);
 3. layers sorted by sensitivity per MAC; the largest ternary prefix that meets the budget is
-   found by bisection on swapped networks (simulate only), then the rest likewise for 4-bit
-   (ordered by their 4-bit fit's relative output error per MAC: 4-bit is far less harmful,
-   and one simulation per layer less keeps the policy to minutes);
+   found by bisection on swapped networks (simulate only); then, of the rest, likewise the
+   largest prefix at ternary N = 2 (a finer group: half the multiplications removed instead of
+   3/4, far less error), then at 4 bits (each ordered by its fit's relative output error per
+   MAC: one simulation per layer less keeps the policy to minutes);
 4. the chosen assignment is re-planned sequentially (each layer fitted behind the quantized
-   ones, as the compiler's plan is) and verified; on a miss the ternary prefix shrinks.
+   ones, as the compiler's plan is) and verified; on a miss the most aggressive stage that holds
+   layers shrinks by a fifth, and after MAX_RETRIES misses every eligible layer stays 8-bit.
 
 Example::
 
@@ -49,6 +52,8 @@ from .config import LayerDecision, QuantConfig
 from .summary import plan_summary
 
 BATCH = 16
+FINE_GROUP = 2  # the ternary group size a layer too sensitive at the configured N gets next
+FORMAT_NAMES = {2: "ternary", (2, FINE_GROUP): f"ternary N={FINE_GROUP}", 4: "int4", 8: "int8"}
 CHECK_IMAGES = 256  # check-set size when the calibration folder has images calibration did not take
 HOLDOUT = 0.25  # share of the calibration images the budget is checked on (not fitted on)
 MAX_RETRIES = 3  # verification misses before giving up on a budget (shrinking each time)
@@ -146,12 +151,17 @@ def _scores(fn, x) -> np.ndarray:
     return np.concatenate([class_scores(fn(x[i : i + BATCH])) for i in range(0, len(x), BATCH)])
 
 
-def _swapped(base: QuantPlan, assignment: dict[str, int]) -> QuantPlan:
+def _bits(choice) -> int:
+    """Weight bits of a policy choice: ``bits`` or ``(bits, N)``."""
+    return choice[0] if isinstance(choice, tuple) else choice
+
+
+def _swapped(base: QuantPlan, assignment: dict) -> QuantPlan:
     layers, decisions = dict(base.layers), dict(base.decisions)
-    for name, bits in assignment.items():
-        if bits != base.decisions[name].bits:
-            layers[name] = base.alternatives[name][bits]
-            decisions[name] = LayerDecision(bits=bits, reason="sensitivity")
+    for name, choice in assignment.items():
+        if choice != base.decisions[name].bits:
+            layers[name] = base.alternatives[name][choice]
+            decisions[name] = LayerDecision(bits=_bits(choice), reason="sensitivity")
     return replace(base, layers=layers, decisions=decisions)
 
 
@@ -211,10 +221,12 @@ def choose_precision(model: onnx.ModelProto, images: np.ndarray, *, config: Quan
         return compare(f, _scores(lambda b: simulate(plan, b), x),
                        labels=None if on_probe else scored_labels, label_offset=offset)
 
-    _log(progress, f"sensitivity: 8-bit pass with ternary and 4-bit alternatives; budget checked on "
-                   f"{check.source}")
+    fine = (2, FINE_GROUP)  # ternary at the finer group size, before giving a layer 4 bits
+    alternatives = (2, 4) + ((fine,) if config.group_size > FINE_GROUP else ())
+    _log(progress, f"sensitivity: 8-bit pass with the alternatives {alternatives} (bits or (bits, N)); "
+                   f"budget checked on {check.source}")
     base = make_plan(model, images, config=replace(config, weight_bits=8, distill_epochs=0), stats=stats,
-                     alternatives=(2, 4), progress=progress, seed=seed)
+                     alternatives=alternatives, progress=progress, seed=seed)
     passes = 1
     eligible = [l for l in base.analysis.layers if l.name in base.alternatives]
     macs = {l.name: int(l.weight.macs or l.weight.weight.size) for l in eligible}
@@ -227,16 +239,18 @@ def choose_precision(model: onnx.ModelProto, images: np.ndarray, *, config: Quan
             return 100.0 * (m["float"]["top1"] - m["quantized"]["top1"])
         return 100.0 * (base_full["agreement_top1"] - m["agreement_top1"])
 
+    def fit_error(name: str, choice) -> float:
+        lp = base.alternatives[name][choice]
+        return lp.output_error if lp.output_error is not None else lp.weight_error
+
     sens = {}
     bar = progress_bar(len(eligible), desc="sensitivity", unit="layers", enabled=progress)
     for i, layer in enumerate(eligible, 1):
         t = measure(_swapped(base, {layer.name: 2}), on_probe=True)
-        int4 = base.alternatives[layer.name][4]
         sens[layer.name] = LayerSensitivity(
             name=layer.name, macs=macs[layer.name],
             kl_ternary=max(t["kl_divergence"] - base_probe["kl_divergence"], 0.0),
-            error_int4=int4.output_error if int4.output_error is not None else int4.weight_error,
-            agreement_ternary=t["agreement_top1"])
+            error_int4=fit_error(layer.name, 4), agreement_ternary=t["agreement_top1"])
         bar.update(1)
     bar.close()
     # Greedy on sensitivity per MAC: a big layer that hurts a little is worth more ternary MACs
@@ -245,33 +259,53 @@ def choose_precision(model: onnx.ModelProto, images: np.ndarray, *, config: Quan
 
     cache: dict[tuple, float] = {}
 
-    def drop_of(assignment: dict[str, int]) -> float:
-        key = tuple(sorted(assignment.items()))
+    def drop_of(assignment: dict) -> float:
+        key = tuple(sorted(assignment.items(), key=str))
         if key not in cache:
             cache[key] = points_lost(measure(_swapped(base, assignment)))
+            counts = {c: sum(1 for v in assignment.values() if v == c) for c in set(assignment.values())}
+            _log(progress, f"  checked {', '.join(f'{n} {FORMAT_NAMES[c]}' for c, n in sorted(counts.items(), key=str))}"
+                           f": {cache[key]:.2f} pt lost")
         return cache[key]
 
+    def ladder(rest: list[str], choice, fixed: dict, budget: float, limit: int) -> tuple[dict, list[str], int]:
+        """The largest prefix (at most ``limit``) of ``rest``, ordered by the fit error of
+        ``choice`` per MAC, at ``choice`` on top of ``fixed`` within the budget; what is left."""
+        can = [n for n in rest if choice in base.alternatives[n]]
+        can = sorted(can, key=lambda n: (fit_error(n, choice) + 1e-9) / macs[n])[:limit]
+        k = _largest_prefix(can, lambda k: drop_of({**fixed, **{n: choice for n in can[:k]}}) <= budget)
+        return {**fixed, **{n: choice for n in can[:k]}}, [n for n in rest if n not in can[:k]], k
+
+    stages = (2,) + ((fine,) if fine in alternatives else ()) + (4,)
     choices = []
     for budget in max_drops:
-        limit = len(order)
-        for attempt in range(MAX_RETRIES + 1):
-            k = _largest_prefix(order[:limit], lambda k: drop_of({n: 2 for n in order[:k]}) <= budget)
-            rest = sorted(order[k:], key=lambda n: (sens[n].error_int4 + 1e-9) / macs[n])
-            ternary = {n: 2 for n in order[:k]}
-            m = _largest_prefix(rest, lambda m: drop_of({**ternary, **{n: 4 for n in rest[:m]}}) <= budget)
-            assignment = {**ternary, **{n: 4 for n in rest[:m]}, **{n: 8 for n in rest[m:]}}
+        limits = {c: len(order) for c in stages}
+        for attempt in range(MAX_RETRIES + 2):
+            if attempt <= MAX_RETRIES:
+                k = _largest_prefix(order[:limits[2]], lambda k: drop_of({n: 2 for n in order[:k]}) <= budget)
+                assignment, rest, chosen = {n: 2 for n in order[:k]}, order[k:], {2: k}
+                for c in stages[1:]:
+                    assignment, rest, chosen[c] = ladder(rest, c, assignment, budget, limits[c])
+                assignment.update({n: 8 for n in rest})
+            else:  # every shrink missed: the policy's most precise choice
+                assignment, chosen = {n: 8 for n in order}, {}
             estimated = drop_of(assignment)
-            overrides = tuple(config.overrides) + tuple((n, b) for n, b in assignment.items())
-            cfg = replace(config, weight_bits=2, overrides=overrides)
+            overrides = tuple(config.overrides) + tuple((n, _bits(c)) for n, c in assignment.items())
+            groups = tuple(config.group_overrides) + tuple((n, c[1]) for n, c in assignment.items()
+                                                           if isinstance(c, tuple))
+            cfg = replace(config, weight_bits=2, overrides=overrides, group_overrides=groups)
             plan = make_plan(model, images, config=cfg, stats=stats, progress=False, seed=seed)
             passes += 1
             got = measure(plan)
             verified = points_lost(got)
-            _log(progress, f"budget {budget:g} pt: {k} ternary + {m} int4 layers, drop estimated "
-                           f"{estimated:.2f}, verified {verified:.2f} pt")
-            if verified <= budget or k == 0:
+            _log(progress, f"budget {budget:g} pt: " + ", ".join(
+                f"{chosen.get(c, 0)} {FORMAT_NAMES[c]}" for c in stages) + " layers; drop estimated "
+                f"{estimated:.2f}, verified {verified:.2f} pt")
+            if verified <= budget or not any(chosen.values()):
                 break
-            limit = max(0, k - max(1, k // 5))  # shrink the ternary prefix and try again
+            # shrink the first low-bit stage that holds layers (the most aggressive) and retry
+            stage = next(c for c in stages if chosen.get(c))
+            limits[stage] = max(0, chosen[stage] - max(1, chosen[stage] // 5))
         choices.append(PolicyChoice(max_drop=budget, config=cfg, estimated_drop=estimated,
                                     verified_drop=verified, agreement=got["agreement_top1"],
                                     summary=plan_summary(plan), plan=plan,

@@ -57,8 +57,18 @@ def plan_summary(plan: QuantPlan) -> dict:
         "multiplications_removed": removed,
         "weight_bytes": int(sum(layer_bytes(plan, l.name) for l in layers)),
         "float_weight_bytes": int(sum(4 * l.weight.weight.size + 4 * l.weight.weight.shape[0] for l in layers)),
-        "layer_formats": {l.name: FORMATS[plan.decisions[l.name].bits] for l in layers},
+        "layer_formats": {l.name: layer_format(plan, l.name) for l in layers},
     }
+
+
+def layer_format(plan: QuantPlan, name: str) -> str:
+    """``ternary``, ``int4``, ``int8`` or ``float``; `` N=2`` added where a layer's group size
+    is not the plan's (a per-layer group size override)."""
+    fmt = FORMATS[plan.decisions[name].bits]
+    lp = plan.layers.get(name)
+    if lp is not None and lp.weights.bits in (2, 4) and name in dict(plan.config.group_overrides):
+        fmt += f" N={lp.weights.group_size}"
+    return fmt
 
 
 def describe_config(config) -> str:
@@ -66,5 +76,7 @@ def describe_config(config) -> str:
     w = "ternary" if config.weight_bits == 2 else f"{config.weight_bits}-bit"
     grouping = f" N={config.group_size} {config.grouping}" if config.weight_bits != 8 else " per channel"
     extra = f", {len(config.overrides)} per-layer overrides" if config.overrides else ""
+    if config.group_overrides:
+        extra += f", {len(config.group_overrides)} per-layer group sizes"
     return (f"{w}{grouping} {config.method} weights, {config.act_bits}-bit activations "
             f"({config.act_calibration_method}){extra}")
