@@ -55,6 +55,7 @@ from tvm_ternary.benchmark import bench_library, latency_stats, machine_stamp, t
 from tvm_ternary.onnx_io import load_model
 from tvm_ternary.passes.onnx_normalize import normalize_onnx
 from tvm_ternary.plan import QuantConfig, analyse, calibration_stats, make_plan, simulate
+from tvm_ternary.plan.config import CALIB_LIMIT
 from tvm_ternary.plan.summary import plan_summary
 from tvm_ternary.preprocess import PreprocessConfig, load_image_folder, preprocess_images
 
@@ -331,7 +332,8 @@ def main(argv=None) -> int:
     p.add_argument("--std", type=lambda s: tuple(float(v) for v in s.split(",")))
     p.add_argument("--bgr", action="store_true", default=None)
     p.add_argument("--calib", help="calibration folder (default: held-out head of --images)")
-    p.add_argument("--calib-limit", type=int, default=64)
+    p.add_argument("--calib-limit", type=int, default=CALIB_LIMIT,
+                   help=f"calibration images (default {CALIB_LIMIT}, the compiler's default)")
     p.add_argument("--limit", type=int, help="evaluate at most N images")
     p.add_argument("--out", type=Path, help="report directory (default reports/<model name>)")
     p.add_argument("--quick", action="store_true", help="a small subset of rows")
@@ -449,8 +451,16 @@ def main(argv=None) -> int:
         from tvm_ternary.plan.sensitivity import choose_precision
 
         start = time.perf_counter()
-        # no shared stats: the policy calibrates on the images it does not hold out for its check
-        result = choose_precision(prep.model, x_calib, config=QuantConfig(group_size=4), max_drops=tuple(args.max_drop))
+        from tvm_ternary.inputs import policy_check_set
+        from tvm_ternary.plan.sensitivity import CHECK_IMAGES
+
+        # as compile/eval --max-drop: checked on --calib images calibration did not take
+        # (labelled when the folder is); without --calib the policy holds some out itself
+        check = None if not args.calib else policy_check_set(
+            Path(args.calib), calibration={"files": [p.name for p in calib_paths]}, preprocess=pre,
+            input_shape=prep.input_shape, limit=CHECK_IMAGES, seed=0)
+        result = choose_precision(prep.model, x_calib, config=QuantConfig(group_size=4),
+                                  max_drops=tuple(args.max_drop), check=check, stats=stats if check else None)
         (out / "sensitivity.txt").write_text(result.table() + "\n")
         for choice in result.choices:
             row = dict(weights="mixed", method="sensitivity", N=4, grouping="fgq", act_bits=8)
