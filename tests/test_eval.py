@@ -83,6 +83,14 @@ def test_eval_flags_wrong_preprocessing(tiny, capsys):
     assert "float top-1 is 0.0%" in err and "--preprocess" in err
 
 
+def test_eval_layer_group_size(tiny, tmp_path):
+    out = tmp_path / "r.json"
+    assert _eval(tiny, "--method", "exact", "--layer-group-size", "res_a=2", "--json", str(out)) == 0
+    r = json.loads(out.read_text())
+    assert r["layer_formats"]["res_a"] == "ternary N=2" and r["layer_formats"]["res_b"] == "ternary"
+    assert r["config"]["group_overrides"] == [["res_a", 2]]
+
+
 def test_eval_sensitivity_policy(tiny, tmp_path, capsys):
     out = tmp_path / "r.json"
     assert _eval(tiny, "--max-drop", "100", "--json", str(out)) == 0

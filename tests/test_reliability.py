@@ -166,6 +166,19 @@ def test_layer_bits_with_an_unknown_name_is_refused_with_close_matches(work, tmp
     assert list(tmp_path.iterdir()) == []
 
 
+
+@pytest.mark.parametrize("item, message", [
+    ("fire_squeze=2", "--layer-group-size fire_squeze: no layer of that name"),
+    ("conv=2", "--layer-group-size conv: no layer of that name"),  # per layer, not per op kind
+    ("fire_squeeze=two", "--layer-group-size wants NAME=N with N a positive integer"),
+])
+def test_layer_group_size_is_checked(work, tmp_path, item, message):
+    proc = cli("compile", work / "tiny.onnx", "-o", tmp_path / "m.so", "--calib", work / "calib.npy",
+               "--layer-group-size", item)
+    assert_one_line_error(proc, message)
+    assert list(tmp_path.iterdir()) == []
+
+
 # ---------------------------------------------------------------- 4, 5, 12. CPU features and the manifest
 
 

@@ -76,6 +76,9 @@ def add_quant_arguments(parser: argparse.ArgumentParser, *, defaults: bool = Tru
                         "images (augmented; needs torch). Default 0: none")
     g.add_argument("--layer-bits", action="append", default=[], metavar="NAME=BITS",
                    help="override one layer (or op type conv/dense/depthwise): BITS 2, 4, 8, or 0 = float; repeatable")
+    g.add_argument("--layer-group-size", action="append", default=[], metavar="NAME=N",
+                   help="one layer's group size instead of --group-size (what --max-drop gives a layer "
+                        "it makes 'ternary N=2'); repeatable")
 
 
 def quant_config(args: argparse.Namespace):
@@ -87,9 +90,15 @@ def quant_config(args: argparse.Namespace):
         if not sep or not name or bits not in ("0", "2", "4", "8"):
             raise OptionError(f"--layer-bits wants NAME=BITS with BITS 0, 2, 4 or 8, got {item!r}")
         overrides.append((name, int(bits)))
+    groups = []
+    for item in getattr(args, "layer_group_size", []):
+        name, sep, n = item.rpartition("=")
+        if not sep or not name or not n.isdigit() or int(n) < 1:
+            raise OptionError(f"--layer-group-size wants NAME=N with N a positive integer, got {item!r}")
+        groups.append((name, int(n)))
     given = {k: getattr(args, k) for k in QUANT_FLAGS if getattr(args, k, None) is not None}
     try:
-        return QuantConfig(**given, overrides=tuple(overrides))
+        return QuantConfig(**given, overrides=tuple(overrides), group_overrides=tuple(groups))
     except ValueError as error:
         raise OptionError(str(error)) from None
 

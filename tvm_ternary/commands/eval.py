@@ -169,7 +169,7 @@ def run(args: argparse.Namespace) -> int:
     if is_library:
         if args.backend != "tvm":
             raise UserError("a compiled .so can only be evaluated with --backend tvm")
-        given = [k for k in QUANT_FLAGS if getattr(args, k) is not None] + args.layer_bits
+        given = [k for k in QUANT_FLAGS if getattr(args, k) is not None] + args.layer_bits + args.layer_group_size
         if given or args.max_drop is not None or args.calib is not None:
             raise UserError(f"{args.model} is already quantized: quantization and calibration "
                             "flags apply to an ONNX MODEL only")
@@ -189,7 +189,7 @@ def run(args: argparse.Namespace) -> int:
     # that the u8 range implies), and the plan is the one it carries (no calibration).
     imported = prep.is_quantized
     if imported and not is_library:
-        given = [k for k in QUANT_FLAGS if getattr(args, k) is not None] + args.layer_bits
+        given = [k for k in QUANT_FLAGS if getattr(args, k) is not None] + args.layer_bits + args.layer_group_size
         if given or args.max_drop is not None or args.calib is not None:
             raise UserError(f"{args.model} is already quantized (QDQ): its own scales and weights are "
                             "used; quantization and calibration flags apply to a float model only")

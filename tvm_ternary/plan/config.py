@@ -122,19 +122,22 @@ OP_KINDS = ("conv", "dense", "depthwise")
 
 
 def check_override_names(layers: list[tuple[str, str]], config: QuantConfig) -> None:
-    """Every ``--layer-bits`` key must name a layer or an op kind present in the model
+    """Every ``--layer-bits`` key must name a layer or an op kind present in the model, every
+    ``--layer-group-size`` key a layer
     (``layers``: ``(name, op_type)`` pairs); an unknown one is an :class:`OptionError` with
     the close matches, never silently ignored (it would be recorded as applied)."""
     import difflib
 
     names = [name for name, _ in layers]
-    valid = set(names) | set(OP_KINDS)
-    for key, _ in config.overrides:
+    keys = [(key, "--layer-bits", set(names) | set(OP_KINDS)) for key, _ in config.overrides]
+    keys += [(key, "--layer-group-size", set(names)) for key, _ in config.group_overrides]
+    for key, flag, valid in keys:
         if key in valid:
             continue
         close = difflib.get_close_matches(key, names, n=3, cutoff=0.5)
         close += [n for n in names if n.startswith(key) and n not in close][:3]
         hint = f"did you mean {', '.join(close[:3])}? " if close else ""
-        raise OptionError(f"--layer-bits {key}: no layer or op type of that name; {hint}"
-                          f"names are the layers' ({', '.join(names[:6])}{', ...' if len(names) > 6 else ''}) "
-                          f"or {', '.join(OP_KINDS)} (see quantize-report)")
+        kinds = flag == "--layer-bits"  # a group size is per layer, bits also per op kind
+        raise OptionError(f"{flag} {key}: no layer {'or op type ' if kinds else ''}of that name; {hint}"
+                          f"names are the layers' ({', '.join(names[:6])}{', ...' if len(names) > 6 else ''})"
+                          f"{' or ' + ', '.join(OP_KINDS) if kinds else ''} (see quantize-report)")
