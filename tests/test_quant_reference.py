@@ -53,6 +53,19 @@ def test_conv2d_int_matches_direct_loops(c, k, ksize, stride, pad, dil, groups, 
     np.testing.assert_array_equal(got, naive_conv(x, w, stride, pad, dil, groups))
 
 
+@pytest.mark.parametrize("c, w_max, path", [(8, 127, np.float32), (64, 127, np.float64), (64, 20, np.float32)])
+def test_conv2d_int_float32_and_float64_paths_are_exact(c, w_max, path):
+    """float32 BLAS only where every partial sum is an integer below 2^24 (FLOAT32_EXACT)."""
+    rng = np.random.default_rng(c + w_max)
+    x = rng.integers(200, 256, size=(1, c, 6, 5)).astype(np.uint8)  # large values: near the bound
+    w = rng.choice([-w_max, w_max], size=(3, c, 3, 3)).astype(np.int8)
+    assert ref._exact_dtype(x, w) is path
+    got = ref.conv2d_int(x, w, stride=1, padding=1)
+    np.testing.assert_array_equal(got, naive_conv(x, w, 1, 1, 1, 1))
+    one = ref.conv2d_int(x, w[:, :, 1:2, 1:2], stride=1, padding=0)  # 1x1: patches are x itself
+    np.testing.assert_array_equal(one, naive_conv(x, w[:, :, 1:2, 1:2], 1, 0, 1, 1))
+
+
 def test_dense_int():
     rng = np.random.default_rng(0)
     x = rng.integers(0, 256, size=(3, 40)).astype(np.uint8)

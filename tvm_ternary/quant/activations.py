@@ -64,8 +64,11 @@ class ActivationQuant:
 
 def quantize_activation(x: np.ndarray, quant: ActivationQuant) -> np.ndarray:
     """Round half to even, add the zero point, saturate, store in the int8/uint8 container."""
-    q = np.rint(np.asarray(x, dtype=np.float64) / quant.scale) + quant.zero_point
-    return np.clip(q, quant.qmin, quant.qmax).astype(quant.dtype)
+    q = np.array(x, dtype=np.float64)  # a copy: the in-place steps below never touch x
+    q /= quant.scale
+    np.rint(q, out=q)
+    q += quant.zero_point
+    return np.clip(q, quant.qmin, quant.qmax, out=q).astype(quant.dtype)
 
 
 def dequantize_activation(q: np.ndarray, quant: ActivationQuant) -> np.ndarray:

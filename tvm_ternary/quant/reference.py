@@ -61,6 +61,8 @@ def im2col(x, *, kernel_hw, stride=1, padding=0, dilation=1, pad_value=0, dtype=
     oh, ow = conv2d_output_shape((h, wd), (r, s), stride=stride, padding=padding, dilation=dilation)
     if oh <= 0 or ow <= 0:
         raise ValueError(f"kernel {r}x{s} does not fit input {h}x{wd} with this padding")
+    if (r, s, sh, sw, top, left, bottom, right) == (1, 1, 1, 1, 0, 0, 0, 0):
+        return np.asarray(x, dtype=dtype).reshape(n, c, 1, 1, h, wd)  # a 1x1 conv's patches are x
     xp = np.full((n, c, h + top + bottom, wd + left + right), pad_value, dtype=dtype)
     xp[:, :, top : top + h, left : left + wd] = x
     cols = np.empty((n, c, r, s, oh, ow), dtype=dtype)
@@ -92,19 +94,60 @@ def grouped_conv(cols: np.ndarray, w: np.ndarray, groups: int) -> np.ndarray:
     return out.reshape(n, k, oh, ow)
 
 
+# Integer sums run as BLAS float matmuls. float32 holds every integer below 2^24 exactly, so a
+# dot product whose sum of |x| * |w| terms stays below it is exact in any summation order (each
+# partial sum is such an integer); otherwise float64 (exact below 2^53, beyond any int32 sum).
+FLOAT32_EXACT = 2**24
+
+
+def _exact_dtype(x: np.ndarray, w: np.ndarray, pad_value=0) -> type:
+    """float32 when ``max|x| * max_k sum|w_k|`` is below FLOAT32_EXACT, else float64."""
+    w_abs = np.abs(np.asarray(w, dtype=np.int64)).reshape(w.shape[0], -1).sum(axis=1).max(initial=0)
+    x = np.asarray(x)
+    x_abs = max(abs(int(x.max())), abs(int(x.min())), abs(int(pad_value))) if x.size else abs(int(pad_value))
+    return np.float32 if x_abs * int(w_abs) < FLOAT32_EXACT else np.float64
+
+
 def conv2d_int(x, w, *, stride=1, padding=0, dilation=1, groups=1, pad_value=0) -> np.ndarray:
     """Integer conv2d: ``x`` [N, C, H, W], ``w`` [K, C/groups, R, S] -> int32 [N, K, OH, OW]."""
     x = np.asarray(x)
     w = np.asarray(w)
+    dtype = _exact_dtype(x, w, pad_value)
+    if groups > 1 and w.shape[1] == 1 and w.shape[0] == groups == x.shape[1]:
+        return _to_int32(_depthwise(x, w, stride=stride, padding=padding, dilation=dilation,
+                                    pad_value=pad_value, dtype=dtype))
     cols = im2col(x, kernel_hw=w.shape[2:], stride=stride, padding=padding, dilation=dilation,
-                  pad_value=pad_value, dtype=np.float64)
+                  pad_value=pad_value, dtype=dtype)
     return _to_int32(grouped_conv(cols, w, groups))
+
+
+def _depthwise(x, w, *, stride, padding, dilation, pad_value, dtype) -> np.ndarray:
+    """A depthwise conv as R*S shifted multiply-adds (the same integer sums as im2col + a
+    matmul per channel, without the R*S-fold patch copy: MobileNet's depthwise layers made
+    im2col the numpy simulation's largest cost)."""
+    n, c, h, wd = x.shape
+    r, s = w.shape[2:]
+    (sh, sw), (dh, dw) = _pair(stride, "stride"), _pair(dilation, "dilation")
+    top, left, bottom, right = _pads(padding)
+    oh, ow = conv2d_output_shape((h, wd), (r, s), stride=stride, padding=padding, dilation=dilation)
+    if oh <= 0 or ow <= 0:
+        raise ValueError(f"kernel {r}x{s} does not fit input {h}x{wd} with this padding")
+    xp = np.full((n, c, h + top + bottom, wd + left + right), pad_value, dtype=dtype)
+    xp[:, :, top : top + h, left : left + wd] = x
+    taps = w.astype(dtype).reshape(c, r, s)
+    acc = np.zeros((n, c, oh, ow), dtype=dtype)
+    for i in range(r):
+        for j in range(s):
+            view = xp[:, :, i * dh : i * dh + sh * (oh - 1) + 1 : sh, j * dw : j * dw + sw * (ow - 1) + 1 : sw]
+            acc += view * taps[:, i, j][None, :, None, None]
+    return acc
 
 
 def dense_int(x, w) -> np.ndarray:
     """Integer dense: ``x`` [N, C], ``w`` [K, C] -> int32 [N, K]."""
-    x = np.asarray(x, dtype=np.float64)
-    w = np.asarray(w, dtype=np.float64)
+    dtype = _exact_dtype(x, w)
+    x = np.asarray(x, dtype=dtype)
+    w = np.asarray(w, dtype=dtype)
     if x.shape[-1] != w.shape[1]:
         raise ValueError(f"dense shapes do not fit: x {x.shape}, w {w.shape}")
     return _to_int32(x @ w.T)
