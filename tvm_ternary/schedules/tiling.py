@@ -17,6 +17,9 @@ from dataclasses import dataclass
 from .intrin import BLOCKS
 from .spec import ConvSpec, maddubs_form
 
+# Fewest accumulators (pixels x output blocks) an unpadded register tile may have before a
+# padded accumulator width is preferred (default_tiling).
+MIN_UNPADDED_CELLS = 8
 # Vector registers per ISA (zmm0-31 with AVX-512, ymm0-15 otherwise).
 _REGS = {"vnni512": 32, "avx512": 32, "avxvnni": 16, "avx2": 16, "plain": 16}
 
@@ -83,6 +86,15 @@ def default_tiling(spec: ConvSpec, *, isa: str, threads: int = 1) -> Tiling:
     else:
         oct_ = 2 if kb % 2 == 0 else 1
     owb = _pick_ow_block(ow, max(1, budget // oct_))
+    if ow % owb and not maddubs:
+        # A padded accumulator width costs more than a smaller pixel block: it needs a padded
+        # copy of the input and a guarded epilogue (SqueezeNet's stem, OW = 111 = 3 x 37: 14 x 2
+        # padded 0.41 ms, 3 x 4 0.30 ms; a 55-wide 1x1: 14 x 2 0.085 ms, 11 x 2 0.061 ms). Take
+        # more output blocks per tile instead when that gives enough cells.
+        unpadded = max(((max(d for d in _divisors(ow) if d <= budget // o), o) for o in oc_cands),
+                       key=lambda t: (t[0] * t[1], t[0]))
+        if unpadded[0] * unpadded[1] >= MIN_UNPADDED_CELLS:
+            owb, oct_ = unpadded
     tiles = (kb // oct_) * spec.batch
     decode_at = "tile" if tiles >= 2 * threads or spec.out_height == 1 else "root"
     return Tiling(ow_block=owb, oc_tiles=oct_, decode_at=decode_at)
