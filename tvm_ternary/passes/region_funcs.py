@@ -21,14 +21,15 @@ from tvm import relax
 
 from .. import tvm_adapter as ta
 from ..quant import ActivationQuant
-from ..schedules.region_ops import concat_func, dequantize_func, max_pool_func, quantize_func
+from ..schedules.region_ops import (concat_func, dequantize_func, global_mean_func, max_pool_func,
+                                    quantize_func)
 
 
 @dataclass(frozen=True)
 class RegionOp:
     """What one of our functions computes."""
 
-    kind: str  # "quantize" | "dequantize" | "max_pool" | "concat" | "kernel"
+    kind: str  # "quantize" | "dequantize" | "max_pool" | "concat" | "global_mean" | "kernel"
     # quantize: the format it writes; dequantize: the format it reads; max pool, concat and
     # kernels: None (a max pool or concat writes the format it reads, whatever it is)
     quant: ActivationQuant | None = None
@@ -107,6 +108,12 @@ class RegionFuncs:
                            "tt_concat", RegionOp("concat"))
         out_shape = (*shapes[0][:3], sum(sh[3] for sh in shapes))
         return self.call(gv, values, out_shape, dtype), out_shape
+
+    def global_mean(self, value, *, shape: tuple[int, ...]) -> relax.Call:
+        """float32 NHWC ``value`` of ``shape`` -> its mean over H and W, ``[N, C, 1, 1]``."""
+        gv = self.function(("gm", tuple(shape)), lambda: global_mean_func(shape=shape),
+                           "tt_global_mean", RegionOp("global_mean"))
+        return self.call(gv, [value], (shape[0], shape[3], 1, 1), "float32")
 
     # --- the module -----------------------------------------------------------------------
     def main(self) -> relax.Function:
