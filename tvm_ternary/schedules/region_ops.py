@@ -45,7 +45,7 @@ def quantize_func(*, shape: tuple[int, ...], scale: float, bits: int, signed: bo
     dtype = _container(bits, signed)
 
     def q(value):
-        v = ta.nearbyint(value.astype("float64") / ta.const(float(scale), "float64"))
+        v = ta.nearbyint(ta.exact_quotient(value.astype("float64"), float(scale)))
         if zero_point:
             v = v + ta.const(float(zero_point), "float64")
         v = te.min(te.max(v, ta.const(float(lo), "float64")), ta.const(float(hi), "float64"))
