@@ -2,8 +2,8 @@
 
 Tiled schedule (every ISA but depthwise)::
 
-    parallel for (oc_tile, n)                      # decode + codes_t computed here: one weight
-      decode weights of the tile (int32 words)     #   tile in L1/L2, reused by every pixel
+    parallel for (oc_tile, n)                      # decode computed here: one weight tile in
+      decode weights of the tile (int32 words)     #   L1/L2, reused by every pixel
       for oh, ow_tile:
         acc[ow_block, oc_tiles, lanes] = 0         # local -> vector registers
         for r, s, cb:                              # reduction
@@ -163,14 +163,12 @@ def _schedule_tiled(sch, parts: ConvParts, *, isa: str, ow_block, oc_tiles, deco
         par = sch.fuse(kbo, n, oh)
         anchor = None
     sch.parallel(par)
-    for name in ("decode", "codes_t"):  # decode first: codes_t then lands before it
-        stage = sch.get_sblock(name)
-        if anchor is not None:
-            sch.compute_at(stage, anchor, preserve_unit_loops=True)
-        else:
-            loops = sch.get_loops(stage)
-            sch.parallel(loops[0])
-        _vectorize_inner(sch, stage, blk.lanes)
+    stage = sch.get_sblock("decode")  # the codes come in the kernel's layout: no codes_t stage
+    if anchor is not None:
+        sch.compute_at(stage, anchor, preserve_unit_loops=True)
+    else:
+        sch.parallel(sch.get_loops(stage)[0])
+    _vectorize_inner(sch, stage, blk.lanes)
     if parts.has_pad:
         pad = sch.get_sblock("pad")
         loops = sch.get_loops(pad)
