@@ -247,3 +247,14 @@ def test_exact_quotient_matches_division():
         np.testing.assert_array_equal(out.numpy(), xs.astype(np.float64) / np.float64(scale))
 
     check()
+
+
+@pytest.mark.parametrize("mcpu", ["znver4", "skylake-avx512", "haswell"])
+def test_requantize_multiplies_with_vpmuldq(mcpu):
+    """The biased accumulator stays an int32 value (epilogue.epilogue_value), so LLVM multiplies
+    by the int32 multiplier with vpmuldq, not the 3-uop vpmullq of a full int64 product."""
+    spec = ConvSpec(batch=1, in_channels=16, height=5, width=5, out_channels=32, kernel=1,
+                    act="u8", out="u8", bias=True, relu=True, group_size=4)
+    target = ta.make_target(mcpu)
+    asm = ta.assembly(conv2d_kernel(spec, target=target), target=target)
+    assert "vpmuldq" in asm and "vpmullq" not in asm
