@@ -202,10 +202,13 @@ def _quantize_reference(x, scale, lo, hi, zero_point=0):
     return np.clip(np.rint(x.astype(np.float64) / np.float64(scale)) + zero_point, lo, hi)
 
 
+@pytest.mark.parametrize("fma", [True, False], ids=["fma", "divide"])
 @pytest.mark.parametrize("scale", [0.7431, 1 / 3, 0.5, 3.0 * 2**-7, 0.0123456789012345, 1e-3])
-def test_quantize_without_division_is_exact(scale):
-    """The input quantize divides by one FMA correction of a reciprocal multiply
+def test_quantize_without_division_is_exact(scale, fma):
+    """With FMA the input quantize divides by one FMA correction of a reciprocal multiply
     (ta.exact_quotient, Markstein): the same rint(f64(x) / f64(s)) as numpy, at ties too."""
+    if fma and not ta.target_has_features(ta.host_target(), "fma"):
+        pytest.skip("the host has no FMA: the compile flow divides there (the other case)")
     from tvm_ternary.schedules.region_ops import quantize_func
 
     shape = (1, 3, 24, 40)
@@ -217,7 +220,7 @@ def test_quantize_without_division_is_exact(scale):
     flat[:400] = ties.astype(np.float32)
     flat[400:800] = np.nextafter(flat[:400], np.float32(np.inf))
     flat[800:1200] = np.nextafter(flat[:400], np.float32(-np.inf))
-    mod = ta.build(quantize_func(shape=shape, scale=scale, bits=8, signed=True),
+    mod = ta.build(quantize_func(shape=shape, scale=scale, bits=8, signed=True, fma=fma),
                    target=ta.host_target())
     y = ta.empty((1, 24, 40, 3), "int8")
     mod(ta.tensor(x), y)
@@ -258,3 +261,19 @@ def test_requantize_multiplies_with_vpmuldq(mcpu):
     target = ta.make_target(mcpu)
     asm = ta.assembly(conv2d_kernel(spec, target=target), target=target)
     assert "vpmuldq" in asm and "vpmullq" not in asm
+
+
+@pytest.mark.parametrize("mcpu, fma", [("haswell", True), ("znver4", True), ("sandybridge", False)])
+def test_input_quantize_divides_without_fma_hardware(mcpu, fma):
+    """The FMA-corrected quotient only where the target has FMA: elsewhere LLVM would call libm's
+    fma per element, so the quantize divides (the same result)."""
+    import tvm
+
+    from tvm_ternary.passes.region_funcs import RegionFuncs
+    from tvm_ternary.schedules.region_ops import quantize_func
+
+    target = ta.make_target(mcpu)
+    assert RegionFuncs(tvm.IRModule(), target=target).fma is fma
+    asm = ta.assembly(quantize_func(shape=(1, 3, 8, 8), scale=0.3, bits=8, signed=True, fma=fma),
+                      target=target)
+    assert ("vdivpd" in asm or "divpd" in asm) is not fma

@@ -86,7 +86,7 @@ def apply_plan(imported: ImportedModel, *, plan: QuantPlan, target, isa: str | N
     ``kernels(spec, *, target, isa) -> (PrimFunc, status)`` replaces the default kernels (tuned
     schedules); ``status`` lands in ``report.schedules``."""
     isa = isa or ta.choose_isa(target)
-    funcs = RegionFuncs(imported.module)
+    funcs = RegionFuncs(imported.module, target=target)
     make_kernel = _Kernels(funcs, target=target, isa=isa, provider=kernels)
     fuse = FuseLayers(funcs, plan=plan, layer_of_weight=imported.layer_of_weight(), kernel_for=make_kernel)
     funcs.set_main(fuse.run(funcs.main()))

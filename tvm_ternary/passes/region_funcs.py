@@ -7,7 +7,7 @@ argument set (shape, format, kernel spec), named ``tt_<kind><i>`` in order of cr
 
 Example::
 
-    funcs = RegionFuncs(mod)                               # doctest: +SKIP
+    funcs = RegionFuncs(mod, target=target)                # doctest: +SKIP
     x_int = funcs.quantize(x, layer.input_quant)           # doctest: +SKIP
     funcs.op_of(x_int)                                     # RegionOp(kind='quantize', quant=...)  # doctest: +SKIP
 """
@@ -38,8 +38,10 @@ class RegionOp:
 class RegionFuncs:
     """The module being rewritten, plus the functions added to it and their table."""
 
-    def __init__(self, mod: tvm.IRModule):
+    def __init__(self, mod: tvm.IRModule, *, target=None):
         self.builder = relax.BlockBuilder(mod)
+        # the input quantize divides with an FMA correction where the target has FMA
+        self.fma = target is not None and ta.target_has_features(target, "fma")
         self._gvs: dict = {}  # cache key -> GlobalVar
         self._ops: dict[str, RegionOp] = {}  # function name -> what it computes
         self._counts: dict[str, int] = {}
@@ -74,7 +76,7 @@ class RegionFuncs:
         out_shape = (shape[0], shape[2], shape[3], shape[1]) if nhwc else shape
         gv = self.function(("q", shape, quant), lambda: quantize_func(
             shape=shape, scale=quant.scale, bits=quant.bits, signed=quant.signed,
-            zero_point=quant.zero_point), "tt_quantize", RegionOp("quantize", quant))
+            zero_point=quant.zero_point, fma=self.fma), "tt_quantize", RegionOp("quantize", quant))
         return self.call(gv, [value], out_shape, quant.dtype.name)
 
     def dequantize(self, value, quant: ActivationQuant, *, shape: tuple[int, ...]) -> relax.Call:

@@ -38,14 +38,22 @@ def _limits(bits: int, signed: bool) -> tuple[int, int]:
 
 
 def quantize_func(*, shape: tuple[int, ...], scale: float, bits: int, signed: bool,
-                  zero_point: int = 0):
-    """float32 ``shape`` (NCHW or [N, C]) -> quantized NHWC (or [N, C])."""
+                  zero_point: int = 0, fma: bool = False):
+    """float32 ``shape`` (NCHW or [N, C]) -> quantized NHWC (or [N, C]).
+
+    ``fma``: the target has FMA; the division by the scale is then a reciprocal multiply with
+    one FMA correction (``tvm_adapter.exact_quotient``, the same correctly rounded quotient,
+    2x faster than ``vdivpd``). Without FMA hardware LLVM would call libm's ``fma``: divide."""
     x = te.placeholder(tuple(shape), "float32", name="x")
     lo, hi = _limits(bits, signed)
     dtype = _container(bits, signed)
 
     def q(value):
-        v = ta.nearbyint(ta.exact_quotient(value.astype("float64"), float(scale)))
+        wide = value.astype("float64")
+        if fma:
+            v = ta.nearbyint(ta.exact_quotient(wide, float(scale)))
+        else:
+            v = ta.nearbyint(wide / ta.const(float(scale), "float64"))
         if zero_point:
             v = v + ta.const(float(zero_point), "float64")
         v = te.min(te.max(v, ta.const(float(lo), "float64")), ta.const(float(hi), "float64"))
