@@ -168,3 +168,112 @@ def test_concat_region_op_equals_numpy(channels, dtype):
     y = ta.empty((2, 3, 5, sum(channels)), dtype)
     mod(*[ta.tensor(x) for x in xs], y)
     np.testing.assert_array_equal(y.numpy(), np.concatenate(xs, axis=3))
+
+
+def test_default_tiling_prefers_an_unpadded_tile():
+    """SqueezeNet's stem (OW = 111 = 3 x 37): more output blocks per tile rather than a padded
+    accumulator width; a width with a large divisor keeps its tile."""
+    stem = ConvSpec(batch=1, in_channels=3, height=224, width=224, out_channels=64, kernel=3,
+                    stride=2, weight_bits=8, act="s8", out="u8", bias=True, relu=True)
+    t = default_tiling(stem, isa="vnni512")
+    assert stem.out_width % t.ow_block == 0 and t.ow_block * t.oc_tiles >= 8
+    assert (t.ow_block, t.oc_tiles) == (3, 4)
+    prime = ConvSpec(batch=1, in_channels=16, height=17, width=17, out_channels=32, kernel=1)
+    t = default_tiling(prime, isa="vnni512")  # 17 x 1 or padded: 17 has no useful divisor
+    assert t.ow_block * t.oc_tiles <= 28
+
+
+@pytest.mark.parametrize("shape", [(1, 13, 13, 1000), (2, 7, 5, 32), (1, 3, 3, 10)])
+def test_global_mean_region_op(shape):
+    """NHWC float32 -> [N, C, 1, 1] mean over H, W. Tolerance: float32 sums in another order
+    than numpy's pairwise sum (relative 1e-6 of the sum of magnitudes)."""
+    from tvm_ternary.schedules.region_ops import global_mean_func
+
+    x = np.random.default_rng(3).standard_normal(shape).astype(np.float32)
+    mod = ta.build(global_mean_func(shape=shape), target=ta.host_target())
+    y = ta.empty((shape[0], shape[3], 1, 1), "float32")
+    mod(ta.tensor(x), y)
+    want = x.transpose(0, 3, 1, 2).mean(axis=(2, 3), keepdims=True)
+    tol = 1e-6 * np.abs(x).mean(axis=(1, 2)).reshape(want.shape) + 1e-7
+    assert (np.abs(y.numpy() - want) <= tol).all()
+
+
+def _quantize_reference(x, scale, lo, hi, zero_point=0):
+    return np.clip(np.rint(x.astype(np.float64) / np.float64(scale)) + zero_point, lo, hi)
+
+
+@pytest.mark.parametrize("fma", [True, False], ids=["fma", "divide"])
+@pytest.mark.parametrize("scale", [0.7431, 1 / 3, 0.5, 3.0 * 2**-7, 0.0123456789012345, 1e-3])
+def test_quantize_without_division_is_exact(scale, fma):
+    """With FMA the input quantize divides by one FMA correction of a reciprocal multiply
+    (ta.exact_quotient, Markstein): the same rint(f64(x) / f64(s)) as numpy, at ties too."""
+    if fma and not ta.target_has_features(ta.host_target(), "fma"):
+        pytest.skip("the host has no FMA: the compile flow divides there (the other case)")
+    from tvm_ternary.schedules.region_ops import quantize_func
+
+    shape = (1, 3, 24, 40)
+    rng = np.random.default_rng(7)
+    x = (rng.standard_normal(shape) * 100 * scale).astype(np.float32)
+    flat = x.reshape(-1)
+    # exact ties k + 1/2 where float32 can hold (k + 1/2) * s, and their float32 neighbours
+    ties = ((np.arange(400) - 200) + 0.5) * scale
+    flat[:400] = ties.astype(np.float32)
+    flat[400:800] = np.nextafter(flat[:400], np.float32(np.inf))
+    flat[800:1200] = np.nextafter(flat[:400], np.float32(-np.inf))
+    mod = ta.build(quantize_func(shape=shape, scale=scale, bits=8, signed=True, fma=fma),
+                   target=ta.host_target())
+    y = ta.empty((1, 24, 40, 3), "int8")
+    mod(ta.tensor(x), y)
+    want = _quantize_reference(x, scale, -128, 127).astype(np.int8).transpose(0, 2, 3, 1)
+    np.testing.assert_array_equal(y.numpy(), want)
+
+
+def test_exact_quotient_matches_division():
+    """Random float32 numerators against random float64 scales: the correction step gives the
+    correctly rounded float64 quotient, the rounding to integers that follows cannot differ."""
+    from hypothesis import given, settings, strategies as st
+    from tvm import te
+
+    n = 4096
+
+    @settings(max_examples=6, deadline=None)
+    @given(st.floats(1e-4, 1e2, allow_nan=False), st.integers(0, 2**31 - 1))
+    def check(scale, seed):
+        x = te.placeholder((n,), "float32", name="x")
+        y = te.compute((n,), lambda i: ta.exact_quotient(x[i].astype("float64"), scale), name="y")
+        sch = ta.schedule_of(ta.create_prim_func([x, y]))
+        sch.vectorize(sch.split(sch.get_loops(sch.get_sblock("y"))[0], [None, 8])[1])
+        mod = ta.build(ta.scheduled_func(sch), target=ta.host_target())
+        xs = (np.random.default_rng(seed).standard_normal(n) * 200 * scale).astype(np.float32)
+        out = ta.empty((n,), "float64")
+        mod(ta.tensor(xs), out)
+        np.testing.assert_array_equal(out.numpy(), xs.astype(np.float64) / np.float64(scale))
+
+    check()
+
+
+@pytest.mark.parametrize("mcpu", ["znver4", "skylake-avx512", "haswell"])
+def test_requantize_multiplies_with_vpmuldq(mcpu):
+    """The biased accumulator stays an int32 value (epilogue.epilogue_value), so LLVM multiplies
+    by the int32 multiplier with vpmuldq, not the 3-uop vpmullq of a full int64 product."""
+    spec = ConvSpec(batch=1, in_channels=16, height=5, width=5, out_channels=32, kernel=1,
+                    act="u8", out="u8", bias=True, relu=True, group_size=4)
+    target = ta.make_target(mcpu)
+    asm = ta.assembly(conv2d_kernel(spec, target=target), target=target)
+    assert "vpmuldq" in asm and "vpmullq" not in asm
+
+
+@pytest.mark.parametrize("mcpu, fma", [("haswell", True), ("znver4", True), ("sandybridge", False)])
+def test_input_quantize_divides_without_fma_hardware(mcpu, fma):
+    """The FMA-corrected quotient only where the target has FMA: elsewhere LLVM would call libm's
+    fma per element, so the quantize divides (the same result)."""
+    import tvm
+
+    from tvm_ternary.passes.region_funcs import RegionFuncs
+    from tvm_ternary.schedules.region_ops import quantize_func
+
+    target = ta.make_target(mcpu)
+    assert RegionFuncs(tvm.IRModule(), target=target).fma is fma
+    asm = ta.assembly(quantize_func(shape=(1, 3, 8, 8), scale=0.3, bits=8, signed=True, fma=fma),
+                      target=target)
+    assert ("vdivpd" in asm or "divpd" in asm) is not fma

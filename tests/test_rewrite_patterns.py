@@ -162,6 +162,22 @@ def test_integers_between_layers_quantize_only_at_the_edges(conv_head):
     assert len(mod["main"].params) == 1  # every weight is a constant again
 
 
+def test_global_pool_of_the_head_reads_its_nhwc_output():
+    """SqueezeNet's head: conv -> relu -> GlobalAveragePool. The pool reads the kernel's NHWC
+    float output (tt_global_mean), no transpose to NCHW is left; the result equals the
+    reference up to the float32 summation order (numpy sums pairwise)."""
+    cm = compiled(tiny_cnn(conv_head=True, head_pool=True))
+    mod, _ = apply_plan(import_onnx(None, prepared=_prepared(cm)), plan=cm.plan, target=cm.target)
+    counts = _region_calls(mod)
+    assert counts["tt_global_mean"] == 1
+    ops = [ta.call_op_name(value) for _, value in ta.main_bindings(mod)]
+    assert "relax.permute_dims" not in ops and "relax.mean" not in ops
+    x = tiny_images(3, seed=5)
+    got, want = cm.run(x), simulate(cm.plan, x)
+    assert got.shape == want.shape == (3, 10, 1, 1)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6 * np.abs(want).max())
+
+
 def _prepared(cm):
     from tvm_ternary.passes.onnx_normalize import normalize_onnx
 

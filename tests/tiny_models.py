@@ -10,9 +10,10 @@ from onnx import TensorProto, helper, numpy_helper
 
 
 def tiny_cnn(seed: int = 0, *, channels: int = 16, size: int = 16, classes: int = 10,
-             conv_head: bool = False):
+             conv_head: bool = False, head_pool: bool = False):
     """``conv_head=True`` ends in a 1x1 conv classifier read straight from the integer region
-    (no float op before the output), so the compiled output is comparable bit for bit."""
+    (no float op before the output), so the compiled output is comparable bit for bit;
+    ``head_pool=True`` adds a GlobalAveragePool after it (SqueezeNet's head)."""
     rng = np.random.default_rng(seed)
     inits, nodes = [], []
 
@@ -45,8 +46,11 @@ def tiny_cnn(seed: int = 0, *, channels: int = 16, size: int = 16, classes: int 
     nodes.append(helper.make_node("Relu", ["res_add"], ["res_out"], name="res_out"))
     dw = conv("dw", "res_out", 2 * c, 2 * c, 3, group=2 * c)
     if conv_head:
-        head = conv("head", dw, 2 * c, classes, 1, relu=False)
+        head = conv("head", dw, 2 * c, classes, 1, relu=head_pool)
         out_shape = [1, classes, size // 4, size // 4]
+        if head_pool:
+            nodes.append(helper.make_node("GlobalAveragePool", [head], ["head_gap"], name="head_gap"))
+            head, out_shape = "head_gap", [1, classes, 1, 1]
         graph = helper.make_graph(
             nodes, "tiny_cnn_conv_head",
             [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 3, size, size])],

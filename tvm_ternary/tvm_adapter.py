@@ -335,6 +335,26 @@ def run_relax_vm(vm, *inputs: np.ndarray, func_name: str = "main") -> list[np.nd
 # (section owned by the compile flow: schedules/region_ops.py, passes/quantize_graph.py, compiler.py)
 
 
+def fma64(a, b, c):
+    """float64 ``a * b + c`` with one rounding (``llvm.fma``; vectorises to ``vfmadd``)."""
+    return tvm.tirx.call_llvm_pure_intrin("float64", "llvm.fma", a, b, c)
+
+
+def exact_quotient(value, divisor: float):
+    """``value / divisor`` correctly rounded, for a float64 ``value`` and a constant non-zero
+    ``divisor``, without a division (``vdivpd`` is ~16 cycles per zmm): ``q0 = value * y`` with
+    ``y`` = the correctly rounded ``1 / divisor``, then one correction with the exact residual
+    ``r = value - q0 * divisor`` (an FMA): ``q = q0 + r * y``. Markstein's theorem: with ``y``
+    within half an ulp of ``1/divisor`` and ``q0`` within one ulp of the quotient, ``q`` is the
+    correctly rounded quotient (no overflow / underflow: activations and scales are far from
+    the float64 limits)."""
+    b = const(float(divisor), "float64")
+    y = const(1.0 / float(divisor), "float64")
+    q0 = value * y
+    r = fma64(-q0, b, value)
+    return fma64(r, y, q0)
+
+
 def nearbyint(value):
     """Round half to even (``llvm.nearbyint``); ``tirx.round`` rounds half away from zero."""
     return tvm.tirx.nearbyint(value)

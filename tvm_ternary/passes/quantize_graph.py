@@ -7,7 +7,9 @@
 2. :class:`.integer_ops.IntegerPoolConcat`: max pools and channel concats of dequantized
    tensors run on the integers;
 3. :class:`.integer_ops.CancelRequantize`: ``quantize(dequantize(y))`` in ``y``'s format -> ``y``;
-4. the weights of the layers left float are bound as constants, and ``DeadCodeElimination``
+4. :class:`.nhwc_ops.NHWCGlobalMean`: a global average pool of a kernel's float NHWC output
+   reads it as NHWC (no transpose to NCHW first);
+5. the weights of the layers left float are bound as constants, and ``DeadCodeElimination``
    drops what no one reads: integer NHWC tensors between layers, (de)quantize and layout
    changes only where the quantized region ends.
 
@@ -31,6 +33,7 @@ from ..schedules import DenseSpec, conv2d_kernel, dense_kernel
 from .fuse_layers import FuseLayers
 from .import_onnx import ImportedModel, bind_weights
 from .integer_ops import CancelRequantize, IntegerPoolConcat
+from .nhwc_ops import NHWCGlobalMean
 from .region_funcs import RegionFuncs, RegionOp
 
 
@@ -83,12 +86,13 @@ def apply_plan(imported: ImportedModel, *, plan: QuantPlan, target, isa: str | N
     ``kernels(spec, *, target, isa) -> (PrimFunc, status)`` replaces the default kernels (tuned
     schedules); ``status`` lands in ``report.schedules``."""
     isa = isa or ta.choose_isa(target)
-    funcs = RegionFuncs(imported.module)
+    funcs = RegionFuncs(imported.module, target=target)
     make_kernel = _Kernels(funcs, target=target, isa=isa, provider=kernels)
     fuse = FuseLayers(funcs, plan=plan, layer_of_weight=imported.layer_of_weight(), kernel_for=make_kernel)
     funcs.set_main(fuse.run(funcs.main()))
     funcs.set_main(IntegerPoolConcat(funcs).run(funcs.main()))
     funcs.set_main(CancelRequantize(funcs).run(funcs.main()))
+    funcs.set_main(NHWCGlobalMean(funcs).run(funcs.main()))
     mod = bind_weights(funcs.module(), imported.weights)
     mod = relax.transform.DeadCodeElimination()(mod)
 

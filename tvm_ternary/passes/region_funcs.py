@@ -7,7 +7,7 @@ argument set (shape, format, kernel spec), named ``tt_<kind><i>`` in order of cr
 
 Example::
 
-    funcs = RegionFuncs(mod)                               # doctest: +SKIP
+    funcs = RegionFuncs(mod, target=target)                # doctest: +SKIP
     x_int = funcs.quantize(x, layer.input_quant)           # doctest: +SKIP
     funcs.op_of(x_int)                                     # RegionOp(kind='quantize', quant=...)  # doctest: +SKIP
 """
@@ -21,14 +21,15 @@ from tvm import relax
 
 from .. import tvm_adapter as ta
 from ..quant import ActivationQuant
-from ..schedules.region_ops import concat_func, dequantize_func, max_pool_func, quantize_func
+from ..schedules.region_ops import (concat_func, dequantize_func, global_mean_func, max_pool_func,
+                                    quantize_func)
 
 
 @dataclass(frozen=True)
 class RegionOp:
     """What one of our functions computes."""
 
-    kind: str  # "quantize" | "dequantize" | "max_pool" | "concat" | "kernel"
+    kind: str  # "quantize" | "dequantize" | "max_pool" | "concat" | "global_mean" | "kernel"
     # quantize: the format it writes; dequantize: the format it reads; max pool, concat and
     # kernels: None (a max pool or concat writes the format it reads, whatever it is)
     quant: ActivationQuant | None = None
@@ -37,8 +38,10 @@ class RegionOp:
 class RegionFuncs:
     """The module being rewritten, plus the functions added to it and their table."""
 
-    def __init__(self, mod: tvm.IRModule):
+    def __init__(self, mod: tvm.IRModule, *, target=None):
         self.builder = relax.BlockBuilder(mod)
+        # the input quantize divides with an FMA correction where the target has FMA
+        self.fma = target is not None and ta.target_has_features(target, "fma")
         self._gvs: dict = {}  # cache key -> GlobalVar
         self._ops: dict[str, RegionOp] = {}  # function name -> what it computes
         self._counts: dict[str, int] = {}
@@ -73,7 +76,7 @@ class RegionFuncs:
         out_shape = (shape[0], shape[2], shape[3], shape[1]) if nhwc else shape
         gv = self.function(("q", shape, quant), lambda: quantize_func(
             shape=shape, scale=quant.scale, bits=quant.bits, signed=quant.signed,
-            zero_point=quant.zero_point), "tt_quantize", RegionOp("quantize", quant))
+            zero_point=quant.zero_point, fma=self.fma), "tt_quantize", RegionOp("quantize", quant))
         return self.call(gv, [value], out_shape, quant.dtype.name)
 
     def dequantize(self, value, quant: ActivationQuant, *, shape: tuple[int, ...]) -> relax.Call:
@@ -107,6 +110,12 @@ class RegionFuncs:
                            "tt_concat", RegionOp("concat"))
         out_shape = (*shapes[0][:3], sum(sh[3] for sh in shapes))
         return self.call(gv, values, out_shape, dtype), out_shape
+
+    def global_mean(self, value, *, shape: tuple[int, ...]) -> relax.Call:
+        """float32 NHWC ``value`` of ``shape`` -> its mean over H and W, ``[N, C, 1, 1]``."""
+        gv = self.function(("gm", tuple(shape)), lambda: global_mean_func(shape=shape),
+                           "tt_global_mean", RegionOp("global_mean"))
+        return self.call(gv, [value], (shape[0], shape[3], 1, 1), "float32")
 
     # --- the module -----------------------------------------------------------------------
     def main(self) -> relax.Function:

@@ -95,18 +95,13 @@ def _decode_stage(spec: ConvSpec, weights, codes, blk: Block):
 
     ``wd[kb, r, s, cb, ki]`` packs the ``depth`` weights of output ``kb*lanes + ki`` at inputs
     ``cb*depth + j`` (j = 0..depth-1) into byte (int16 half) j.  Computing whole words lets the
-    decode vectorise over ki with contiguous loads of the packed bytes and the transposed codes;
-    an int8 [ki, j] layout would need a per-byte gather.  Codes are first transposed to
-    ``codes_t[kb, r, s, g, ki]`` (once per weight tile) for the same reason.
+    decode vectorise over ki with contiguous loads of the packed bytes and of the codes, which
+    come in the layout ``[kb, r, s, g, ki]`` (:func:`block_codes_shape`, made at compile time by
+    ``params.kernel_codes``); an int8 [ki, j] layout would need a per-byte gather.
     """
     k_, cg, (r_, s_) = spec.out_channels, spec.cin_per_group, spec.kernel
     ob, depth, n_grp = blk.lanes, blk.depth, spec.group_size
     kb_n, cb_n, bits = -(-k_ // ob), -(-cg // depth), 32 // depth
-    codes_t = te.compute(
-        (kb_n, r_, s_, spec.n_groups_q, ob),
-        lambda kb, r, s, g, ki: codes[te.min(kb * ob + ki, k_ - 1), g, r, s],
-        name="codes_t",
-    )
     i32 = lambda v: ta.const(v, "int32")  # noqa: E731
 
     ternary = spec.weight_bits == 2
@@ -123,7 +118,7 @@ def _decode_stage(spec: ConvSpec, weights, codes, blk: Block):
             src = ta.select(cb % 2 == 1, src >> i32(4 if ternary else 16), src)
         word = None
         for j in range(depth):
-            q = codes_t[kb, r, s, te.min(c0 + j, cg - 1) // n_grp, ki].astype("int32")
+            q = codes[kb, r, s, te.min(c0 + j, cg - 1) // n_grp, ki].astype("int32")
             if ternary:
                 v = ((src >> i32(2 * j)) & i32(3)) - i32(1)  # t = code - 1
             else:  # sign-extend byte j
@@ -134,6 +129,15 @@ def _decode_stage(spec: ConvSpec, weights, codes, blk: Block):
         return word
 
     return te.compute((kb_n, r_, s_, cb_n, ob), fn, name="decode")
+
+
+def block_codes_shape(spec: ConvSpec, blk: Block) -> tuple:
+    """Shape of the ``codes`` argument of the int16 / VNNI / plain kernels: uint8
+    ``[ceil(K / lanes), R, S, G, lanes]``, the group codes of each output block contiguous over
+    its lanes (``params.kernel_codes`` transposes ``[K, G, R, S]`` into it at compile time; the
+    kernels gathered it per call before: a scalar byte gather of K*G*R*S codes)."""
+    r, s = spec.kernel
+    return (-(-spec.out_channels // blk.lanes), r, s, spec.n_groups_q, blk.lanes)
 
 
 def weight_at(wd, blk: Block, kb, r, s, cb, ki, cl):
@@ -158,7 +162,7 @@ def conv_compute(spec: ConvSpec, *, isa: str, acc_width: int | None = None) -> C
     x, a_at, has_pad = input_stage(spec, blk, shift, acc_width)
     weights = te.placeholder(spec.weight_shape, "uint8" if spec.weight_bits == 2 else "int32",
                              name="weights")
-    codes = te.placeholder(spec.codes_shape, "uint8", name="codes")
+    codes = te.placeholder(block_codes_shape(spec, blk), "uint8", name="codes")
 
     cg, kg, k_ = spec.cin_per_group, spec.cout_per_group, spec.out_channels
     ob, depth = blk.lanes, blk.depth

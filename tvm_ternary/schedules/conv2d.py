@@ -2,8 +2,8 @@
 
 Tiled schedule (every ISA but depthwise)::
 
-    parallel for (oc_tile, n)                      # decode + codes_t computed here: one weight
-      decode weights of the tile (int32 words)     #   tile in L1/L2, reused by every pixel
+    parallel for (oc_tile, n)                      # decode computed here: one weight tile in
+      decode weights of the tile (int32 words)     #   L1/L2, reused by every pixel
       for oh, ow_tile:
         acc[ow_block, oc_tiles, lanes] = 0         # local -> vector registers
         for r, s, cb:                              # reduction
@@ -132,6 +132,21 @@ def _vectorize_inner(sch, block, width: int) -> None:
     sch.vectorize(loop)
 
 
+def _vectorize_epilogue(sch, epi, lanes: int) -> None:
+    """The epilogue of a register tile: output channels in blocks of ``lanes`` outermost, the
+    tile's pixels inside, the channel lanes vectorised: the per-channel parameters (bias,
+    multiplier, shift and the rounding terms made from it) are then invariant over the pixel
+    loop, and LLVM hoists them out of it instead of reloading and re-widening them per pixel."""
+    ow, k = sch.get_loops(epi)[-2:]
+    ext = sch.get(k).extent
+    if hasattr(ext, "value") and ext.value > lanes and ext.value % lanes == 0:
+        ko, ki = sch.split(k, [None, lanes])
+        sch.reorder(ko, ow, ki)
+        sch.vectorize(ki)
+        return
+    _vectorize_inner(sch, epi, lanes)
+
+
 def _schedule_tiled(sch, parts: ConvParts, *, isa: str, ow_block, oc_tiles, decode_at: str) -> None:
     blk = parts.block
     conv = sch.get_sblock("conv")
@@ -148,20 +163,18 @@ def _schedule_tiled(sch, parts: ConvParts, *, isa: str, ow_block, oc_tiles, deco
         par = sch.fuse(kbo, n, oh)
         anchor = None
     sch.parallel(par)
-    for name in ("decode", "codes_t"):  # decode first: codes_t then lands before it
-        stage = sch.get_sblock(name)
-        if anchor is not None:
-            sch.compute_at(stage, anchor, preserve_unit_loops=True)
-        else:
-            loops = sch.get_loops(stage)
-            sch.parallel(loops[0])
-        _vectorize_inner(sch, stage, blk.lanes)
+    stage = sch.get_sblock("decode")  # the codes come in the kernel's layout: no codes_t stage
+    if anchor is not None:
+        sch.compute_at(stage, anchor, preserve_unit_loops=True)
+    else:
+        sch.parallel(sch.get_loops(stage)[0])
+    _vectorize_inner(sch, stage, blk.lanes)
     if parts.has_pad:
         pad = sch.get_sblock("pad")
         loops = sch.get_loops(pad)
         sch.parallel(sch.fuse(loops[0], loops[1]))
         _vectorize_inner(sch, pad, 64)
-    _vectorize_inner(sch, epi, blk.lanes)
+    _vectorize_epilogue(sch, epi, blk.lanes)
     sch.unroll(owi)
     sch.unroll(kbi)
     name = intrin_name(isa) if parts.tensorizable else None
@@ -216,7 +229,7 @@ def _schedule_ternary(sch, parts: ConvParts, *, ow_block, oc_tiles, decode_at: s
         loops = sch.get_loops(pad)
         sch.parallel(sch.fuse(loops[0], loops[1]))
         _vectorize_inner(sch, pad, 64)
-    _vectorize_inner(sch, epi, parts.block.lanes)
+    _vectorize_epilogue(sch, epi, parts.block.lanes)
 
     loops = sch.get_loops(acc16)
     depth = len(sch.get_loops(conv)) - 4  # conv's loops down to chunk[-1] (then owi kbi ki h)

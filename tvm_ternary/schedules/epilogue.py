@@ -46,6 +46,12 @@ def epilogue_value(spec, acc, k, ph: dict, res):
         if spec.float_bias:
             y = y + ph["float_bias"][k]
         return te.max(y, ta.const(0.0, "float32")) if spec.relu else y
+    if "bias" in ph:
+        # TVM's simplifier rewrites int64(acc + bias) into int64(acc) + int64(bias); LLVM then
+        # cannot prove the product's operand fits 32 bits and emits the 3-uop vpmullq. A max
+        # with the int32 minimum (a no-op LLVM folds away) keeps the sum an int32 value, so
+        # both factors are sign-extended int32: one vpmuldq per 8 lanes.
+        acc = te.max(acc, ta.const(-(2**31), "int32"))
     v = acc.astype("int64") * ph["multiplier"][k].astype("int64")
     if res is not None:
         r = res.astype("int64")

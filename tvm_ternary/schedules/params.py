@@ -2,14 +2,14 @@
 
 ISA-dependent arguments: the int32 bias (on VNNI and the vpmaddubsw forms, u8 x s8,
 signed activations are shifted by +128 inside the kernel, so the bias must subtract
-``128 * sum(w[k])`` per output channel) and, for the vpmaddubsw forms, the group codes in the
-kernel's layout (``kernel_codes``).  Weights are constants: both are made once at compile time.
+``128 * sum(w[k])`` per output channel) and the group codes in the kernel's layout
+(``kernel_codes``: per output block and lane).  Weights are constants: both are made once at compile time.
 
 Example::
 
     b = kernel_bias(spec, isa="vnni512", weights=packed, codes=q, bias=bias_i32)
     # None when the kernel takes no bias argument
-    c = kernel_codes(spec, isa="avx2", codes=q)   # q itself unless a vpmaddubsw form runs
+    c = kernel_codes(spec, isa="avx2", codes=q)   # the kernel's layout of the [K, G, R, S] codes
 """
 
 from __future__ import annotations
@@ -60,15 +60,25 @@ def kernel_bias(spec: ConvSpec, *, isa: str, weights, codes, bias=None) -> np.nd
 
 def kernel_codes(spec: ConvSpec, *, isa: str, codes) -> np.ndarray:
     """The ``codes`` argument of a kernel built for ``isa`` from group codes ``[K, G, R, S]``:
-    unchanged, except for the vpmaddubsw forms (``spec.maddubs_form``), which take
-    ``compute_ternary.codes_layout`` (the code of each chunk and pair, per output lane)."""
+    the vpmaddubsw forms (``spec.maddubs_form``) take ``compute_ternary.codes_layout`` (the
+    code of each chunk and pair, per output lane), the other tiled kernels (VNNI, int16, plain)
+    ``compute.block_codes_shape`` (``[ceil(K/lanes), R, S, G, lanes]``; padded lanes hold 0),
+    depthwise kernels ``[K, G, R, S]`` itself."""
+    from .compute import block_codes_shape
     from .compute_ternary import chunk_group, codes_layout, plan_chunks
+    from .intrin import BLOCKS
 
     q = np.ascontiguousarray(codes, dtype=np.uint8)
     if q.shape != spec.codes_shape:
         raise ValueError(f"codes must have shape {spec.codes_shape}, got {q.shape}")
-    if maddubs_form(spec, isa) is None:
+    if spec.depthwise:
         return q
+    if maddubs_form(spec, isa) is None:
+        kb_n, r, s, g, lanes = block_codes_shape(spec, BLOCKS[isa])
+        full = np.zeros((kb_n * lanes, g, r, s), np.uint8)
+        full[: q.shape[0]] = q
+        # [kb, ki, g, r, s] -> [kb, r, s, g, ki]
+        return np.ascontiguousarray(full.reshape(kb_n, lanes, g, r, s).transpose(0, 3, 4, 2, 1))
     shape, pairs = codes_layout(spec, isa)
     kb_n, lanes, co_n = shape[0], shape[-2], shape[-3]
     full = np.zeros((kb_n * lanes, *q.shape[1:]), np.uint8)  # padded lanes: t = 0 anyway

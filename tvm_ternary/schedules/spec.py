@@ -11,10 +11,12 @@ kernel built from a spec (``kernel_arg_names`` is the source of truth)::
   4/8-bit -> int8 values in the same 16x4 blocks, zero padded, each 4 input channels viewed as
   one little-endian int32 word: ``[ceil(K/16), ceil(Cg/4), R, S, 16]`` int32
   (``layout.block_weights``).  ``Cg = C / groups``; dense uses R = S = 1.
-- ``codes``: integer group scale codes ``q[K, ceil(Cg/N), R, S]`` uint8; with
-  ``grouping="cluster"`` (N whole kernels share one code) they must not vary over (R, S).
-  The vpmaddubsw kernels of avx2 / avx512 targets (``maddubs_form``) take them in their own layout:
-  ``params.kernel_codes(spec, isa=isa, codes=q)`` (identity for every other kernel).
+- ``codes``: integer group scale codes ``q[K, ceil(Cg/N), R, S]`` uint8 (``spec.codes_shape``);
+  with ``grouping="cluster"`` (N whole kernels share one code) they must not vary over (R, S).
+  Kernels take them in their own layout, made at compile time by
+  ``params.kernel_codes(spec, isa=isa, codes=q)``: ``[ceil(K/lanes), R, S, G, lanes]``
+  (``compute.block_codes_shape``) for the VNNI / int16 / plain kernels, per chunk and lane for
+  the vpmaddubsw kernels of avx2 / avx512 targets (``maddubs_form``), ``q`` itself for depthwise.
 - ``bias``: int32 ``[K]``; present when ``spec.bias`` or when the ISA needs the +128
   compensation (s8/s4 activations on VNNI or a vpmaddubsw form: pass ``params.kernel_bias(...)``).
 - requantize (``out`` in u8/s8/u4/s4): int32 ``multiplier[K]``, int32 ``shift[K]``; with a

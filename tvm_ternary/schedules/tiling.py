@@ -17,6 +17,10 @@ from dataclasses import dataclass
 from .intrin import BLOCKS
 from .spec import ConvSpec, maddubs_form
 
+# Fewest accumulators (pixels x output blocks) an unpadded register tile may have before a
+# padded accumulator width is preferred (default_tiling; half the budget on ISAs with fewer
+# registers).
+MIN_UNPADDED_CELLS = 8
 # Vector registers per ISA (zmm0-31 with AVX-512, ymm0-15 otherwise).
 _REGS = {"vnni512": 32, "avx512": 32, "avxvnni": 16, "avx2": 16, "plain": 16}
 
@@ -83,6 +87,19 @@ def default_tiling(spec: ConvSpec, *, isa: str, threads: int = 1) -> Tiling:
     else:
         oct_ = 2 if kb % 2 == 0 else 1
     owb = _pick_ow_block(ow, max(1, budget // oct_))
+    if ow % owb:
+        # A padded accumulator width costs more than a smaller pixel block: it needs a padded
+        # copy of the input and a guarded epilogue, whose per-channel terms LLVM then cannot
+        # hoist (Xeon, 1 thread: SqueezeNet's stem, OW = 111 = 3 x 37, VNNI 14 x 2 padded
+        # 0.41 ms, 3 x 4 0.30 ms; a 55-wide 1x1 16->64, VNNI 14 x 2 0.085 ms, 11 x 2 0.061 ms,
+        # avx2t 4 x 2 0.205 ms, 5 x 1 0.171 ms). Take an unpadded tile, with more output blocks
+        # if need be, when it has enough cells.
+        cands = [o for o in (1, 2) if kb % o == 0] if maddubs else oc_cands
+        unpadded = max(((max(d for d in _divisors(ow) if d <= max(1, budget // o)), o) for o in cands),
+                       key=lambda t: (t[0] * t[1], t[0]))
+        # (one pixel per tile reuses no activation broadcast: not a candidate)
+        if unpadded[0] > 1 and unpadded[0] * unpadded[1] >= min(MIN_UNPADDED_CELLS, budget // 2):
+            owb, oct_ = unpadded
     tiles = (kb // oct_) * spec.batch
     decode_at = "tile" if tiles >= 2 * threads or spec.out_height == 1 else "root"
     return Tiling(ow_block=owb, oc_tiles=oct_, decode_at=decode_at)
