@@ -140,6 +140,50 @@ def test_dense_bit_exact(isa, name, bits):
     run_and_check(spec.as_conv(), isa)
 
 
+# 1x1 convs / dense layers with one group code per output channel skip the weight decode on
+# vnni512 (compute.codes_in_epilogue: the accumulator is scaled by q instead): signed inputs (the
+# +128 shift and its bias term), u4, zero points, residual, output channels off the 16 lanes,
+# input channels off the 4-byte words, batch > 1, every output kind.
+CODES_IN_EPILOGUE = {
+    "dense_u8_f32": dict(batch=1, in_channels=40, height=1, width=1, out_channels=24,
+                         act="u8", out="f32", bias=True, float_bias=True),
+    "dense_s8_relu_b3": dict(batch=3, in_channels=64, height=1, width=1, out_channels=32,
+                             act="s8", out="s8", bias=True, relu=True),
+    "1x1_u4_res_s2": dict(batch=1, in_channels=18, height=6, width=7, out_channels=20, stride=2,
+                          act="u4", out="s8", residual="s8", bias=True),
+    "1x1_u8_zp_i32": dict(batch=2, in_channels=16, height=3, width=5, out_channels=48,
+                          act="u8", out="i32", x_zero_point=97),
+    "1x1_u8_zp_u8": dict(batch=1, in_channels=36, height=5, width=5, out_channels=16,
+                         act="u8", out="u8", bias=True, relu=True, x_zero_point=200,
+                         out_zero_point=9),
+}
+
+
+@pytest.mark.skipif("vnni512" not in ISAS, reason="this CPU has no AVX512-VNNI")
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("name", list(CODES_IN_EPILOGUE))
+def test_codes_in_epilogue_bit_exact(name, bits):
+    from tvm_ternary.schedules.compute import codes_in_epilogue
+
+    spec = ConvSpec(kernel=1, weight_bits=bits, **CODES_IN_EPILOGUE[name])
+    assert spec.n_groups_q == 1 and codes_in_epilogue(spec, "vnni512")
+    run_and_check(spec, "vnni512")
+
+
+def test_codes_in_epilogue_only_where_exact_and_cheap():
+    """Not for ternary weights (their 2-bit codes need the decode), several groups, kernels
+    wider than 1x1 (codes per (r, s)) or other ISAs (their words are int16 pairs / 8 lanes)."""
+    from tvm_ternary.schedules.compute import codes_in_epilogue
+
+    base = dict(batch=1, in_channels=32, height=4, width=4, out_channels=32, act="u8", out="u8")
+    assert codes_in_epilogue(ConvSpec(kernel=1, weight_bits=8, **base), "vnni512")
+    assert not codes_in_epilogue(ConvSpec(kernel=1, weight_bits=2, **base), "vnni512")
+    assert not codes_in_epilogue(ConvSpec(kernel=1, weight_bits=8, group_size=16, **base), "vnni512")
+    assert not codes_in_epilogue(ConvSpec(kernel=3, weight_bits=8, **base), "vnni512")
+    for isa in ("avxvnni", "avx512", "avx2", "plain"):
+        assert not codes_in_epilogue(ConvSpec(kernel=1, weight_bits=8, **base), isa)
+
+
 # Zero points of imported QDQ models (ONNX Runtime's asymmetric u8): padding holds z_x, the
 # bias pays z_x * sum(w) back, the requantizer subtracts z_residual and adds z_out.
 ZERO_POINT_CASES = {

@@ -38,6 +38,7 @@ class ConvParts:
     tensorizable: bool  # one group per output block: the intrinsic's A operand is block-uniform
     form: str | None = None  # "avx2t" / "avx512t": the ternary vpmaddubsw kernel (compute_ternary)
     chunks: object = None  # its compute_ternary.ChunkPlan
+    decoded: bool = True  # False: no ``decode`` stage, the codes scale the accumulator instead
 
 
 def _pad_stage(spec: ConvSpec, x_at, blk: Block, shift: bool, acc_width: int):
@@ -140,10 +141,23 @@ def block_codes_shape(spec: ConvSpec, blk: Block) -> tuple:
     return (-(-spec.out_channels // blk.lanes), r, s, spec.n_groups_q, blk.lanes)
 
 
-def weight_at(wd, blk: Block, kb, r, s, cb, ki, cl):
-    """The weight of reduction lane ``cl`` from a decoded word (mirrors the intrinsic desc)."""
+def codes_in_epilogue(spec: ConvSpec, isa: str) -> bool:
+    """Whether ``spec``'s kernel skips the weight decode on ``isa``: a 1x1 conv / dense with 4- or
+    8-bit weights and one group code per output channel (``n_groups_q == 1``), on vnni512.  Its
+    blocked weight words ``v`` (``layout.block_weights``: 4 signed bytes, 16 output lanes) are
+    already the ``vpdpbusd`` operand, and ``sum x * q * v = q * sum x * v`` exactly in integers,
+    so the kernel multiplies the accumulator by ``q[k]`` before the epilogue instead of decoding
+    K*C/4 words per call (what dominated the batch-1 GEMV of a classifier: every weight is used
+    once)."""
+    return (isa == "vnni512" and spec.weight_bits in (4, 8) and spec.n_groups_q == 1
+            and spec.kernel == (1, 1) and spec.groups == 1)
+
+
+def weight_at(wd, blk: Block, kb, r, s, cb, ki, cl, word=None):
+    """The weight of reduction lane ``cl`` from a decoded word (mirrors the intrinsic desc);
+    ``word`` overrides ``wd[kb, r, s, cb, ki]``."""
     bits = 32 // blk.depth
-    word = wd[kb, r, s, cb, ki]
+    word = wd[kb, r, s, cb, ki] if word is None else word
     # int64 shift: the form create_prim_func(index_dtype_override="int64") produces anyway,
     # spelled out so that it matches the intrinsic description structurally.
     return (word.astype("int64") >> (cl * bits)).astype(blk.b_dtype).astype("int32")
@@ -168,7 +182,15 @@ def conv_compute(spec: ConvSpec, *, isa: str, acc_width: int | None = None) -> C
     ob, depth = blk.lanes, blk.depth
     (r_, s_), (sh, sw), (dh, dw) = spec.kernel, spec.stride, spec.dilation
 
-    wd = _decode_stage(spec, weights, codes, blk)
+    decoded = not codes_in_epilogue(spec, isa)
+    if decoded:
+        wd = _decode_stage(spec, weights, codes, blk)
+
+        def word_at(kb, r, s, cb, ki):
+            return wd[kb, r, s, cb, ki]
+    else:
+        def word_at(kb, r, s, cb, ki):  # the blocked words [kb, cb, r, s, ki] (lanes == 16)
+            return weights[kb, cb, r, s, ki]
     tensorizable = spec.groups == 1 or kg % ob == 0
 
     def group_of(kb, ki):
@@ -187,13 +209,20 @@ def conv_compute(spec: ConvSpec, *, isa: str, acc_width: int | None = None) -> C
         acc_shape,
         lambda n, oh, ow, kb, ki: te.sum(
             a_at(n, oh * sh + r * dh, ow * sw + s * dw, group_of(kb, ki), cb * depth + cl)
-            .astype("int32") * weight_at(wd, blk, kb, r, s, cb, ki, cl),
+            .astype("int32") * weight_at(None, blk, kb, r, s, cb, ki, cl,
+                                         word=word_at(kb, r, s, cb, ki)),
             axis=[r, s, cb, cl],
         ),
         name="conv",
     )
-    args, y = _epilogue_stage(spec, isa, lambda n, oh, ow, k: acc[n, oh, ow, k // ob, k % ob])
-    return ConvParts((x, weights, codes, *args, y), blk, has_pad, tensorizable)
+    if decoded:
+        def acc_at(n, oh, ow, k):
+            return acc[n, oh, ow, k // ob, k % ob]
+    else:
+        def acc_at(n, oh, ow, k):  # q * sum x * v: |q * v| <= 127, so no int32 overflow
+            return acc[n, oh, ow, k // ob, k % ob] * codes[k // ob, 0, 0, 0, k % ob].astype("int32")
+    args, y = _epilogue_stage(spec, isa, acc_at)
+    return ConvParts((x, weights, codes, *args, y), blk, has_pad, tensorizable, decoded=decoded)
 
 
 def _epilogue_stage(spec: ConvSpec, isa: str, acc_at):
@@ -337,5 +366,5 @@ def depthwise_vnni_compute(spec: ConvSpec, isa: str) -> ConvParts:
     return ConvParts((x, weights, codes, *args, y), blk, True, True, form=f"depthwise_{isa}")
 
 
-__all__ = ["ConvParts", "conv_compute", "depthwise_compute", "depthwise_vnni_compute",
+__all__ = ["ConvParts", "codes_in_epilogue", "conv_compute", "depthwise_compute", "depthwise_vnni_compute",
            "depthwise_vnni_form", "OUT_DTYPES"]

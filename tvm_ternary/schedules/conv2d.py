@@ -174,12 +174,13 @@ def _schedule_tiled(sch, parts: ConvParts, *, isa: str, ow_block, oc_tiles, deco
         par = sch.fuse(kbo, n, oh)
         anchor = None
     sch.parallel(par)
-    stage = sch.get_sblock("decode")  # the codes come in the kernel's layout: no codes_t stage
-    if anchor is not None:
-        sch.compute_at(stage, anchor, preserve_unit_loops=True)
-    else:
-        sch.parallel(sch.get_loops(stage)[0])
-    _vectorize_inner(sch, stage, blk.lanes)
+    if parts.decoded:  # (the codes come in the kernel's layout: no codes_t stage)
+        stage = sch.get_sblock("decode")
+        if anchor is not None:
+            sch.compute_at(stage, anchor, preserve_unit_loops=True)
+        else:
+            sch.parallel(sch.get_loops(stage)[0])
+        _vectorize_inner(sch, stage, blk.lanes)
     if parts.has_pad:
         pad = sch.get_sblock("pad")
         loops = sch.get_loops(pad)
