@@ -29,7 +29,7 @@ import kernels_harness as kh  # noqa: E402
 
 from tvm_ternary import tvm_adapter as ta  # noqa: E402
 from tvm_ternary.benchmark import machine_stamp  # noqa: E402
-from tvm_ternary.schedules import ConvSpec, conv2d_kernel, kernel_arg_names  # noqa: E402
+from tvm_ternary.schedules import ConvSpec, DenseSpec, conv2d_kernel, kernel_arg_names  # noqa: E402
 from tvm_ternary.schedules.region_ops import quantize_func  # noqa: E402
 
 _TERNARY = dict(batch=1, weight_bits=2, group_size=4, act="u8", out="u8", bias=True, relu=True)
@@ -59,7 +59,8 @@ def _dw(c: int, hw: int, stride: int) -> ConvSpec:
 
 
 # MobileNetV2's depthwise convs (8-bit weights, u8 -> u8 with bias + ReLU6 as the clip), each
-# distinct shape once, and its widest ternary expand.
+# distinct shape once, its widest ternary expand and the classifier (a GEMV at batch 1; timed
+# with its weights in cache, unlike in the network).
 MOBILENET_LAYERS = {
     "dw 32@112 s1": _dw(32, 112, 1),
     "dw 96@112 s2": _dw(96, 112, 2),
@@ -73,6 +74,9 @@ MOBILENET_LAYERS = {
     "dw 960@7 s1": _dw(960, 7, 1),
     "expand 1x1 16->96 @112": ConvSpec(in_channels=16, height=112, width=112, out_channels=96,
                                        kernel=1, **_TERNARY),
+    "fc 1280->1000 (8-bit, f32 out)": DenseSpec(batch=1, in_features=1280, out_features=1000,
+                                                weight_bits=8, act="u8", out="f32",
+                                                bias=True).as_conv(),
 }
 MODELS = {"squeezenet": LAYERS, "mobilenetv2": MOBILENET_LAYERS}
 
