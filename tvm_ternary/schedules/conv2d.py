@@ -299,9 +299,9 @@ def _largest_divisor(n: int, limit: int) -> int:
 def _schedule_depthwise_vnni(sch, parts: ConvParts, isa: str) -> None:
     """The VNNI depthwise kernel (compute.depthwise_vnni_compute)::
 
-        parallel for (n, band of output rows):
-          words of the band's input rows (pad inlined, channels vectorised)
-          for oh in band, channel block, ow tile:
+        parallel for (n, band of output rows, channel block):
+          words of the band's input rows (pad inlined, the block's channels vectorised)
+          for oh in band, ow tile:
             acc[ow tile, lanes] = 0                      # vector registers
             for r: for owi (unrolled): vpdpbusd(acc[owi], words[.., owi, lanes], w[r, lanes])
             epilogue(acc) -> y
@@ -313,10 +313,10 @@ def _schedule_depthwise_vnni(sch, parts: ConvParts, isa: str) -> None:
     oho, ohi = sch.split(oh, [None, _largest_divisor(oh_n, DEPTHWISE_OH_BAND)])
     owo, owi = sch.split(ow, [None, _largest_divisor(ow_n, DEPTHWISE_OW_BLOCK)])
     ko, ki = sch.split(k, [None, lanes])
-    sch.reorder(n, oho, ohi, ko, owo, r, owi, ki, cl)
+    sch.reorder(n, oho, ko, ohi, owo, r, owi, ki, cl)
     epi = sch.get_sblock("y")
     sch.reverse_compute_at(epi, owo, preserve_unit_loops=True)
-    par = sch.fuse(n, oho)
+    par = sch.fuse(n, oho, ko)  # bands x channel blocks: work for every thread on 7x7 maps too
     sch.parallel(par)
     sch.compute_inline(sch.get_sblock("pad"))
     words = sch.get_sblock("words")
