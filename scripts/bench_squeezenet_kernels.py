@@ -1,9 +1,10 @@
 #!/usr/bin/env python3
-"""SqueezeNet 1.1's distinct layer kernels, as the compiler builds them at FGQ N=4, one at a time:
-bit-exact against the numpy reference (``tests/kernels_harness``), then the median of repeated
-calls, per target. The input quantize of the model is timed too.
+"""SqueezeNet 1.1's (or MobileNetV2's) distinct layer kernels, as the compiler builds them at FGQ
+N=4, one at a time: bit-exact against the numpy reference (``tests/kernels_harness``), then the
+median of repeated calls, per target. The input quantize of the model is timed too.
 
     python scripts/bench_squeezenet_kernels.py --target rocketlake,haswell,skylake-avx512 --json out.json
+    python scripts/bench_squeezenet_kernels.py --model mobilenetv2 --target rocketlake
 
 Compare two trees by running it with ``PYTHONPATH`` set to each (e.g. main and a branch) in the
 same sitting. The layer specs: the stem 8-bit on s8 input (caffe preprocessing), conv10 8-bit with
@@ -28,7 +29,7 @@ import kernels_harness as kh  # noqa: E402
 
 from tvm_ternary import tvm_adapter as ta  # noqa: E402
 from tvm_ternary.benchmark import machine_stamp  # noqa: E402
-from tvm_ternary.schedules import ConvSpec, conv2d_kernel, kernel_arg_names  # noqa: E402
+from tvm_ternary.schedules import ConvSpec, DenseSpec, conv2d_kernel, kernel_arg_names  # noqa: E402
 from tvm_ternary.schedules.region_ops import quantize_func  # noqa: E402
 
 _TERNARY = dict(batch=1, weight_bits=2, group_size=4, act="u8", out="u8", bias=True, relu=True)
@@ -48,6 +49,36 @@ LAYERS = {
         batch=1, in_channels=512, height=13, width=13, out_channels=1000, kernel=1, weight_bits=8,
         group_size=512, act="u8", out="f32", bias=True, relu=True),
 }
+
+_DW = dict(batch=1, weight_bits=8, group_size=1, act="u8", out="u8", bias=True, relu=True,
+           kernel=3, padding=1)
+
+
+def _dw(c: int, hw: int, stride: int) -> ConvSpec:
+    return ConvSpec(in_channels=c, height=hw, width=hw, out_channels=c, groups=c, stride=stride, **_DW)
+
+
+# MobileNetV2's depthwise convs (8-bit weights, u8 -> u8 with bias + ReLU6 as the clip), each
+# distinct shape once, its widest ternary expand and the classifier (a GEMV at batch 1; timed
+# with its weights in cache, unlike in the network).
+MOBILENET_LAYERS = {
+    "dw 32@112 s1": _dw(32, 112, 1),
+    "dw 96@112 s2": _dw(96, 112, 2),
+    "dw 144@56 s1": _dw(144, 56, 1),
+    "dw 144@56 s2": _dw(144, 56, 2),
+    "dw 192@28 s1": _dw(192, 28, 1),
+    "dw 192@28 s2": _dw(192, 28, 2),
+    "dw 384@14 s1": _dw(384, 14, 1),
+    "dw 576@14 s1": _dw(576, 14, 1),
+    "dw 576@14 s2": _dw(576, 14, 2),
+    "dw 960@7 s1": _dw(960, 7, 1),
+    "expand 1x1 16->96 @112": ConvSpec(in_channels=16, height=112, width=112, out_channels=96,
+                                       kernel=1, **_TERNARY),
+    "fc 1280->1000 (8-bit, f32 out)": DenseSpec(batch=1, in_features=1280, out_features=1000,
+                                                weight_bits=8, act="u8", out="f32",
+                                                bias=True).as_conv(),
+}
+MODELS = {"squeezenet": LAYERS, "mobilenetv2": MOBILENET_LAYERS}
 
 
 def _median(mod, args, macs: int) -> float:
@@ -79,13 +110,14 @@ def bench_quantize(target) -> dict:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--target", default=None, help="comma-separated LLVM mcpus (default: host)")
+    ap.add_argument("--model", choices=sorted(MODELS), default="squeezenet")
     ap.add_argument("--json", type=Path, default=None)
     a = ap.parse_args(argv)
     mcpus = a.target.split(",") if a.target else [ta.host_cpu()]
     records = []
     for mcpu in mcpus:
         target = ta.make_target(mcpu, num_cores=1)
-        for name, spec in LAYERS.items():
+        for name, spec in MODELS[a.model].items():
             rec = {"target": mcpu, "layer": name, **bench_layer(spec, target)}
             records.append(rec)
             print(f"{mcpu:16s} {rec['isa']:8s} {name:42s} {rec['median_ms']:.4f} ms  {rec['gmacs']:6.1f} GMAC/s",
@@ -94,7 +126,8 @@ def main(argv=None) -> int:
         records.append(rec)
         print(f"{mcpu:16s} {'':8s} {rec['layer']:42s} {rec['median_ms']:.4f} ms", flush=True)
     if a.json:
-        a.json.write_text(json.dumps({"stamp": machine_stamp(1), "threads": 1, "records": records}, indent=1))
+        a.json.write_text(json.dumps({"stamp": machine_stamp(1), "threads": 1, "model": a.model,
+                                     "records": records}, indent=1))
         print(f"wrote {a.json}")
     return 0
 

@@ -61,6 +61,69 @@ def test_reference_schedule_bit_exact(name):
                   schedule="reference")
 
 
+# The VNNI depthwise kernel (compute.depthwise_vnni_compute: one vpdpbusd per kernel row): row
+# widths 1-4 taps, strides, dilation, asymmetric padding, u4 / zero-point inputs, residuals and
+# every output kind, one and several channel blocks, bands of output rows that do not divide.
+DEPTHWISE_VNNI = {
+    "3x3_s1_relu": dict(in_channels=32, height=9, width=11, kernel=3, padding=1, act="u8",
+                        out="u8", bias=True, relu=True),
+    "3x3_s2_res": dict(in_channels=16, height=13, width=10, kernel=3, stride=2, padding=1,
+                       act="u8", out="s8", bias=True, residual="s8"),
+    "3x3_dil2_pad_asym_u4": dict(in_channels=48, height=10, width=9, kernel=3, dilation=2,
+                                 padding=(2, 1, 0, 2), act="u4", out="u4", relu=True),
+    "1x4_s1_i32": dict(in_channels=16, height=5, width=12, kernel=(1, 4), padding=(0, 1, 0, 2),
+                       act="u8", out="i32"),
+    "5x2_s2_f32": dict(in_channels=32, height=11, width=7, kernel=(5, 2), stride=2, padding=2,
+                       act="u8", out="f32", bias=True, float_bias=True),
+    "3x1_zp": dict(in_channels=16, height=17, width=6, kernel=(3, 1), padding=(1, 0, 1, 0),
+                   act="u8", out="u8", bias=True, x_zero_point=131, out_zero_point=5),
+}
+
+
+def _depthwise_spec(name: str, bits: int) -> ConvSpec:
+    kw = dict(DEPTHWISE_VNNI[name])
+    c = kw["in_channels"]
+    return ConvSpec(batch=1, out_channels=c, groups=c, weight_bits=bits, **kw)
+
+
+VNNI_ISAS = [isa for isa in ("vnni512", "avxvnni") if isa in ISAS]
+
+
+@pytest.mark.parametrize("bits", [2, 8])
+@pytest.mark.parametrize("name", list(DEPTHWISE_VNNI))
+@pytest.mark.parametrize("isa", VNNI_ISAS)
+def test_depthwise_vnni_bit_exact(isa, name, bits):
+    from tvm_ternary.schedules.compute import depthwise_vnni_form
+
+    spec = _depthwise_spec(name, bits)
+    assert depthwise_vnni_form(spec, isa)
+    run_and_check(spec, isa)
+
+
+@pytest.mark.parametrize("isa", ["vnni512", "avxvnni"])
+def test_depthwise_vnni_form_choice_and_instruction(isa):
+    """The VNNI depthwise kernel is built where it applies and multiplies with vpdpbusd (one per
+    row of taps); signed inputs, rows wider than a word and partial channel blocks keep the
+    int32 kernel."""
+    from kernels_harness import ISA_MCPU
+    from tvm_ternary import tvm_adapter as ta
+    from tvm_ternary.schedules import conv2d_kernel
+    from tvm_ternary.schedules.compute import depthwise_vnni_form
+
+    spec = _depthwise_spec("3x3_s1_relu", 8)
+    target = ta.make_target(ISA_MCPU[isa])
+    asm = ta.assembly(conv2d_kernel(spec, target=target), target=target)
+    assert "vpdpbusd" in asm and ("zmm" in asm) == (isa == "vnni512")
+    base = dict(batch=1, height=8, width=8, padding=1, act="u8", out="u8")
+    assert not depthwise_vnni_form(ConvSpec(in_channels=16, out_channels=16, groups=16, kernel=3,
+                                            **{**base, "act": "s8"}), isa)
+    assert not depthwise_vnni_form(ConvSpec(in_channels=16, out_channels=16, groups=16, kernel=5,
+                                            **base), isa)
+    assert not depthwise_vnni_form(ConvSpec(in_channels=20, out_channels=20, groups=20, kernel=3,
+                                            **base), isa)
+    assert not depthwise_vnni_form(spec, "avx512") and not depthwise_vnni_form(spec, "plain")
+
+
 DENSE = {
     "n1": dict(batch=1, in_features=40, out_features=24, act="u8", out="f32", group_size=8),
     "n3_s8": dict(batch=3, in_features=64, out_features=32, act="s8", out="s8", bias=True,
@@ -75,6 +138,50 @@ DENSE = {
 def test_dense_bit_exact(isa, name, bits):
     spec = DenseSpec(weight_bits=bits, **DENSE[name])
     run_and_check(spec.as_conv(), isa)
+
+
+# 1x1 convs / dense layers with one group code per output channel skip the weight decode on
+# vnni512 (compute.codes_in_epilogue: the accumulator is scaled by q instead): signed inputs (the
+# +128 shift and its bias term), u4, zero points, residual, output channels off the 16 lanes,
+# input channels off the 4-byte words, batch > 1, every output kind.
+CODES_IN_EPILOGUE = {
+    "dense_u8_f32": dict(batch=1, in_channels=40, height=1, width=1, out_channels=24,
+                         act="u8", out="f32", bias=True, float_bias=True),
+    "dense_s8_relu_b3": dict(batch=3, in_channels=64, height=1, width=1, out_channels=32,
+                             act="s8", out="s8", bias=True, relu=True),
+    "1x1_u4_res_s2": dict(batch=1, in_channels=18, height=6, width=7, out_channels=20, stride=2,
+                          act="u4", out="s8", residual="s8", bias=True),
+    "1x1_u8_zp_i32": dict(batch=2, in_channels=16, height=3, width=5, out_channels=48,
+                          act="u8", out="i32", x_zero_point=97),
+    "1x1_u8_zp_u8": dict(batch=1, in_channels=36, height=5, width=5, out_channels=16,
+                         act="u8", out="u8", bias=True, relu=True, x_zero_point=200,
+                         out_zero_point=9),
+}
+
+
+@pytest.mark.skipif("vnni512" not in ISAS, reason="this CPU has no AVX512-VNNI")
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("name", list(CODES_IN_EPILOGUE))
+def test_codes_in_epilogue_bit_exact(name, bits):
+    from tvm_ternary.schedules.compute import codes_in_epilogue
+
+    spec = ConvSpec(kernel=1, weight_bits=bits, **CODES_IN_EPILOGUE[name])
+    assert spec.n_groups_q == 1 and codes_in_epilogue(spec, "vnni512")
+    run_and_check(spec, "vnni512")
+
+
+def test_codes_in_epilogue_only_where_exact_and_cheap():
+    """Not for ternary weights (their 2-bit codes need the decode), several groups, kernels
+    wider than 1x1 (codes per (r, s)) or other ISAs (their words are int16 pairs / 8 lanes)."""
+    from tvm_ternary.schedules.compute import codes_in_epilogue
+
+    base = dict(batch=1, in_channels=32, height=4, width=4, out_channels=32, act="u8", out="u8")
+    assert codes_in_epilogue(ConvSpec(kernel=1, weight_bits=8, **base), "vnni512")
+    assert not codes_in_epilogue(ConvSpec(kernel=1, weight_bits=2, **base), "vnni512")
+    assert not codes_in_epilogue(ConvSpec(kernel=1, weight_bits=8, group_size=16, **base), "vnni512")
+    assert not codes_in_epilogue(ConvSpec(kernel=3, weight_bits=8, **base), "vnni512")
+    for isa in ("avxvnni", "avx512", "avx2", "plain"):
+        assert not codes_in_epilogue(ConvSpec(kernel=1, weight_bits=8, **base), isa)
 
 
 # Zero points of imported QDQ models (ONNX Runtime's asymmetric u8): padding holds z_x, the

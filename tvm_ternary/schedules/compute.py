@@ -38,6 +38,7 @@ class ConvParts:
     tensorizable: bool  # one group per output block: the intrinsic's A operand is block-uniform
     form: str | None = None  # "avx2t" / "avx512t": the ternary vpmaddubsw kernel (compute_ternary)
     chunks: object = None  # its compute_ternary.ChunkPlan
+    decoded: bool = True  # False: no ``decode`` stage, the codes scale the accumulator instead
 
 
 def _pad_stage(spec: ConvSpec, x_at, blk: Block, shift: bool, acc_width: int):
@@ -140,10 +141,23 @@ def block_codes_shape(spec: ConvSpec, blk: Block) -> tuple:
     return (-(-spec.out_channels // blk.lanes), r, s, spec.n_groups_q, blk.lanes)
 
 
-def weight_at(wd, blk: Block, kb, r, s, cb, ki, cl):
-    """The weight of reduction lane ``cl`` from a decoded word (mirrors the intrinsic desc)."""
+def codes_in_epilogue(spec: ConvSpec, isa: str) -> bool:
+    """Whether ``spec``'s kernel skips the weight decode on ``isa``: a 1x1 conv / dense with 4- or
+    8-bit weights and one group code per output channel (``n_groups_q == 1``), on vnni512.  Its
+    blocked weight words ``v`` (``layout.block_weights``: 4 signed bytes, 16 output lanes) are
+    already the ``vpdpbusd`` operand, and ``sum x * q * v = q * sum x * v`` exactly in integers,
+    so the kernel multiplies the accumulator by ``q[k]`` before the epilogue instead of decoding
+    K*C/4 words per call (what dominated the batch-1 GEMV of a classifier: every weight is used
+    once)."""
+    return (isa == "vnni512" and spec.weight_bits in (4, 8) and spec.n_groups_q == 1
+            and spec.kernel == (1, 1) and spec.groups == 1)
+
+
+def weight_at(wd, blk: Block, kb, r, s, cb, ki, cl, word=None):
+    """The weight of reduction lane ``cl`` from a decoded word (mirrors the intrinsic desc);
+    ``word`` overrides ``wd[kb, r, s, cb, ki]``."""
     bits = 32 // blk.depth
-    word = wd[kb, r, s, cb, ki]
+    word = wd[kb, r, s, cb, ki] if word is None else word
     # int64 shift: the form create_prim_func(index_dtype_override="int64") produces anyway,
     # spelled out so that it matches the intrinsic description structurally.
     return (word.astype("int64") >> (cl * bits)).astype(blk.b_dtype).astype("int32")
@@ -168,7 +182,15 @@ def conv_compute(spec: ConvSpec, *, isa: str, acc_width: int | None = None) -> C
     ob, depth = blk.lanes, blk.depth
     (r_, s_), (sh, sw), (dh, dw) = spec.kernel, spec.stride, spec.dilation
 
-    wd = _decode_stage(spec, weights, codes, blk)
+    decoded = not codes_in_epilogue(spec, isa)
+    if decoded:
+        wd = _decode_stage(spec, weights, codes, blk)
+
+        def word_at(kb, r, s, cb, ki):
+            return wd[kb, r, s, cb, ki]
+    else:
+        def word_at(kb, r, s, cb, ki):  # the blocked words [kb, cb, r, s, ki] (lanes == 16)
+            return weights[kb, cb, r, s, ki]
     tensorizable = spec.groups == 1 or kg % ob == 0
 
     def group_of(kb, ki):
@@ -187,13 +209,20 @@ def conv_compute(spec: ConvSpec, *, isa: str, acc_width: int | None = None) -> C
         acc_shape,
         lambda n, oh, ow, kb, ki: te.sum(
             a_at(n, oh * sh + r * dh, ow * sw + s * dw, group_of(kb, ki), cb * depth + cl)
-            .astype("int32") * weight_at(wd, blk, kb, r, s, cb, ki, cl),
+            .astype("int32") * weight_at(None, blk, kb, r, s, cb, ki, cl,
+                                         word=word_at(kb, r, s, cb, ki)),
             axis=[r, s, cb, cl],
         ),
         name="conv",
     )
-    args, y = _epilogue_stage(spec, isa, lambda n, oh, ow, k: acc[n, oh, ow, k // ob, k % ob])
-    return ConvParts((x, weights, codes, *args, y), blk, has_pad, tensorizable)
+    if decoded:
+        def acc_at(n, oh, ow, k):
+            return acc[n, oh, ow, k // ob, k % ob]
+    else:
+        def acc_at(n, oh, ow, k):  # q * sum x * v: |q * v| <= 127, so no int32 overflow
+            return acc[n, oh, ow, k // ob, k % ob] * codes[k // ob, 0, 0, 0, k % ob].astype("int32")
+    args, y = _epilogue_stage(spec, isa, acc_at)
+    return ConvParts((x, weights, codes, *args, y), blk, has_pad, tensorizable, decoded=decoded)
 
 
 def _epilogue_stage(spec: ConvSpec, isa: str, acc_at):
@@ -264,4 +293,78 @@ def depthwise_compute(spec: ConvSpec) -> ConvParts:
     return ConvParts((x, weights, codes, *args, y), blk, True, False)
 
 
-__all__ = ["ConvParts", "conv_compute", "depthwise_compute", "OUT_DTYPES"]
+def depthwise_vnni_form(spec: ConvSpec, isa: str) -> bool:
+    """Whether ``spec`` runs the VNNI depthwise kernel (:func:`depthwise_vnni_compute`) on
+    ``isa``: a VNNI ISA, unsigned activations (``vpdpbusd`` multiplies u8 by s8; signed ones
+    would need the +128 shift and its bias term), a kernel row of at most 4 taps (one word), and
+    whole channel blocks.  Otherwise :func:`depthwise_compute`'s int32 kernel."""
+    return (spec.depthwise and isa in ("vnni512", "avxvnni") and spec.act in ("u8", "u4")
+            and spec.kernel[1] <= 4 and spec.out_channels % BLOCKS[isa].lanes == 0)
+
+
+def depthwise_vnni_compute(spec: ConvSpec, isa: str) -> ConvParts:
+    """Depthwise conv as one ``vpdpbusd`` per kernel row: the S taps of a row are bytes of one
+    word per (row, output pixel, channel) (stage ``words``, made from the padded input), the
+    S weights of the row bytes of one word per (row, channel) (stage ``decode``), and a lane
+    accumulates their 4-byte dot product (``intrin.depthwise_intrin_name``): R instructions per
+    output vector instead of R*S widen-multiply-adds.  Same arguments as
+    :func:`depthwise_compute`.  Exact: bytes past S are 0 in both words, |q*v| <= 127 (s8) by
+    the number-format contract, u8 activations."""
+    if not depthwise_vnni_form(spec, isa):
+        raise ValueError(f"no VNNI depthwise kernel for {spec} on {isa!r}")
+    blk = BLOCKS[isa]
+    x = te.placeholder(spec.x_shape, ACT_DTYPES[spec.act], name="x")
+    weights = te.placeholder(spec.weight_shape, "uint8" if spec.weight_bits == 2 else "int32",
+                             name="weights")
+    codes = te.placeholder(spec.codes_shape, "uint8", name="codes")
+    k_, (r_, s_) = spec.out_channels, spec.kernel
+    (sh, sw), (dh, dw) = spec.stride, spec.dilation
+    pt, pl, pb, pr = spec.padding
+    hp, wp = spec.height + pt + pb, spec.width + pl + pr
+    i32 = lambda v: ta.const(v, "int32")  # noqa: E731
+
+    def pad_fn(n, h, w, c):
+        inside = te.all(h >= pt, h < pt + spec.height, w >= pl, w < pl + spec.width)
+        return ta.if_then_else(inside, x[n, h - pt, w - pl, c].astype("uint8"),
+                               ta.const(spec.x_zero_point, "uint8"))
+
+    xp = te.compute((spec.batch, hp, wp, k_), pad_fn, name="pad")
+
+    def words_fn(n, h, ow, c):
+        word = None
+        for j in range(s_):
+            b = xp[n, h, ow * sw + j * dw, c].astype("int32") << i32(8 * j)
+            word = b if word is None else word | b
+        return word
+
+    xw = te.compute((spec.batch, hp, spec.out_width, k_), words_fn, name="words")
+
+    def dec_fn(r, k):
+        word = None
+        for j in range(s_):
+            qv = codes[k, 0, r, j].astype("int32")
+            if spec.weight_bits == 2:
+                v = (weights[k // 16, 0, r, j, k % 16] & ta.const(3, "uint8")).astype("int32") - i32(1)
+            else:  # byte 0 of the int32 word (input channel 0 of the block), sign-extended
+                v = (weights[k // 16, 0, r, j, k % 16] << i32(24)) >> i32(24)
+            b = ((qv * v) & i32(255)) << i32(8 * j)
+            word = b if word is None else word | b
+        return word
+
+    wd = te.compute((r_, k_), dec_fn, name="decode")
+    r = te.reduce_axis((0, r_), name="r")
+    cl = te.reduce_axis((0, 4), name="cl")
+    acc = te.compute(
+        (spec.batch, spec.out_height, spec.out_width, k_),
+        lambda n, oh, ow, k: te.sum(
+            (xw[n, oh * sh + r * dh, ow, k].astype("int64") >> (cl * 8)).astype("uint8").astype("int32")
+            * (wd[r, k].astype("int64") >> (cl * 8)).astype("int8").astype("int32"),
+            axis=[r, cl]),
+        name="conv",
+    )
+    args, y = _epilogue_stage(spec, "plain", lambda n, oh, ow, k: acc[n, oh, ow, k])
+    return ConvParts((x, weights, codes, *args, y), blk, True, True, form=f"depthwise_{isa}")
+
+
+__all__ = ["ConvParts", "codes_in_epilogue", "conv_compute", "depthwise_compute", "depthwise_vnni_compute",
+           "depthwise_vnni_form", "OUT_DTYPES"]

@@ -23,15 +23,20 @@ Example::
 from __future__ import annotations
 
 from .. import tvm_adapter as ta
-from .compute import ConvParts, conv_compute, depthwise_compute
+from .compute import (ConvParts, conv_compute, depthwise_compute, depthwise_vnni_compute,
+                      depthwise_vnni_form)
 from .compute_ternary import ternary_conv_compute
-from .intrin import group_intrin_name, intrin_name
+from .intrin import depthwise_intrin_name, group_intrin_name, intrin_name
 from .spec import ConvSpec, maddubs_form
 from .tiling import Tiling, default_tiling
 
 
 # Output pixels per depthwise register tile (the largest divisor of the output width up to it).
 DEPTHWISE_OW_BLOCK = 8
+# Output rows per band of the VNNI depthwise kernel (the largest divisor of the output height up
+# to it): its input words are made per band, (rows - 1) * stride + R input rows, so a band
+# re-makes R - stride rows of its neighbour's and stays in L2 (8 x 56 x 144 words: 0.3 MB).
+DEPTHWISE_OH_BAND = 8
 
 
 def _tag(func, isa: str):
@@ -61,6 +66,12 @@ def conv2d_kernel(spec: ConvSpec, *, target=None, schedule=True, isa: str | None
     if schedule is not True and schedule != "default":
         raise ValueError(f"schedule must be True, 'default', False or 'reference': {schedule!r}")
     isa = isa or ta.choose_isa(target)
+    if spec.depthwise and depthwise_vnni_form(spec, isa):
+        parts = depthwise_vnni_compute(spec, isa)
+        sch = ta.schedule_of(ta.create_prim_func(parts.args))
+        _schedule_depthwise_vnni(sch, parts, isa)
+        # same argument list as the int32 depthwise kernel (no compensation): tagged alike
+        return _tag(ta.scheduled_func(sch), "plain")
     if spec.depthwise:
         parts = depthwise_compute(spec)
         sch = ta.schedule_of(ta.create_prim_func(parts.args))
@@ -163,12 +174,13 @@ def _schedule_tiled(sch, parts: ConvParts, *, isa: str, ow_block, oc_tiles, deco
         par = sch.fuse(kbo, n, oh)
         anchor = None
     sch.parallel(par)
-    stage = sch.get_sblock("decode")  # the codes come in the kernel's layout: no codes_t stage
-    if anchor is not None:
-        sch.compute_at(stage, anchor, preserve_unit_loops=True)
-    else:
-        sch.parallel(sch.get_loops(stage)[0])
-    _vectorize_inner(sch, stage, blk.lanes)
+    if parts.decoded:  # (the codes come in the kernel's layout: no codes_t stage)
+        stage = sch.get_sblock("decode")
+        if anchor is not None:
+            sch.compute_at(stage, anchor, preserve_unit_loops=True)
+        else:
+            sch.parallel(sch.get_loops(stage)[0])
+        _vectorize_inner(sch, stage, blk.lanes)
     if parts.has_pad:
         pad = sch.get_sblock("pad")
         loops = sch.get_loops(pad)
@@ -278,3 +290,41 @@ def _schedule_depthwise(sch, parts: ConvParts) -> None:
     sch.vectorize(ki)  # before decompose_reduction (TVM 0.27 refuses it after)
     init = sch.decompose_reduction(conv, r)
     sch.vectorize(sch.get_loops(init)[-1])
+
+
+def _largest_divisor(n: int, limit: int) -> int:
+    return max(d for d in range(1, min(n, limit) + 1) if n % d == 0)
+
+
+def _schedule_depthwise_vnni(sch, parts: ConvParts, isa: str) -> None:
+    """The VNNI depthwise kernel (compute.depthwise_vnni_compute)::
+
+        parallel for (n, band of output rows, channel block):
+          words of the band's input rows (pad inlined, the block's channels vectorised)
+          for oh in band, ow tile:
+            acc[ow tile, lanes] = 0                      # vector registers
+            for r: for owi (unrolled): vpdpbusd(acc[owi], words[.., owi, lanes], w[r, lanes])
+            epilogue(acc) -> y
+    """
+    lanes = parts.block.lanes
+    conv = sch.get_sblock("conv")
+    n, oh, ow, k, r, cl = sch.get_loops(conv)
+    oh_n, ow_n = sch.get(oh).extent.value, sch.get(ow).extent.value
+    oho, ohi = sch.split(oh, [None, _largest_divisor(oh_n, DEPTHWISE_OH_BAND)])
+    owo, owi = sch.split(ow, [None, _largest_divisor(ow_n, DEPTHWISE_OW_BLOCK)])
+    ko, ki = sch.split(k, [None, lanes])
+    sch.reorder(n, oho, ko, ohi, owo, r, owi, ki, cl)
+    epi = sch.get_sblock("y")
+    sch.reverse_compute_at(epi, owo, preserve_unit_loops=True)
+    par = sch.fuse(n, oho, ko)  # bands x channel blocks: work for every thread on 7x7 maps too
+    sch.parallel(par)
+    sch.compute_inline(sch.get_sblock("pad"))
+    words = sch.get_sblock("words")
+    sch.compute_at(words, par, preserve_unit_loops=True)
+    _vectorize_inner(sch, words, lanes)
+    _vectorize_inner(sch, sch.get_sblock("decode"), lanes)
+    _vectorize_inner(sch, epi, lanes)
+    sch.unroll(owi)
+    init = sch.decompose_reduction(conv, r)
+    sch.vectorize(sch.get_loops(init)[-1])
+    sch.tensorize(ki, depthwise_intrin_name(isa))

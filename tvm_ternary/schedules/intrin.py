@@ -14,6 +14,8 @@ ISA               block      operands (B: int32 words)     instructions per bloc
                              group: codes s16[16, 2]       group: ``vpmaddwd zmm`` + ``vpaddd``
                              (as int32 words)
 ``avx2t``          8 x 4     A u8[4], B t s8[8, 4]         the same on ymm
+depthwise VNNI    16 / 8     A u8[lanes, 4] (int32 words,  ``vpdpbusd`` (1), no broadcast
+                  lanes x 4  one per channel), B s8 words  (``depthwise_intrin_name``)
 ================  =========  ============================  =======================================
 
 The forms ``avx2t`` / ``avx512t`` (ternary layers, and 4/8-bit ones whose pair sums fit int16,
@@ -257,6 +259,64 @@ def _ternary_group_impl(blk: Block, llvm_name: str):
             )
 
     return impl
+
+
+def _depthwise_desc(lanes: int):
+    # Depthwise block: lane i (one channel) gains the dot product of the 4 bytes of its own
+    # activation word A[i] (u8: the taps of one kernel row, compute.depthwise_vnni_compute) and
+    # of its weight word B[i] (s8): no broadcast, unlike the dense blocks.
+    @T.prim_func(s_tir=True)
+    def desc(
+        A: T.Buffer((lanes,), "int32", offset_factor=1),
+        B: T.Buffer((lanes,), "int32", offset_factor=1),
+        C: T.Buffer((lanes,), "int32", offset_factor=1),
+    ) -> None:
+        with T.sblock("root"):
+            T.reads(C[0:lanes], A[0:lanes], B[0:lanes])
+            T.writes(C[0:lanes])
+            for i, k in T.grid(T.int64(lanes), T.int64(4)):
+                with T.sblock("update"):
+                    vi, vk = T.axis.remap("SR", [i, k])
+                    C[vi] = C[vi] + T.Cast(
+                        "int32", T.Cast("uint8", T.Cast("int64", A[vi]) >> vk * T.int64(8))
+                    ) * T.Cast("int32", T.Cast("int8", T.Cast("int64", B[vi]) >> vk * T.int64(8)))
+
+    return desc
+
+
+def _depthwise_impl(lanes: int, llvm_name: str):
+    acc_t, byte_t = f"int32x{lanes}", f"int8x{4 * lanes}"
+
+    @T.prim_func(s_tir=True)
+    def impl(
+        A: T.Buffer((lanes,), "int32", offset_factor=1),
+        B: T.Buffer((lanes,), "int32", offset_factor=1),
+        C: T.Buffer((lanes,), "int32", offset_factor=1),
+    ) -> None:
+        with T.sblock("root"):
+            T.reads(C[0:lanes], A[0:lanes], B[0:lanes])
+            T.writes(C[0:lanes])
+            C[T.ramp(T.int32(0), 1, lanes)] = T.call_llvm_pure_intrin(
+                T.llvm_lookup_intrinsic_id(llvm_name),
+                C.vload([0], dtype=acc_t),
+                T.reinterpret(A.vload([0], dtype=acc_t), dtype=byte_t),
+                T.reinterpret(B.vload([0], dtype=acc_t), dtype=byte_t),
+                dtype=acc_t,
+            )
+
+    return impl
+
+
+def depthwise_intrin_name(isa: str) -> str:
+    """Register (once) and return the depthwise ``vpdpbusd`` intrinsic of a VNNI ISA: per lane,
+    4 activation bytes (its own word, not a broadcast) times 4 weight bytes."""
+    if isa not in _VNNI_LLVM:
+        raise ValueError(f"no depthwise intrinsic for {isa!r}; expected one of {sorted(_VNNI_LLVM)}")
+    name = f"tvm_ternary_depthwise_{isa}"
+    if TensorIntrin.get(name, allow_missing=True) is None:
+        lanes = BLOCKS[isa].lanes
+        TensorIntrin.register(name, _depthwise_desc(lanes), _depthwise_impl(lanes, _VNNI_LLVM[isa]))
+    return name
 
 
 def group_intrin_name(isa: str) -> str:
