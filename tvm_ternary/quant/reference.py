@@ -52,6 +52,15 @@ def conv2d_output_shape(in_hw, kernel_hw, *, stride=1, padding=0, dilation=1) ->
     return h, w
 
 
+def _padded(x, pads, pad_value, dtype) -> np.ndarray:
+    """``x`` [N, C, H, W] in ``dtype`` with ``pads`` (top, left, bottom, right) of ``pad_value``."""
+    n, c, h, wd = x.shape
+    top, left, bottom, right = pads
+    xp = np.full((n, c, h + top + bottom, wd + left + right), pad_value, dtype=dtype)
+    xp[:, :, top : top + h, left : left + wd] = x
+    return xp
+
+
 def im2col(x, *, kernel_hw, stride=1, padding=0, dilation=1, pad_value=0, dtype=np.float64):
     """Patches ``[N, C, R, S, OH, OW]`` of ``x`` [N, C, H, W] (padded with ``pad_value``)."""
     n, c, h, wd = x.shape
@@ -63,8 +72,7 @@ def im2col(x, *, kernel_hw, stride=1, padding=0, dilation=1, pad_value=0, dtype=
         raise ValueError(f"kernel {r}x{s} does not fit input {h}x{wd} with this padding")
     if (r, s, sh, sw, top, left, bottom, right) == (1, 1, 1, 1, 0, 0, 0, 0):
         return np.asarray(x, dtype=dtype).reshape(n, c, 1, 1, h, wd)  # a 1x1 conv's patches are x
-    xp = np.full((n, c, h + top + bottom, wd + left + right), pad_value, dtype=dtype)
-    xp[:, :, top : top + h, left : left + wd] = x
+    xp = _padded(x, (top, left, bottom, right), pad_value, dtype)
     cols = np.empty((n, c, r, s, oh, ow), dtype=dtype)
     for i in range(r):
         for j in range(s):
@@ -132,8 +140,7 @@ def _depthwise(x, w, *, stride, padding, dilation, pad_value, dtype) -> np.ndarr
     oh, ow = conv2d_output_shape((h, wd), (r, s), stride=stride, padding=padding, dilation=dilation)
     if oh <= 0 or ow <= 0:
         raise ValueError(f"kernel {r}x{s} does not fit input {h}x{wd} with this padding")
-    xp = np.full((n, c, h + top + bottom, wd + left + right), pad_value, dtype=dtype)
-    xp[:, :, top : top + h, left : left + wd] = x
+    xp = _padded(x, (top, left, bottom, right), pad_value, dtype)
     taps = w.astype(dtype).reshape(c, r, s)
     acc = np.zeros((n, c, oh, ow), dtype=dtype)
     for i in range(r):

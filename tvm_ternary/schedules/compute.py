@@ -251,24 +251,31 @@ def _epilogue_stage(spec: ConvSpec, isa: str, acc_at):
     return [ph[n] for n in names], y
 
 
-def depthwise_compute(spec: ConvSpec) -> ConvParts:
-    """Depthwise conv (one input and one output channel per group): plain int32 math over k."""
-    blk = Block(16, 1, "int16", "int16")
+def _depthwise_inputs(spec: ConvSpec, pad_dtype: str):
+    """The placeholders of both depthwise kernels and the padded input in ``pad_dtype`` (the
+    border holds the input zero point): ``(x, weights, codes, xp)``."""
     x = te.placeholder(spec.x_shape, ACT_DTYPES[spec.act], name="x")
     weights = te.placeholder(spec.weight_shape, "uint8" if spec.weight_bits == 2 else "int32",
                              name="weights")
     codes = te.placeholder(spec.codes_shape, "uint8", name="codes")
-    k_, (r_, s_) = spec.out_channels, spec.kernel
-    (sh, sw), (dh, dw) = spec.stride, spec.dilation
     pt, pl, pb, pr = spec.padding
-    hp, wp = spec.height + pt + pb, spec.width + pl + pr
 
     def pad_fn(n, h, w, c):
         inside = te.all(h >= pt, h < pt + spec.height, w >= pl, w < pl + spec.width)
-        return ta.if_then_else(inside, x[n, h - pt, w - pl, c].astype("int16"),
-                               ta.const(spec.x_zero_point, "int16"))
+        return ta.if_then_else(inside, x[n, h - pt, w - pl, c].astype(pad_dtype),
+                               ta.const(spec.x_zero_point, pad_dtype))
 
-    xp = te.compute((spec.batch, hp, wp, k_), pad_fn, name="pad")
+    xp = te.compute((spec.batch, spec.height + pt + pb, spec.width + pl + pr, spec.out_channels),
+                    pad_fn, name="pad")
+    return x, weights, codes, xp
+
+
+def depthwise_compute(spec: ConvSpec) -> ConvParts:
+    """Depthwise conv (one input and one output channel per group): plain int32 math over k."""
+    blk = Block(16, 1, "int16", "int16")
+    x, weights, codes, xp = _depthwise_inputs(spec, "int16")
+    k_, (r_, s_) = spec.out_channels, spec.kernel
+    (sh, sw), (dh, dw) = spec.stride, spec.dilation
 
     def dec_fn(r, s, k):
         qv = codes[k, 0, r, s].astype("int16")
@@ -313,22 +320,11 @@ def depthwise_vnni_compute(spec: ConvSpec, isa: str) -> ConvParts:
     if not depthwise_vnni_form(spec, isa):
         raise ValueError(f"no VNNI depthwise kernel for {spec} on {isa!r}")
     blk = BLOCKS[isa]
-    x = te.placeholder(spec.x_shape, ACT_DTYPES[spec.act], name="x")
-    weights = te.placeholder(spec.weight_shape, "uint8" if spec.weight_bits == 2 else "int32",
-                             name="weights")
-    codes = te.placeholder(spec.codes_shape, "uint8", name="codes")
+    x, weights, codes, xp = _depthwise_inputs(spec, "uint8")
     k_, (r_, s_) = spec.out_channels, spec.kernel
     (sh, sw), (dh, dw) = spec.stride, spec.dilation
-    pt, pl, pb, pr = spec.padding
-    hp, wp = spec.height + pt + pb, spec.width + pl + pr
+    hp = spec.height + spec.padding[0] + spec.padding[2]  # the padded rows the words cover
     i32 = lambda v: ta.const(v, "int32")  # noqa: E731
-
-    def pad_fn(n, h, w, c):
-        inside = te.all(h >= pt, h < pt + spec.height, w >= pl, w < pl + spec.width)
-        return ta.if_then_else(inside, x[n, h - pt, w - pl, c].astype("uint8"),
-                               ta.const(spec.x_zero_point, "uint8"))
-
-    xp = te.compute((spec.batch, hp, wp, k_), pad_fn, name="pad")
 
     def words_fn(n, h, ow, c):
         word = None
