@@ -17,6 +17,7 @@ Example::
 
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -65,8 +66,13 @@ class TensorStats:
 
 def collect_stats(graph: NumpyGraph, images: np.ndarray, *, tensors: set[str],
                   batch: int = 16, progress: bool = True, seed: int = 0) -> dict[str, TensorStats]:
-    """Run the float ``graph`` over ``images`` [N, ...] in batches; stats for ``tensors``."""
-    rng = np.random.default_rng(seed)
+    """Run the float ``graph`` over ``images`` [N, ...] in batches; stats for ``tensors``.
+
+    Each tensor samples from its own random stream (seeded by ``seed`` and the tensor's name),
+    so its sample, and so a percentile or MSE scale, is the same whichever other tensors are
+    collected and in whatever order a set of names iterates (which changes from one Python
+    process to the next)."""
+    rngs = {t: np.random.default_rng([seed, zlib.crc32(t.encode())]) for t in tensors}
     stats = {t: TensorStats.empty() for t in tensors}
     total = len(images)
     bar = progress_bar(total, desc="calibrating", unit="images", enabled=progress)
@@ -76,9 +82,9 @@ def collect_stats(graph: NumpyGraph, images: np.ndarray, *, tensors: set[str],
         share = len(part) / total
         for name in tensors:
             if name in kept:
-                stats[name].update(kept[name], rng=rng, share=share)
+                stats[name].update(kept[name], rng=rngs[name], share=share)
             elif name == graph.input_names[0]:
-                stats[name].update(part, rng=rng, share=share)
+                stats[name].update(part, rng=rngs[name], share=share)
         bar.update(len(part))
     bar.close()
     return stats
