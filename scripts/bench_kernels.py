@@ -88,6 +88,7 @@ def bench_ours(spec: ConvSpec, threads: int, mcpu: str | None = None) -> float:
     data = {"x": rng.integers(0, 256, size=spec.x_shape).astype(np.uint8), "weights": weights,
             "codes": params.kernel_codes(spec, isa=isa, codes=codes), "multiplier": np.full(k, 1 << 30, np.int32),
             "shift": np.full(k, 40, np.int32), "scale": np.full(k, 1e-3, np.float32),
+            "requant_scale": np.full(k, 2.0**-10, np.float32),
             "bias": params.kernel_bias(spec, isa=isa, weights=weights, codes=codes,
                                        bias=np.zeros(k, np.int32) if spec.bias else None)}
     names = kernel_arg_names(spec, isa)

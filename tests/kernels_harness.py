@@ -67,6 +67,7 @@ def make_case(spec: ConvSpec, *, isa: str, seed: int = 0) -> dict:
         real = (ohi - olo) / (2.0 * peak) * rng.uniform(0.5, 2.0, size=k)
         mult, shift = ref.quantize_multiplier(real)
         case["multiplier"], case["shift"] = mult, shift
+        case["requant_scale"] = ref.requantize_scale(mult, shift)
         res = None
         if spec.residual is not None:
             rlo, rhi = RANGES[spec.residual]

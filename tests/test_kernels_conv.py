@@ -230,6 +230,7 @@ def test_requantize_ties_round_half_even():
     k = spec.out_channels
     case["multiplier"] = np.full(k, 2**30, np.int32)
     case["shift"] = np.full(k, 31, np.int32)
+    case["requant_scale"] = ref.requantize_scale(case["multiplier"], case["shift"])  # 0.5: exact
     w = params.decoded_weights(spec, weights=case["weights"], codes=case["group_codes"])
     acc = ref.conv2d_int(case["x"].transpose(0, 3, 1, 2), w, padding=1).transpose(0, 2, 3, 1)
     assert (acc % 2 == 1).any()

@@ -57,14 +57,16 @@ def test_reference_is_unscheduled_and_plain():
 
 
 def test_kernel_args_follow_spec():
-    assert kernel_arg_names(SMALL, "vnni512") == ["x", "weights", "codes", "bias",
-                                                  "multiplier", "shift", "y"]
+    assert kernel_arg_names(SMALL, "vnni512") == ["x", "weights", "codes", "bias", "requant_scale", "y"]
     # ternary s8 on avx512 runs the vpmaddubsw kernel (u8 x s8 as VNNI): +128 and a bias;
     # 8-bit weights there keep the int16 vpmaddwd path, which takes s8 as it is
-    assert kernel_arg_names(SMALL, "avx512") == ["x", "weights", "codes", "bias",
-                                                 "multiplier", "shift", "y"]
+    assert kernel_arg_names(SMALL, "avx512") == ["x", "weights", "codes", "bias", "requant_scale", "y"]
     w8 = dataclasses.replace(SMALL, weight_bits=8)
-    assert kernel_arg_names(w8, "avx512") == ["x", "weights", "codes", "multiplier", "shift", "y"]
+    assert kernel_arg_names(w8, "avx512") == ["x", "weights", "codes", "requant_scale", "y"]
+    # a residual keeps the int64 fixed-point requantize (reference.requantize)
+    res = dataclasses.replace(w8, act="s8", out="s8", residual="s8")
+    assert kernel_arg_names(res, "avx512") == ["x", "weights", "codes", "multiplier", "shift", "residual",
+                                               "residual_multiplier", "y"]
     f32 = ConvSpec(batch=1, in_channels=4, height=3, width=3, out_channels=4, kernel=1,
                    out="f32", float_bias=True)
     assert kernel_arg_names(f32, "plain") == ["x", "weights", "codes", "scale", "float_bias", "y"]
@@ -253,11 +255,24 @@ def test_exact_quotient_matches_division():
 
 
 @pytest.mark.parametrize("mcpu", ["znver4", "skylake-avx512", "haswell"])
-def test_requantize_multiplies_with_vpmuldq(mcpu):
-    """The biased accumulator stays an int32 value (epilogue.epilogue_value), so LLVM multiplies
-    by the int32 multiplier with vpmuldq, not the 3-uop vpmullq of a full int64 product."""
+def test_requantize_without_residual_is_one_float32_multiply(mcpu):
+    """No residual: f32(acc) * f32 scale, rounded and clipped in float32 lanes (16 per zmm),
+    with no int64 lane work (no widening multiply, no variable 64-bit shift)."""
     spec = ConvSpec(batch=1, in_channels=16, height=5, width=5, out_channels=32, kernel=1,
                     act="u8", out="u8", bias=True, relu=True, group_size=4)
+    target = ta.make_target(mcpu)
+    asm = ta.assembly(conv2d_kernel(spec, target=target), target=target)
+    assert "vcvtdq2ps" in asm and "vmulps" in asm
+    assert not any(op in asm for op in ("vpmuldq", "vpmullq", "vpsravq", "vpsrlvq"))
+
+
+@pytest.mark.parametrize("mcpu", ["znver4", "skylake-avx512", "haswell"])
+def test_requantize_with_residual_multiplies_with_vpmuldq(mcpu):
+    """With a residual the biased accumulator stays an int32 value (epilogue.epilogue_value), so
+    LLVM multiplies by the int32 multiplier with vpmuldq, not the 3-uop vpmullq of a full int64
+    product."""
+    spec = ConvSpec(batch=1, in_channels=16, height=5, width=5, out_channels=32, kernel=1,
+                    act="s8", out="s8", residual="s8", bias=True, group_size=4)
     target = ta.make_target(mcpu)
     asm = ta.assembly(conv2d_kernel(spec, target=target), target=target)
     assert "vpmuldq" in asm and "vpmullq" not in asm

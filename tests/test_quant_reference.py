@@ -179,7 +179,7 @@ def _requantize_python(acc, mult, shift, res, rmult, lo, hi):
 
 
 @pytest.mark.parametrize("peak", [2**8, 2**20, 2**23, 2**30])  # 2^23, 2^30 take the int64 path
-@pytest.mark.parametrize("residual", [False, True])
+@pytest.mark.parametrize("residual", [True])  # without a residual the scale is float32 (below)
 def test_requantize_float64_and_int64_paths_are_exact(peak, residual):
     rng = np.random.default_rng(peak + residual)
     k, n = 6, 400
@@ -197,12 +197,54 @@ def test_requantize_float64_and_int64_paths_are_exact(peak, residual):
         assert got[:, j].tolist() == want
 
 
-def test_requantize_ties_round_half_to_even_on_both_paths():
+@pytest.mark.parametrize("peak", [2**8, 2**20, 2**24, 2**30])
+def test_requantize_without_residual_is_one_float32_product(peak):
+    """y = rint(f32(acc) * f32(M 2^-s)): against exact rationals of the same float32 operands.
+    The float32 product is the exact one correctly rounded, so the integers can differ only
+    where the exact product lies within one float32 ulp of a half-integer."""
+    from fractions import Fraction
+
+    rng = np.random.default_rng(peak)
+    k, n = 6, 400
+    mult = rng.integers(2**30, 2**31, size=k)
+    shift = rng.integers(8, 45, size=k)
+    acc = rng.integers(-peak, peak, size=(n, k))
+    got = ref.requantize(acc.astype(np.int32), multiplier=mult, shift=shift, channel_axis=1, signed=True)
+    scale = ref.requantize_scale(mult, shift)
+    assert scale.dtype == np.float32
+    assert np.all(np.abs(scale.astype(np.float64) / (mult * 2.0 ** -shift) - 1) <= 2**-24)
+    near = 0
+    for j in range(k):
+        s = Fraction(float(scale[j]))
+        for i in range(n):
+            a = Fraction(float(np.float32(acc[i, j])))  # f32(acc): exact below 2^24
+            v = a * s
+            f = v.numerator // v.denominator
+            up = v - f > Fraction(1, 2) or (v - f == Fraction(1, 2) and f % 2 == 1)
+            want = min(max(f + up, -128), 127)
+            if int(got[i, j]) != want:
+                ulp = abs(float(v)) * 2.0**-23
+                assert abs(float(v - f) - 0.5) <= ulp, (i, j, int(got[i, j]), want)
+                near += 1
+    assert near <= 2
+
+
+def test_requantize_scale_is_the_float64_value_rounded_once():
+    mult = np.array([2**30, 2**31 - 1, 1234567891], np.int64)
+    shift = np.array([31, 62, 1], np.int64)
+    want = np.array([0.5, (2**31 - 1) * 2.0**-62, 1234567891 / 2], np.float64).astype(np.float32)
+    np.testing.assert_array_equal(ref.requantize_scale(mult, shift), want)
+
+
+def test_requantize_ties_round_half_to_even_on_every_path():
     # multiplier 2^30, shift 31: v = acc / 2 exactly; acc odd gives a tie
     acc = np.array([[1], [3], [5], [-1], [-3]], np.int64)
-    for big in (False, True):  # a huge value in the tensor forces the int64 path
+    got = ref.requantize(acc, multiplier=np.array([2**30]), shift=np.array([31]), signed=True)  # float32
+    assert got.ravel().tolist() == [0, 2, 2, 0, -2]
+    for big in (False, True):  # a residual: int64; a huge value in the tensor forces the int64 path
         a = np.concatenate([acc, [[2**31 - 1]]]) if big else acc
-        got = ref.requantize(a, multiplier=np.array([2**30]), shift=np.array([31]), signed=True)
+        got = ref.requantize(a, multiplier=np.array([2**30]), shift=np.array([31]), signed=True,
+                             residual=np.zeros_like(a), residual_multiplier=np.array([2**29]))
         assert got.ravel()[:5].tolist() == [0, 2, 2, 0, -2]
 
 

@@ -16,6 +16,7 @@ import numpy as np
 
 from ..plan import LayerPlan
 from ..quant import ActivationQuant, pack_ternary
+from ..quant import reference as ref
 from ..schedules import ConvSpec, DenseSpec, kernel_arg_names
 from ..schedules.layout import block_weights
 from ..schedules.params import kernel_bias, kernel_codes
@@ -60,6 +61,7 @@ def layer_kernel_args(layer: LayerPlan, spec: ConvSpec | DenseSpec, *, isa: str)
         "codes": kernel_codes(conv, isa=isa, codes=codes),
         "bias": kernel_bias(conv, isa=isa, weights=weights, codes=codes, bias=layer.bias_int),
         "multiplier": layer.multiplier,
+        "requant_scale": None if layer.multiplier is None else ref.requantize_scale(layer.multiplier, layer.shift),
         "shift": layer.shift,
         "residual_multiplier": layer.residual_multiplier,
         "scale": layer.dequant_scale,

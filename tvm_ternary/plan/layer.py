@@ -4,7 +4,8 @@
 
     x_int = quantize(x)                                  (round half to even, saturate)
     acc   = conv2d_int(x_int - z_x, q_g * v) + bias_int  (int32; z_x = 0 unless imported)
-    y_int = clip(rhe(acc * M + (res_int - z_r) * R, shift) + z_y)   (requantize; ReLU: floor z_y)
+    y_int = clip(rint(f32(acc) * f32(M * 2^-shift)) + z_y)          (requantize; ReLU: floor z_y)
+          = clip(rhe(acc * M + (res_int - z_r) * R, shift) + z_y)   (with a residual, int64)
        or y = acc * (s_x * s_k)  [ReLU]                  (dequantize: the float exit)
 """
 

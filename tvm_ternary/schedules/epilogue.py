@@ -1,7 +1,9 @@
 """The fused epilogue as a TE expression (ARCHITECTURE.md, "Epilogue").
 
-requantize: ``y = clip(rhe(acc*M[k] + (res - z_r)*R[k], shift[k]) + z_out, lo, hi)`` in int64
-(zero points z are 0 except for imported models; a ReLU raises ``lo`` to ``z_out``);
+requantize: ``y = clip(rint(f32(acc) * f32(M[k] * 2^-shift[k])) + z_out, lo, hi)`` in float32
+without a residual, ``y = clip(rhe(acc*M[k] + (res - z_r)*R[k], shift[k]) + z_out, lo, hi)`` in
+int64 with one (``quant.reference.requantize``; zero points z are 0 except for imported
+models; a ReLU raises ``lo`` to ``z_out``);
 dequantize: ``y = float32(acc) * scale[k] (+ float_bias[k])``; ``acc`` already holds the bias.
 
 Example::
@@ -46,6 +48,18 @@ def epilogue_value(spec, acc, k, ph: dict, res):
         if spec.float_bias:
             y = y + ph["float_bias"][k]
         return te.max(y, ta.const(0.0, "float32")) if spec.relu else y
+    lo, hi = RANGES[spec.out]
+    if spec.relu:
+        lo = max(lo, spec.out_zero_point)
+    if res is None:
+        # requant_scale[k] = f32(M[k] * 2^-shift[k]), made once per layer (kernel_args); as an
+        # argument it is one vector load per channel block, where computing it from M and shift
+        # in the epilogue repeated the float64 conversions for every pixel (LLVM did not hoist them)
+        y = ta.nearbyint(acc.astype("float32") * ph["requant_scale"][k])
+        if spec.out_zero_point:
+            y = y + ta.const(float(spec.out_zero_point), "float32")
+        y = te.min(te.max(y, ta.const(float(lo), "float32")), ta.const(float(hi), "float32"))
+        return y.astype(OUT_DTYPES[spec.out])
     if "bias" in ph:
         # TVM's simplifier rewrites int64(acc + bias) into int64(acc) + int64(bias); LLVM then
         # cannot prove the product's operand fits 32 bits and emits the 3-uop vpmullq. A max
@@ -61,8 +75,5 @@ def epilogue_value(spec, acc, k, ph: dict, res):
     y = round_half_even_shift(v, ph["shift"][k].astype("int64"))
     if spec.out_zero_point:
         y = y + ta.const(spec.out_zero_point, "int64")
-    lo, hi = RANGES[spec.out]
-    if spec.relu:
-        lo = max(lo, spec.out_zero_point)
     y = te.min(te.max(y, ta.const(lo, "int64")), ta.const(hi, "int64"))
     return y.astype(OUT_DTYPES[spec.out])

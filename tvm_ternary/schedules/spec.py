@@ -19,8 +19,9 @@ kernel built from a spec (``kernel_arg_names`` is the source of truth)::
   the vpmaddubsw kernels of avx2 / avx512 targets (``maddubs_form``), ``q`` itself for depthwise.
 - ``bias``: int32 ``[K]``; present when ``spec.bias`` or when the ISA needs the +128
   compensation (s8/s4 activations on VNNI or a vpmaddubsw form: pass ``params.kernel_bias(...)``).
-- requantize (``out`` in u8/s8/u4/s4): int32 ``multiplier[K]``, int32 ``shift[K]``; with a
-  residual: ``residual`` (same shape as y, dtype ``spec.residual``) and int32 ``residual_multiplier[K]``.
+- requantize (``out`` in u8/s8/u4/s4): without a residual float32 ``requant_scale[K]`` =
+  ``reference.requantize_scale(M, shift)``; with one int32 ``multiplier[K]``, int32 ``shift[K]``,
+  ``residual`` (same shape as y, dtype ``spec.residual``) and int32 ``residual_multiplier[K]``.
 - dequantize (``out == "f32"``): float32 ``scale[K]`` and, with ``float_bias``, float32 ``[K]``.
 - ``y``: NHWC ``[N, OH, OW, K]`` (dense ``[N, K]``) of dtype ``container(out)``.
 
@@ -290,9 +291,10 @@ def kernel_arg_names(spec: ConvSpec, isa: str) -> list[str]:
     if spec.bias or needs_compensation(spec, isa) or spec.x_zero_point:
         names.append("bias")
     if spec.requantize:
-        names += ["multiplier", "shift"]
         if spec.residual is not None:
-            names += ["residual", "residual_multiplier"]
+            names += ["multiplier", "shift", "residual", "residual_multiplier"]
+        else:
+            names.append("requant_scale")
     if spec.out == "f32":
         names.append("scale")
         if spec.float_bias:
