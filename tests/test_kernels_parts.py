@@ -185,6 +185,36 @@ def test_default_tiling_prefers_an_unpadded_tile():
     assert t.ow_block * t.oc_tiles <= 28
 
 
+@pytest.mark.parametrize("cin,cout,hw,tile", [
+    (24, 144, 56, (8, 3)),  # 9 output blocks: 3 a tile (28 x 1 ran 3x slower)
+    (32, 48, 28, (7, 3)),
+    (32, 16, 112, (14, 1)),  # one block a tile: at most ONE_BLOCK_PIXELS pixels
+    (144, 16, 56, (14, 1)),
+    (128, 16, 55, (11, 1)),
+    (64, 48, 13, (13, 1)),  # 13 pixels, unpadded, before 3 blocks of a padded width
+])
+def test_default_tiling_of_an_odd_number_of_output_blocks_on_vnni512(cin, cout, hw, tile):
+    spec = ConvSpec(batch=1, in_channels=cin, height=hw, width=hw, out_channels=cout, kernel=1,
+                    act="s8", out="u8", bias=True, relu=True)
+    t = default_tiling(spec, isa="vnni512")
+    assert (t.ow_block, t.oc_tiles) == tile
+
+
+def test_three_output_blocks_a_tile_is_bit_exact():
+    """Run where the host has AVX-512 VNNI; elsewhere the cross-compiled kernel is checked for
+    its vpdpbusd inner loop."""
+    from kernels_harness import run_and_check
+
+    spec = ConvSpec(batch=1, in_channels=24, height=16, width=16, out_channels=144, kernel=1,
+                    act="s8", out="u8", bias=True, relu=True, group_size=4)
+    assert default_tiling(spec, isa="vnni512").oc_tiles == 3
+    if host_runs("vnni512"):
+        run_and_check(spec, "vnni512")
+    else:
+        target = ta.make_target(ISA_MCPU["vnni512"])
+        assert "vpdpbusd" in ta.assembly(conv2d_kernel(spec, target=target), target=target)
+
+
 @pytest.mark.parametrize("shape", [(1, 13, 13, 1000), (2, 7, 5, 32), (1, 3, 3, 10)])
 def test_global_mean_region_op(shape):
     """NHWC float32 -> [N, C, 1, 1] mean over H, W. Tolerance: float32 sums in another order
