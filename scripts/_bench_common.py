@@ -21,6 +21,21 @@ import numpy as np
 from tvm_ternary.benchmark import machine_stamp, profile_vm  # noqa: F401
 from tvm_ternary.peak import measure_vnni_peak  # noqa: F401
 
+def exit_code_of(main, argv=None) -> int:
+    """Run a script's ``main(argv)``; a :class:`~tvm_ternary.errors.UserError` (bad input: a
+    group size a layer cannot take, a missing file) prints one line and gives exit code 2, as
+    the ``tvm-ternary`` commands do, instead of a traceback."""
+    import sys
+
+    from tvm_ternary.errors import UserError
+
+    try:
+        return int(main(argv) or 0)
+    except UserError as error:
+        print(f"{Path(sys.argv[0]).name}: error: {' '.join(str(error).split())}", file=sys.stderr)
+        return 2
+
+
 def median_ms(fn, *, min_runs: int = 10, min_s: float = 0.3) -> float:
     fn()
     times, start = [], time.perf_counter()

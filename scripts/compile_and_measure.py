@@ -296,4 +296,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from _bench_common import exit_code_of
+
+    sys.exit(exit_code_of(main))

@@ -112,3 +112,14 @@ def test_latency_helpers():
     assert len(time_calls(lambda: None, warmup=0, seconds=0.0, min_runs=10)) == 10
     with pytest.raises(ZeroDivisionError):  # an error on the pool's thread reaches the caller
         in_pool(2, lambda: 1 / 0)
+
+
+def test_compile_and_measure_reports_bad_input_in_one_line(tmp_path):
+    """The benchmark script maps the library's UserError to one line and exit 2, like the CLI."""
+    script = os.path.join(os.path.dirname(__file__), "..", "scripts", "compile_and_measure.py")
+    missing = tmp_path / "missing.onnx"
+    proc = subprocess.run([sys.executable, script, str(missing), "--calib", str(tmp_path), "--preprocess", "unit"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines() == [f"compile_and_measure.py: error: {missing}: no such file"]
+    assert "Traceback" not in proc.stderr
