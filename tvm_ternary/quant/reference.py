@@ -256,8 +256,8 @@ def _per_channel(arr, ndim: int, axis: int) -> np.ndarray:
 
 
 def requantize_scale(multiplier, shift) -> np.ndarray:
-    """float32 ``M * 2^-shift``: the exact float64 value rounded once (the kernels compute the
-    same per channel from the same integers)."""
+    """float32 ``M * 2^-shift``: the exact float64 value rounded once. Made at compile time, it
+    is the kernels' ``requant_scale`` argument (``passes.kernel_args``)."""
     m = np.asarray(multiplier, dtype=np.float64)
     return (m / np.exp2(np.asarray(shift, dtype=np.float64))).astype(np.float32)
 
