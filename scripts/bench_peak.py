@@ -57,7 +57,7 @@ class Loop:
     vtype: str  # C vector type of the chains
     init: str  # C statement(s) run once: operands a (activations) and w (weights)
     step: str  # one step on chain ``acc`` (``{acc}`` is substituted)
-    every: str = ""  # extra statement on chain ``acc`` every TERNARY_GROUP_STEPS iterations
+    every: str = ""  # extra statement on chain ``acc`` after every TERNARY_GROUP_STEPS steps
     extra_chain: str = ""  # declaration of a second per-chain vector (the int32 accumulator)
     operands: tuple = ("a", "w")  # vectors the steps read (made opaque every iteration)
     chains: int = ACCS  # AVX2 has 16 ymm registers: loops with two vectors per chain use fewer
@@ -110,17 +110,24 @@ def c_source(loop: Loop) -> str:
     zero = f"{loop.vtype} " + ", ".join(f"{c} = ({loop.vtype}){{0}}" for c in chains) + ";"
     extra = "\n".join(loop.extra_chain.format(acc=c) for c in chains) if loop.extra_chain else ""
     # `a` made opaque between the chains' steps: otherwise the compiler computes a product
-    # that does not involve the accumulator (maddubs(a, w)) once for all chains
-    steps = "\n".join(f"    {loop.step.format(acc=c)} __asm__ volatile(\"\" : \"+v\"(a));"
+    # that does not involve the accumulator (maddubs(a, w)) once for all chains; the chain
+    # too, so that the steps keep their order (else gcc hoists all products of an unrolled
+    # group first and spills them)
+    steps = "\n".join(f"    {loop.step.format(acc=c)} __asm__ volatile(\"\" : \"+v\"(a), \"+v\"({c}));"
                       for c in chains)
-    every = ""
-    if loop.every:
-        body = " ".join(loop.every.format(acc=c) for c in chains)
-        every = f"    if ((it & {TERNARY_GROUP_STEPS - 1}) == {TERNARY_GROUP_STEPS - 1}) {{ {body} }}"
+    # a loop with a per-group statement runs TERNARY_GROUP_STEPS steps per iteration, written
+    # out, then the statement: no branch in the loop (a branch every step cost Zen 3 ~40%), and
+    # the second per-chain vectors are live (opaque and summed into the sink below), so the
+    # compiler cannot drop the code multiply as dead
+    unroll = TERNARY_GROUP_STEPS if loop.every else 1
+    steps = "\n".join([steps] * unroll)
+    every = "    " + " ".join(loop.every.format(acc=c) for c in chains) if loop.every else ""
+    live = chains + ([f"{c}_32" for c in chains] if loop.extra_chain else [])
     # chains and operands opaque to the compiler: no merging of identical chains and no
     # hoisting of a loop-invariant product out of the loop; everything stays in registers
-    opaque = ", ".join(f'"+v"({c})' for c in chains + list(loop.operands))
-    sink = " ^ ".join(f"((volatile long *)&{c})[0]" for c in chains)
+    opaque = ", ".join(f'"+v"({c})' for c in live + list(loop.operands))
+    sink = " ^ ".join(f"((volatile long *)&{c})[0]" for c in live)
+    iters = ITERS // unroll
     return f"""#include <immintrin.h>
 #include <pthread.h>
 #include <stdio.h>
@@ -130,7 +137,7 @@ static void *work(void *out) {{
   {loop.init}
   {zero}
   {extra}
-  for (long it = 0; it < {ITERS}L; it++) {{
+  for (long it = 0; it < {iters}L; it++) {{
 {steps}
 {every}
     __asm__ volatile("" : {opaque});
@@ -145,7 +152,7 @@ int main(int argc, char **argv) {{
   for (int i = 0; i < n; i++) pthread_join(th[i], 0);
   clock_gettime(CLOCK_MONOTONIC, &t1);
   double s = (t1.tv_sec - t0.tv_sec) + 1e-9 * (t1.tv_nsec - t0.tv_nsec);
-  printf("%f\\n", {loop.chains}.0 * {loop.macs_per_step}.0 * {ITERS}.0 * n / s / 1e9);
+  printf("%f\\n", {loop.chains}.0 * {loop.macs_per_step}.0 * {iters * unroll}.0 * n / s / 1e9);
   return sink[0] == 42;
 }}
 """
