@@ -86,8 +86,8 @@ def bench_ours(spec: ConvSpec, threads: int, mcpu: str | None = None) -> float:
     weights = quant.pack_ternary(values) if spec.weight_bits == 2 else layout.block_weights(values)
     k = spec.out_channels
     data = {"x": rng.integers(0, 256, size=spec.x_shape).astype(np.uint8), "weights": weights,
-            "codes": params.kernel_codes(spec, isa=isa, codes=codes), "multiplier": np.full(k, 1 << 30, np.int32),
-            "shift": np.full(k, 40, np.int32), "scale": np.full(k, 1e-3, np.float32),
+            "codes": params.kernel_codes(spec, isa=isa, codes=codes),
+            "scale": np.full(k, 1e-3, np.float32),
             "requant_scale": np.full(k, 2.0**-10, np.float32),
             "bias": params.kernel_bias(spec, isa=isa, weights=weights, codes=codes,
                                        bias=np.zeros(k, np.int32) if spec.bias else None)}

@@ -74,9 +74,9 @@ def make_case(spec: ConvSpec, *, isa: str, seed: int = 0) -> dict:
             res = rng.integers(rlo, rhi + 1, size=spec.out_shape).astype(ACT_DTYPES[spec.residual])
             rmult, _ = ref.quantize_multiplier(real * 0 + 0.7)  # R_k in [2^30, 2^31)
             rmult = (rmult.astype(np.int64) >> rng.integers(8, 16, size=k)).astype(np.int32)
-            case["residual"], case["residual_multiplier"] = res, rmult
+            case["residual"], case["residual_scale"] = res, ref.requantize_scale(rmult, shift)
         expected = ref.requantize(acc, multiplier=mult, shift=shift, residual=res,
-                                  residual_multiplier=case.get("residual_multiplier"),
+                                  residual_multiplier=rmult if res is not None else None,
                                   relu=spec.relu, bits=8 if spec.out in ("u8", "s8") else 4,
                                   signed=spec.out[0] == "s", channel_axis=axis,
                                   zero_point=spec.out_zero_point,

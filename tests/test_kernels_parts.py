@@ -63,10 +63,10 @@ def test_kernel_args_follow_spec():
     assert kernel_arg_names(SMALL, "avx512") == ["x", "weights", "codes", "bias", "requant_scale", "y"]
     w8 = dataclasses.replace(SMALL, weight_bits=8)
     assert kernel_arg_names(w8, "avx512") == ["x", "weights", "codes", "requant_scale", "y"]
-    # a residual keeps the int64 fixed-point requantize (reference.requantize)
+    # a residual adds its own float32 scale (reference.requantize)
     res = dataclasses.replace(w8, act="s8", out="s8", residual="s8")
-    assert kernel_arg_names(res, "avx512") == ["x", "weights", "codes", "multiplier", "shift", "residual",
-                                               "residual_multiplier", "y"]
+    assert kernel_arg_names(res, "avx512") == ["x", "weights", "codes", "requant_scale", "residual",
+                                               "residual_scale", "y"]
     f32 = ConvSpec(batch=1, in_channels=4, height=3, width=3, out_channels=4, kernel=1,
                    out="f32", float_bias=True)
     assert kernel_arg_names(f32, "plain") == ["x", "weights", "codes", "scale", "float_bias", "y"]
@@ -284,28 +284,20 @@ def test_exact_quotient_matches_division():
     check()
 
 
+@pytest.mark.parametrize("residual", [None, "s8"])
 @pytest.mark.parametrize("mcpu", ["znver4", "skylake-avx512", "haswell"])
-def test_requantize_without_residual_is_one_float32_multiply(mcpu):
-    """No residual: f32(acc) * f32 scale, rounded and clipped in float32 lanes (16 per zmm),
-    with no int64 lane work (no widening multiply, no variable 64-bit shift)."""
+def test_requantize_is_float32_multiplies(mcpu, residual):
+    """f32(acc) * f32 scale (and a residual's own f32 product), rounded and clipped in float32
+    lanes (16 per zmm), with no int64 lane work (no widening multiply, no variable 64-bit
+    shift), and no FMA: a contracted multiply-add would round once where the reference rounds
+    each term."""
     spec = ConvSpec(batch=1, in_channels=16, height=5, width=5, out_channels=32, kernel=1,
-                    act="u8", out="u8", bias=True, relu=True, group_size=4)
+                    act="u8", out="u8" if residual is None else "s8", residual=residual, bias=True,
+                    relu=residual is None, group_size=4)
     target = ta.make_target(mcpu)
     asm = ta.assembly(conv2d_kernel(spec, target=target), target=target)
     assert "vcvtdq2ps" in asm and "vmulps" in asm
-    assert not any(op in asm for op in ("vpmuldq", "vpmullq", "vpsravq", "vpsrlvq"))
-
-
-@pytest.mark.parametrize("mcpu", ["znver4", "skylake-avx512", "haswell"])
-def test_requantize_with_residual_multiplies_with_vpmuldq(mcpu):
-    """With a residual the biased accumulator stays an int32 value (epilogue.epilogue_value), so
-    LLVM multiplies by the int32 multiplier with vpmuldq, not the 3-uop vpmullq of a full int64
-    product."""
-    spec = ConvSpec(batch=1, in_channels=16, height=5, width=5, out_channels=32, kernel=1,
-                    act="s8", out="s8", residual="s8", bias=True, group_size=4)
-    target = ta.make_target(mcpu)
-    asm = ta.assembly(conv2d_kernel(spec, target=target), target=target)
-    assert "vpmuldq" in asm and "vpmullq" not in asm
+    assert not any(op in asm for op in ("vpmuldq", "vpmullq", "vpsravq", "vpsrlvq", "vfmadd"))
 
 
 @pytest.mark.parametrize("mcpu, fma", [("haswell", True), ("znver4", True), ("sandybridge", False)])

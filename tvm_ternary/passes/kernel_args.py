@@ -60,10 +60,9 @@ def layer_kernel_args(layer: LayerPlan, spec: ConvSpec | DenseSpec, *, isa: str)
         "weights": weights,
         "codes": kernel_codes(conv, isa=isa, codes=codes),
         "bias": kernel_bias(conv, isa=isa, weights=weights, codes=codes, bias=layer.bias_int),
-        "multiplier": layer.multiplier,
         "requant_scale": None if layer.multiplier is None else ref.requantize_scale(layer.multiplier, layer.shift),
-        "shift": layer.shift,
-        "residual_multiplier": layer.residual_multiplier,
+        "residual_scale": (None if layer.residual_multiplier is None
+                           else ref.requantize_scale(layer.residual_multiplier, layer.shift)),
         "scale": layer.dequant_scale,
     }
     names = [n for n in kernel_arg_names(conv, isa) if n not in ("x", "residual", "y")]

@@ -6,16 +6,20 @@ product is at most 127 * 255 < 2^15 and a reduction has far fewer than 2^37 term
 partial sum is an integer below 2^53 and float64 represents it exactly; this is exact integer
 arithmetic at BLAS speed.
 
-Requantize (see docs/ARCHITECTURE.md)::
+Requantize (see docs/ARCHITECTURE.md), in float32::
 
-    y = clip(rint(f32(acc) * f32(M[k] * 2^-shift[k])), lo, hi)    (no residual: float32)
-    y = clip(rhe(acc * M[k] + res * R[k], shift[k]), lo, hi)      (residual: int64 arithmetic)
+    y = clip(rint(f32(acc) * S[k]) + z, lo, hi)                          (no residual)
+    y = clip(rint(f32(acc) * S[k]) + rint(f32(res - z_r) * S_r[k]) + z, lo, hi)  (residual)
 
-``rint`` and ``rhe(v, s)`` (divide by 2^s) round half to even; ReLU raises ``lo`` to 0. Without
-a residual the multiply is one float32 product, as ONNX Runtime's and OpenVINO's int8 kernels
-requantize: 16 lanes per AVX-512 register where the int64 product has 8, and a few instructions
-instead of a widening multiply and a rounding shift. ``f32(M * 2^-shift)`` is the float64 value
-(exact) rounded once to float32; ``f32(acc)`` is exact below 2^24 and rounded to nearest above.
+with ``S = f32(M * 2^-shift)`` and ``S_r = f32(R * 2^-shift)`` (:func:`requantize_scale`).
+``rint`` rounds half to even; ReLU raises ``lo`` to ``z``. The multiply is one float32 product,
+as ONNX Runtime's and OpenVINO's int8 kernels requantize: 16 lanes per AVX-512 register where an
+int64 product has 8, and a few instructions instead of a widening multiply and a rounding shift.
+``f32(M * 2^-shift)`` is the float64 value (exact) rounded once to float32; ``f32(acc)`` is exact
+below 2^24 and rounded to nearest above. A residual's term is rounded on its own: a sum of the
+two products rounded once would let LLVM contract it into an FMA (one rounding fewer), which
+the kernels and numpy could then disagree on; each term rounded, both sides compute the same
+integers, at most one unit from the exact rational.
 
 Example::
 
@@ -206,53 +210,9 @@ def quantize_multiplier(real) -> tuple[np.ndarray, np.ndarray]:
     return np.where(zero, 0, mult).astype(np.int32), np.where(zero, 31, shift).astype(np.int32)
 
 
-def rounding_rshift(v, shift) -> np.ndarray:
-    """``v / 2^shift`` rounded half to even, int64 (shift >= 1)."""
-    v = np.asarray(v, dtype=np.int64)
-    shift = np.asarray(shift, dtype=np.int64)
-    if np.any(shift < 1) or np.any(shift > 62):
-        raise ValueError("requantize shift must be in [1, 62]")
-    # v = f 2^s + r (0 <= r < 2^s) rounds up iff r > half or (r == half and f odd), i.e. iff
-    # r + half - 1 + (f & 1) >= 2^s: one add and one shift instead of mask, compare and select
-    # (this op dominated the numpy simulation's time). In place: v is never modified.
-    y = v >> shift
-    y &= 1
-    y += v
-    y += (np.int64(1) << (shift - 1)) - 1
-    y >>= shift
-    return y
-
-
-# Below 2^52 an integer and the sum of two such are exact in float64 (53-bit significand), and
-# scaling by 2^-shift is exact: the float product acc * (multiplier * 2^-shift) is then the exact
-# rational v / 2^shift, and np.rint rounds it half to even like rounding_rshift.
-FLOAT64_EXACT = 2**52
-
-
-def _exact_in_float64(a: np.ndarray, multiplier: np.ndarray, axis: int) -> bool:
-    """Whether ``|a| * multiplier`` stays below FLOAT64_EXACT for every channel along ``axis``."""
-    if a.size == 0:
-        return True
-    m = np.abs(np.asarray(multiplier, dtype=np.float64))
-    if m.ndim == 0:
-        return float(np.abs(a).max()) * float(m) < FLOAT64_EXACT
-    other = tuple(i for i in range(a.ndim) if i != axis)
-    peak = np.abs(a).max(axis=other) if other else np.abs(a)
-    return bool(np.all(peak.astype(np.float64) * m.reshape(-1) < FLOAT64_EXACT))
-
-
 def activation_range(*, bits: int, signed: bool, relu: bool = False) -> tuple[int, int]:
     lo, hi = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2**bits - 1)
     return (max(lo, 0) if relu else lo), hi
-
-
-def _per_channel(arr, ndim: int, axis: int) -> np.ndarray:
-    a = np.asarray(arr, dtype=np.int64)
-    if a.ndim == 0:
-        return a
-    shape = [1] * ndim
-    shape[axis] = a.size
-    return a.reshape(shape)
 
 
 def requantize_scale(multiplier, shift) -> np.ndarray:
@@ -288,8 +248,8 @@ def requantize(
     """int32 accumulator (bias already added) -> int8/uint8 container holding ``bits``-bit values.
 
     ``multiplier``/``shift`` are per channel (or scalars) along ``channel_axis``; a residual
-    (same shape as ``acc``, integer) enters before rounding with ``residual_multiplier``, in
-    int64; without one the scale is applied in float32 (module docstring).
+    (same shape as ``acc``, integer) adds its own rounded term with ``residual_multiplier`` and
+    the same shift (module docstring).
     Zero points (imported models): the residual enters as ``residual - residual_zero_point``;
     ``zero_point`` is added after rounding, and a ReLU clips at it (the real zero).
     """
@@ -308,23 +268,13 @@ def requantize(
     lo, hi = activation_range(bits=bits, signed=signed)
     if relu:
         lo = max(lo, zero_point)
-    if res is None:
-        y = a.astype(np.float32) * _per_channel_float(requantize_scale(multiplier, sh), ndim, channel_axis)
-        np.rint(y, out=y)
-        y += np.float32(zero_point)
-        return np.clip(y, lo, hi, out=y).astype(np.int8 if signed else np.uint8)
-    if _exact_in_float64(a, multiplier, channel_axis) and _exact_in_float64(res, residual_multiplier, channel_axis):
-        # the same integers as the int64 path below (FLOAT64_EXACT), about 4x faster
-        scale = lambda m: _per_channel(m, ndim, channel_axis).astype(np.float64) * np.exp2(  # noqa: E731
-            -_per_channel(sh, ndim, channel_axis).astype(np.float64))
-        y = a * scale(multiplier)
-        y += res * scale(residual_multiplier)
-        np.rint(y, out=y)
-    else:
-        v = a.astype(np.int64) * _per_channel(multiplier, ndim, channel_axis)
-        v = v + res * _per_channel(residual_multiplier, ndim, channel_axis)
-        y = rounding_rshift(v, _per_channel(sh, ndim, channel_axis))
-    y += zero_point
+    y = a.astype(np.float32) * _per_channel_float(requantize_scale(multiplier, sh), ndim, channel_axis)
+    np.rint(y, out=y)
+    if res is not None:
+        t = res.astype(np.float32) * _per_channel_float(requantize_scale(residual_multiplier, sh), ndim,
+                                                        channel_axis)
+        y += np.rint(t, out=t)
+    y += np.float32(zero_point)
     return np.clip(y, lo, hi, out=y).astype(np.int8 if signed else np.uint8)
 
 

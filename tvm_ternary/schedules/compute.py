@@ -232,8 +232,7 @@ def _epilogue_stage(spec: ConvSpec, isa: str, acc_at):
     """
     k_ = spec.out_channels
     names = kernel_arg_names(spec, isa)[3:-1]
-    dtypes = {"bias": "int32", "multiplier": "int32", "shift": "int32",
-              "residual_multiplier": "int32", "requant_scale": "float32", "scale": "float32", "float_bias": "float32"}
+    dtypes = {"bias": "int32", "residual_scale": "float32", "requant_scale": "float32", "scale": "float32", "float_bias": "float32"}
     ph = {}
     for name in names:
         if name == "residual":

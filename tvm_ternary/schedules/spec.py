@@ -3,8 +3,7 @@
 A spec says *what* a kernel computes; the ISA and tiling say *how*.  Argument order of every
 kernel built from a spec (``kernel_arg_names`` is the source of truth)::
 
-    x, weights, codes, [bias], [multiplier, shift], [residual, residual_multiplier],
-    [scale], [float_bias], y
+    x, weights, codes, [bias], [requant_scale], [residual, residual_scale], [scale], [float_bias], y
 
 - ``x``: NHWC activations ``[N, H, W, C]`` (dense: ``[N, C]``), uint8 for u8/u4, int8 for s8/s4.
 - ``weights``: ternary -> 2-bit packed ``[ceil(K/16), ceil(Cg/4), R, S, 16]`` uint8;
@@ -19,9 +18,9 @@ kernel built from a spec (``kernel_arg_names`` is the source of truth)::
   the vpmaddubsw kernels of avx2 / avx512 targets (``maddubs_form``), ``q`` itself for depthwise.
 - ``bias``: int32 ``[K]``; present when ``spec.bias`` or when the ISA needs the +128
   compensation (s8/s4 activations on VNNI or a vpmaddubsw form: pass ``params.kernel_bias(...)``).
-- requantize (``out`` in u8/s8/u4/s4): without a residual float32 ``requant_scale[K]`` =
-  ``reference.requantize_scale(M, shift)``; with one int32 ``multiplier[K]``, int32 ``shift[K]``,
-  ``residual`` (same shape as y, dtype ``spec.residual``) and int32 ``residual_multiplier[K]``.
+- requantize (``out`` in u8/s8/u4/s4): float32 ``requant_scale[K]`` =
+  ``reference.requantize_scale(M, shift)``; with a residual also ``residual`` (same shape as y,
+  dtype ``spec.residual``) and float32 ``residual_scale[K]`` = ``requantize_scale(R, shift)``.
 - dequantize (``out == "f32"``): float32 ``scale[K]`` and, with ``float_bias``, float32 ``[K]``.
 - ``y``: NHWC ``[N, OH, OW, K]`` (dense ``[N, K]``) of dtype ``container(out)``.
 
@@ -291,10 +290,9 @@ def kernel_arg_names(spec: ConvSpec, isa: str) -> list[str]:
     if spec.bias or needs_compensation(spec, isa) or spec.x_zero_point:
         names.append("bias")
     if spec.requantize:
+        names.append("requant_scale")
         if spec.residual is not None:
-            names += ["multiplier", "shift", "residual", "residual_multiplier"]
-        else:
-            names.append("requant_scale")
+            names += ["residual", "residual_scale"]
     if spec.out == "f32":
         names.append("scale")
         if spec.float_bias:
