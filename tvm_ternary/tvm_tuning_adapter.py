@@ -68,9 +68,16 @@ def sampling_decisions(trace) -> list[tuple[list[int], int]]:
     return out
 
 
-def trace_has(trace, kind: str) -> bool:
-    """True when ``trace`` has an instruction of ``kind`` (e.g. ``"ComputeAt"``)."""
-    return any(str(inst.kind.name) == kind for inst in trace.insts)
+def trace_computes_at(trace, block: str) -> bool:
+    """True when ``trace`` moves the block named ``block`` under a loop (``compute_at``)."""
+    names = {}
+    for inst in trace.insts:
+        kind = str(inst.kind.name)
+        if kind == "GetSBlock":
+            names[inst.outputs[0]] = str(inst.attrs[0])
+        elif kind == "ComputeAt" and names.get(inst.inputs[0]) == block:
+            return True
+    return False
 
 
 def tune_context(mod, *, target, space, name: str, num_threads: int, seed: int = -1):

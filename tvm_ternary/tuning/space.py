@@ -19,7 +19,7 @@ Knobs (``schedules/tiling.py``):
 ``oc_tiles`` is a one-candidate ``sample_categorical`` used as the split factor, so that the
 trace keeps it (MetaSchedule drops unused samples from stored traces): every record carries
 ``(oc_tiles, ow_block)`` as its two samples, and ``decode_at`` is "tile" exactly when the
-trace has a ``compute_at``; :func:`tiling_of_trace` reads them back (to tell a tuned record
+trace computes the ``decode`` block at a loop; :func:`tiling_of_trace` reads them back (to tell a tuned record
 from the default one).
 
 Depthwise kernels have a fixed vectorised schedule without knobs: no task.
@@ -155,6 +155,7 @@ def tiling_of_trace(trace) -> Tiling | None:
     if len(samples) != 2 or len(samples[0][0]) != 1:
         return None
     (oct_, _), (ows, i) = samples
-    # decode_at="tile" is the only variant that computes the decode at a loop
-    decode_at = "tile" if tta.trace_has(trace, "ComputeAt") else "root"
+    # decode_at="tile" is the only variant that computes the decode at a loop (the ternary
+    # forms compute their int16 accumulator at one in both)
+    decode_at = "tile" if tta.trace_computes_at(trace, "decode") else "root"
     return Tiling(ow_block=ows[i], oc_tiles=oct_[0], decode_at=decode_at)
