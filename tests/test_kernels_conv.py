@@ -124,6 +124,58 @@ def test_depthwise_vnni_form_choice_and_instruction(isa):
     assert not depthwise_vnni_form(spec, "avx512") and not depthwise_vnni_form(spec, "plain")
 
 
+# The int16-pair depthwise kernel of avx2 / avx512 (compute.depthwise_pairs_compute: one
+# vpmaddwd per two taps of a row), on the same shapes: odd and even row widths (the missing
+# tap of an odd row), strides, dilation, asymmetric padding, u4 and zero points, every output.
+# It takes stride 1 only; a residual and a float exit on odd row widths too.
+PAIR_ISAS = [isa for isa in ("avx512", "avx2") if isa in ISAS]
+DEPTHWISE_PAIRS = {
+    **{n: kw for n, kw in DEPTHWISE_VNNI.items() if kw.get("stride", 1) == 1},
+    "5x3_res": dict(in_channels=16, height=9, width=7, kernel=(5, 3), padding=2, act="u8",
+                    out="s8", bias=True, residual="s8"),
+    "3x5_f32": dict(in_channels=32, height=6, width=9, kernel=(3, 5), padding=(1, 2, 1, 0),
+                    act="u8", out="f32", bias=True, float_bias=True, relu=True),
+}
+
+
+@pytest.mark.parametrize("bits", [2, 8])
+@pytest.mark.parametrize("name", list(DEPTHWISE_PAIRS))
+@pytest.mark.parametrize("isa", PAIR_ISAS)
+def test_depthwise_pairs_bit_exact(isa, name, bits):
+    from tvm_ternary.schedules.compute import depthwise_pairs_form
+
+    kw = dict(DEPTHWISE_PAIRS[name])
+    c = kw["in_channels"]
+    spec = ConvSpec(batch=1, out_channels=c, groups=c, weight_bits=bits, **kw)
+    assert depthwise_pairs_form(spec, isa)
+    run_and_check(spec, isa)
+
+
+@pytest.mark.parametrize("isa", ["avx512", "avx2"])
+def test_depthwise_pairs_form_choice_and_instruction(isa):
+    """Built for avx2 / avx512 targets (assembly checked on hosts that cannot run it), it
+    multiplies with vpmaddwd on the ISA's registers and never with the int32 kernel's vpmulld;
+    signed inputs, partial channel blocks, stride 2 and VNNI ISAs do not take it."""
+    from tvm_ternary import tvm_adapter as ta
+    from tvm_ternary.schedules import conv2d_kernel
+    from tvm_ternary.schedules.compute import depthwise_pairs_form
+
+    spec = _depthwise_spec("3x3_s1_relu", 8)
+    target = ta.make_target(ISA_MCPU[isa])
+    asm = ta.assembly(conv2d_kernel(spec, target=target), target=target)
+    assert "vpmaddwd" in asm and "vpmulld" not in asm and ("zmm" in asm) == (isa == "avx512")
+    base = dict(batch=1, height=8, width=8, padding=1, act="u8", out="u8")
+    assert not depthwise_pairs_form(ConvSpec(in_channels=16, out_channels=16, groups=16, kernel=3,
+                                             **{**base, "act": "s8"}), isa)
+    assert not depthwise_pairs_form(ConvSpec(in_channels=20, out_channels=20, groups=20, kernel=3,
+                                             **base), isa)
+    assert depthwise_pairs_form(ConvSpec(in_channels=16, out_channels=16, groups=16, kernel=5,
+                                         **base), isa)
+    assert not depthwise_pairs_form(ConvSpec(in_channels=16, out_channels=16, groups=16, kernel=3,
+                                             stride=2, **base), isa)
+    assert not depthwise_pairs_form(spec, "vnni512") and not depthwise_pairs_form(spec, "plain")
+
+
 DENSE = {
     "n1": dict(batch=1, in_features=40, out_features=24, act="u8", out="f32", group_size=8),
     "n3_s8": dict(batch=3, in_features=64, out_features=32, act="s8", out="s8", bias=True,

@@ -361,5 +361,70 @@ def depthwise_vnni_compute(spec: ConvSpec, isa: str) -> ConvParts:
     return ConvParts((x, weights, codes, *args, y), blk, True, True, form=f"depthwise_{isa}")
 
 
-__all__ = ["ConvParts", "codes_in_epilogue", "conv_compute", "depthwise_compute", "depthwise_vnni_compute",
-           "depthwise_vnni_form", "OUT_DTYPES"]
+def depthwise_pairs_form(spec: ConvSpec, isa: str) -> bool:
+    """Whether ``spec`` runs the int16-pair depthwise kernel (:func:`depthwise_pairs_compute`)
+    on ``isa``: avx2 / avx512 (no VNNI), unsigned activations, whole channel blocks, stride 1;
+    any kernel width.  Otherwise :func:`depthwise_compute`'s int32 kernel.  Stride 2 stays on
+    the int32 kernel: a band's words cover twice the rows and columns per output there, and
+    making them cost more than the multiplies saved (Zen 3, MobileNetV2's 96@112 s2 0.29 ->
+    0.39 ms; stride 1: 32@112 0.71 -> 0.27 ms, 144@56 0.41 -> 0.30 ms)."""
+    return (spec.depthwise and isa in ("avx2", "avx512") and spec.act in ("u8", "u4")
+            and spec.stride == (1, 1) and spec.out_channels % BLOCKS[isa].lanes == 0)
+
+
+def depthwise_pairs_compute(spec: ConvSpec, isa: str) -> ConvParts:
+    """Depthwise conv as one ``vpmaddwd`` per two taps of a kernel row: every padded input
+    column's word holds its pixel and the one ``dw`` columns right as int16 halves (stage
+    ``words``, per channel), the weights of taps (2j, 2j+1) of a row are the halves of one word
+    per (row, j, channel) (stage ``decode``, 0 past the last tap), and a lane accumulates the
+    halves' dot product (``intrin.depthwise_pairs_intrin_name``): R * ceil(S/2) instructions per
+    output vector where the int32 kernel widens and multiplies R * S times.  Same arguments as
+    :func:`depthwise_compute`.  Exact: u8 x s8 products and their pair sums fit int32."""
+    if not depthwise_pairs_form(spec, isa):
+        raise ValueError(f"no int16-pair depthwise kernel for {spec} on {isa!r}")
+    blk = BLOCKS[isa]
+    x, weights, codes, xp = _depthwise_inputs(spec, "uint8")
+    k_, (r_, s_) = spec.out_channels, spec.kernel
+    (sh, sw), (dh, dw) = spec.stride, spec.dilation
+    pt, pl, pb, pr = spec.padding
+    hp, wp = spec.height + pt + pb, spec.width + pl + pr
+    pairs = (s_ + 1) // 2
+    i32 = lambda v: ta.const(v, "int32")  # noqa: E731
+
+    # words past the padded width read the pad value: their weight half is 0 (an odd S)
+    xw = te.compute((spec.batch, hp, wp + dw, k_),
+                    lambda n, h, w, c: xp[n, h, w, c].astype("int32")
+                    | (xp[n, h, w + dw, c].astype("int32") << i32(16)), name="words")
+
+    def tap(r, j, k):  # q * v of tap j of row r, in int32
+        qv = codes[k, 0, r, j].astype("int32")
+        if spec.weight_bits == 2:
+            return qv * ((weights[k // 16, 0, r, j, k % 16] & ta.const(3, "uint8")).astype("int32") - i32(1))
+        # byte 0 of the int32 word (input channel 0 of the block), sign-extended
+        return qv * ((weights[k // 16, 0, r, j, k % 16] << i32(24)) >> i32(24))
+
+    def dec_fn(r, p, k):
+        lo = tap(r, 2 * p, k) & i32(0xFFFF)
+        odd = te.min(2 * p + 1, s_ - 1)  # clamped: the select below zeroes the missing tap
+        hi = ta.if_then_else(2 * p + 1 < s_, tap(r, odd, k) << i32(16), i32(0))
+        return lo | hi
+
+    wd = te.compute((r_, pairs, k_), dec_fn, name="decode")
+    r = te.reduce_axis((0, r_), name="r")
+    p = te.reduce_axis((0, pairs), name="p")
+    hf = te.reduce_axis((0, 2), name="hf")
+    acc = te.compute(
+        (spec.batch, spec.out_height, spec.out_width, k_),
+        lambda n, oh, ow, k: te.sum(
+            (xw[n, oh * sh + r * dh, ow * sw + 2 * p * dw, k].astype("int64") >> (hf * 16))
+            .astype("int16").astype("int32")
+            * (wd[r, p, k].astype("int64") >> (hf * 16)).astype("int16").astype("int32"),
+            axis=[r, p, hf]),
+        name="conv",
+    )
+    args, y = _epilogue_stage(spec, "plain", lambda n, oh, ow, k: acc[n, oh, ow, k])
+    return ConvParts((x, weights, codes, *args, y), blk, True, True, form=f"depthwise_pairs_{isa}")
+
+
+__all__ = ["ConvParts", "codes_in_epilogue", "conv_compute", "depthwise_compute", "depthwise_pairs_compute",
+           "depthwise_pairs_form", "depthwise_vnni_compute", "depthwise_vnni_form", "OUT_DTYPES"]

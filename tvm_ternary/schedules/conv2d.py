@@ -23,10 +23,10 @@ Example::
 from __future__ import annotations
 
 from .. import tvm_adapter as ta
-from .compute import (ConvParts, conv_compute, depthwise_compute, depthwise_vnni_compute,
-                      depthwise_vnni_form)
+from .compute import (ConvParts, conv_compute, depthwise_compute, depthwise_pairs_compute,
+                      depthwise_pairs_form, depthwise_vnni_compute, depthwise_vnni_form)
 from .compute_ternary import ternary_conv_compute
-from .intrin import depthwise_intrin_name, group_intrin_name, intrin_name
+from .intrin import depthwise_intrin_name, depthwise_pairs_intrin_name, group_intrin_name, intrin_name
 from .spec import ConvSpec, maddubs_form
 from .tiling import Tiling, default_tiling
 
@@ -66,10 +66,12 @@ def conv2d_kernel(spec: ConvSpec, *, target=None, schedule=True, isa: str | None
     if schedule is not True and schedule != "default":
         raise ValueError(f"schedule must be True, 'default', False or 'reference': {schedule!r}")
     isa = isa or ta.choose_isa(target)
-    if spec.depthwise and depthwise_vnni_form(spec, isa):
-        parts = depthwise_vnni_compute(spec, isa)
+    if spec.depthwise and (depthwise_vnni_form(spec, isa) or depthwise_pairs_form(spec, isa)):
+        vnni = depthwise_vnni_form(spec, isa)
+        parts = depthwise_vnni_compute(spec, isa) if vnni else depthwise_pairs_compute(spec, isa)
         sch = ta.schedule_of(ta.create_prim_func(parts.args))
-        _schedule_depthwise_vnni(sch, parts, isa)
+        _schedule_depthwise_words(sch, parts, depthwise_intrin_name(isa) if vnni
+                                  else depthwise_pairs_intrin_name(isa))
         # same argument list as the int32 depthwise kernel (no compensation): tagged alike
         return _tag(ta.scheduled_func(sch), "plain")
     if spec.depthwise:
@@ -296,24 +298,25 @@ def _largest_divisor(n: int, limit: int) -> int:
     return max(d for d in range(1, min(n, limit) + 1) if n % d == 0)
 
 
-def _schedule_depthwise_vnni(sch, parts: ConvParts, isa: str) -> None:
-    """The VNNI depthwise kernel (compute.depthwise_vnni_compute)::
+def _schedule_depthwise_words(sch, parts: ConvParts, intrin: str) -> None:
+    """The word depthwise kernels (compute.depthwise_vnni_compute, one vpdpbusd per row;
+    compute.depthwise_pairs_compute, one vpmaddwd per two taps of a row: reduction loops r, p)::
 
         parallel for (n, band of output rows, channel block):
           words of the band's input rows (pad inlined, the block's channels vectorised)
           for oh in band, ow tile:
             acc[ow tile, lanes] = 0                      # vector registers
-            for r: for owi (unrolled): vpdpbusd(acc[owi], words[.., owi, lanes], w[r, lanes])
+            for r (, p): for owi (unrolled): acc[owi] += dot(words[.., owi, lanes], w[r, lanes])
             epilogue(acc) -> y
     """
     lanes = parts.block.lanes
     conv = sch.get_sblock("conv")
-    n, oh, ow, k, r, cl = sch.get_loops(conv)
+    n, oh, ow, k, *red, cl = sch.get_loops(conv)
     oh_n, ow_n = sch.get(oh).extent.value, sch.get(ow).extent.value
     oho, ohi = sch.split(oh, [None, _largest_divisor(oh_n, DEPTHWISE_OH_BAND)])
     owo, owi = sch.split(ow, [None, _largest_divisor(ow_n, DEPTHWISE_OW_BLOCK)])
     ko, ki = sch.split(k, [None, lanes])
-    sch.reorder(n, oho, ko, ohi, owo, r, owi, ki, cl)
+    sch.reorder(n, oho, ko, ohi, owo, *red, owi, ki, cl)
     epi = sch.get_sblock("y")
     sch.reverse_compute_at(epi, owo, preserve_unit_loops=True)
     par = sch.fuse(n, oho, ko)  # bands x channel blocks: work for every thread on 7x7 maps too
@@ -325,6 +328,6 @@ def _schedule_depthwise_vnni(sch, parts: ConvParts, isa: str) -> None:
     _vectorize_inner(sch, sch.get_sblock("decode"), lanes)
     _vectorize_inner(sch, epi, lanes)
     sch.unroll(owi)
-    init = sch.decompose_reduction(conv, r)
+    init = sch.decompose_reduction(conv, red[0])
     sch.vectorize(sch.get_loops(init)[-1])
-    sch.tensorize(ki, depthwise_intrin_name(isa))
+    sch.tensorize(ki, intrin)

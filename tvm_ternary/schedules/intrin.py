@@ -16,6 +16,8 @@ ISA               block      operands (B: int32 words)     instructions per bloc
 ``avx2t``          8 x 4     A u8[4], B t s8[8, 4]         the same on ymm
 depthwise VNNI    16 / 8     A u8[lanes, 4] (int32 words,  ``vpdpbusd`` (1), no broadcast
                   lanes x 4  one per channel), B s8 words  (``depthwise_intrin_name``)
+depthwise pairs   16 / 8     A s16[lanes, 2] (int32 words, ``vpmaddwd`` + ``vpaddd`` (2), no
+(avx512 / avx2)   lanes x 2  one per channel), B s16 words broadcast (``depthwise_pairs_intrin_name``)
 ================  =========  ============================  =======================================
 
 The forms ``avx2t`` / ``avx512t`` (ternary layers, and 4/8-bit ones whose pair sums fit int16,
@@ -316,6 +318,64 @@ def depthwise_intrin_name(isa: str) -> str:
     if TensorIntrin.get(name, allow_missing=True) is None:
         lanes = BLOCKS[isa].lanes
         TensorIntrin.register(name, _depthwise_desc(lanes), _depthwise_impl(lanes, _VNNI_LLVM[isa]))
+    return name
+
+
+def _depthwise_pairs_desc(lanes: int):
+    # Depthwise pair block: lane i (one channel) gains the dot product of the two int16 halves
+    # of its activation word A[i] (two taps of a row, compute.depthwise_pairs_compute) and of
+    # its weight word B[i].
+    @T.prim_func(s_tir=True)
+    def desc(
+        A: T.Buffer((lanes,), "int32", offset_factor=1),
+        B: T.Buffer((lanes,), "int32", offset_factor=1),
+        C: T.Buffer((lanes,), "int32", offset_factor=1),
+    ) -> None:
+        with T.sblock("root"):
+            T.reads(C[0:lanes], A[0:lanes], B[0:lanes])
+            T.writes(C[0:lanes])
+            for i, k in T.grid(T.int64(lanes), T.int64(2)):
+                with T.sblock("update"):
+                    vi, vk = T.axis.remap("SR", [i, k])
+                    C[vi] = C[vi] + T.Cast(
+                        "int32", T.Cast("int16", T.Cast("int64", A[vi]) >> vk * T.int64(16))
+                    ) * T.Cast("int32", T.Cast("int16", T.Cast("int64", B[vi]) >> vk * T.int64(16)))
+
+    return desc
+
+
+def _depthwise_pairs_impl(lanes: int, llvm_name: str):
+    acc_t, half_t = f"int32x{lanes}", f"int16x{2 * lanes}"
+
+    @T.prim_func(s_tir=True)
+    def impl(
+        A: T.Buffer((lanes,), "int32", offset_factor=1),
+        B: T.Buffer((lanes,), "int32", offset_factor=1),
+        C: T.Buffer((lanes,), "int32", offset_factor=1),
+    ) -> None:
+        with T.sblock("root"):
+            T.reads(C[0:lanes], A[0:lanes], B[0:lanes])
+            T.writes(C[0:lanes])
+            C[T.ramp(T.int32(0), 1, lanes)] = C.vload([0], dtype=acc_t) + T.call_llvm_pure_intrin(
+                T.llvm_lookup_intrinsic_id(llvm_name),
+                T.reinterpret(A.vload([0], dtype=acc_t), dtype=half_t),
+                T.reinterpret(B.vload([0], dtype=acc_t), dtype=half_t),
+                dtype=acc_t,
+            )
+
+    return impl
+
+
+def depthwise_pairs_intrin_name(isa: str) -> str:
+    """Register (once) and return the depthwise ``vpmaddwd`` intrinsic of avx2 / avx512: per
+    lane, 2 int16 activation taps (its own word, not a broadcast) times 2 int16 weights."""
+    if isa not in _PMADDWD_LLVM:
+        raise ValueError(f"no depthwise pair intrinsic for {isa!r}; expected one of {sorted(_PMADDWD_LLVM)}")
+    name = f"tvm_ternary_depthwise_pairs_{isa}"
+    if TensorIntrin.get(name, allow_missing=True) is None:
+        lanes = BLOCKS[isa].lanes
+        TensorIntrin.register(name, _depthwise_pairs_desc(lanes),
+                              _depthwise_pairs_impl(lanes, _PMADDWD_LLVM[isa]))
     return name
 
 
