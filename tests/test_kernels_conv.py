@@ -80,8 +80,8 @@ DEPTHWISE_VNNI = {
 }
 
 
-def _depthwise_spec(name: str, bits: int) -> ConvSpec:
-    kw = dict(DEPTHWISE_VNNI[name])
+def _depthwise_spec(name: str, bits: int, table: dict = DEPTHWISE_VNNI) -> ConvSpec:
+    kw = dict(table[name])
     c = kw["in_channels"]
     return ConvSpec(batch=1, out_channels=c, groups=c, weight_bits=bits, **kw)
 
@@ -144,9 +144,7 @@ DEPTHWISE_PAIRS = {
 def test_depthwise_pairs_bit_exact(isa, name, bits):
     from tvm_ternary.schedules.compute import depthwise_pairs_form
 
-    kw = dict(DEPTHWISE_PAIRS[name])
-    c = kw["in_channels"]
-    spec = ConvSpec(batch=1, out_channels=c, groups=c, weight_bits=bits, **kw)
+    spec = _depthwise_spec(name, bits, DEPTHWISE_PAIRS)
     assert depthwise_pairs_form(spec, isa)
     run_and_check(spec, isa)
 

@@ -269,6 +269,16 @@ def _depthwise_inputs(spec: ConvSpec, pad_dtype: str):
     return x, weights, codes, xp
 
 
+def _depthwise_tap(spec: ConvSpec, weights, codes, r, s, k):
+    """``q * v`` of tap (r, s) of channel k, int32: the 2-bit code or byte 0 of the block's
+    int32 word (input channel 0), sign-extended, times the channel's group code."""
+    qv = codes[k, 0, r, s].astype("int32")
+    w = weights[k // 16, 0, r, s, k % 16]
+    if spec.weight_bits == 2:
+        return qv * ((w & ta.const(3, "uint8")).astype("int32") - ta.const(1, "int32"))
+    return qv * ((w << ta.const(24, "int32")) >> ta.const(24, "int32"))
+
+
 def depthwise_compute(spec: ConvSpec) -> ConvParts:
     """Depthwise conv (one input and one output channel per group): plain int32 math over k."""
     blk = Block(16, 1, "int16", "int16")
@@ -276,16 +286,9 @@ def depthwise_compute(spec: ConvSpec) -> ConvParts:
     k_, (r_, s_) = spec.out_channels, spec.kernel
     (sh, sw), (dh, dw) = spec.stride, spec.dilation
 
-    def dec_fn(r, s, k):
-        qv = codes[k, 0, r, s].astype("int16")
-        if spec.weight_bits == 2:
-            code = weights[k // 16, 0, r, s, k % 16] & ta.const(3, "uint8")
-            return qv * (code.astype("int16") - ta.const(1, "int16"))
-        # byte 0 of the int32 word (input channel 0 of the block), sign-extended
-        v = (weights[k // 16, 0, r, s, k % 16] << ta.const(24, "int32")) >> ta.const(24, "int32")
-        return qv * v.astype("int16")
-
-    wd = te.compute((r_, s_, k_), dec_fn, name="decode")
+    wd = te.compute((r_, s_, k_),
+                    lambda r, s, k: _depthwise_tap(spec, weights, codes, r, s, k).astype("int16"),
+                    name="decode")
     r = te.reduce_axis((0, r_), name="r")
     s = te.reduce_axis((0, s_), name="s")
     acc = te.compute(
@@ -337,12 +340,7 @@ def depthwise_vnni_compute(spec: ConvSpec, isa: str) -> ConvParts:
     def dec_fn(r, k):
         word = None
         for j in range(s_):
-            qv = codes[k, 0, r, j].astype("int32")
-            if spec.weight_bits == 2:
-                v = (weights[k // 16, 0, r, j, k % 16] & ta.const(3, "uint8")).astype("int32") - i32(1)
-            else:  # byte 0 of the int32 word (input channel 0 of the block), sign-extended
-                v = (weights[k // 16, 0, r, j, k % 16] << i32(24)) >> i32(24)
-            b = ((qv * v) & i32(255)) << i32(8 * j)
+            b = (_depthwise_tap(spec, weights, codes, r, j, k) & i32(255)) << i32(8 * j)
             word = b if word is None else word | b
         return word
 
@@ -377,7 +375,7 @@ def depthwise_pairs_compute(spec: ConvSpec, isa: str) -> ConvParts:
     column's word holds its pixel and the one ``dw`` columns right as int16 halves (stage
     ``words``, per channel), the weights of taps (2j, 2j+1) of a row are the halves of one word
     per (row, j, channel) (stage ``decode``, 0 past the last tap), and a lane accumulates the
-    halves' dot product (``intrin.depthwise_pairs_intrin_name``): R * ceil(S/2) instructions per
+    halves' dot product (``intrin.depthwise_intrin_name``): R * ceil(S/2) instructions per
     output vector where the int32 kernel widens and multiplies R * S times.  Same arguments as
     :func:`depthwise_compute`.  Exact: u8 x s8 products and their pair sums fit int32."""
     if not depthwise_pairs_form(spec, isa):
@@ -396,17 +394,11 @@ def depthwise_pairs_compute(spec: ConvSpec, isa: str) -> ConvParts:
                     lambda n, h, w, c: xp[n, h, w, c].astype("int32")
                     | (xp[n, h, w + dw, c].astype("int32") << i32(16)), name="words")
 
-    def tap(r, j, k):  # q * v of tap j of row r, in int32
-        qv = codes[k, 0, r, j].astype("int32")
-        if spec.weight_bits == 2:
-            return qv * ((weights[k // 16, 0, r, j, k % 16] & ta.const(3, "uint8")).astype("int32") - i32(1))
-        # byte 0 of the int32 word (input channel 0 of the block), sign-extended
-        return qv * ((weights[k // 16, 0, r, j, k % 16] << i32(24)) >> i32(24))
-
     def dec_fn(r, p, k):
-        lo = tap(r, 2 * p, k) & i32(0xFFFF)
+        lo = _depthwise_tap(spec, weights, codes, r, 2 * p, k) & i32(0xFFFF)
         odd = te.min(2 * p + 1, s_ - 1)  # clamped: the select below zeroes the missing tap
-        hi = ta.if_then_else(2 * p + 1 < s_, tap(r, odd, k) << i32(16), i32(0))
+        hi = ta.if_then_else(2 * p + 1 < s_,
+                             _depthwise_tap(spec, weights, codes, r, odd, k) << i32(16), i32(0))
         return lo | hi
 
     wd = te.compute((r_, pairs, k_), dec_fn, name="decode")

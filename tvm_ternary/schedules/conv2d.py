@@ -26,7 +26,7 @@ from .. import tvm_adapter as ta
 from .compute import (ConvParts, conv_compute, depthwise_compute, depthwise_pairs_compute,
                       depthwise_pairs_form, depthwise_vnni_compute, depthwise_vnni_form)
 from .compute_ternary import ternary_conv_compute
-from .intrin import depthwise_intrin_name, depthwise_pairs_intrin_name, group_intrin_name, intrin_name
+from .intrin import depthwise_intrin_name, group_intrin_name, intrin_name
 from .spec import ConvSpec, maddubs_form
 from .tiling import Tiling, default_tiling
 
@@ -70,8 +70,7 @@ def conv2d_kernel(spec: ConvSpec, *, target=None, schedule=True, isa: str | None
         vnni = depthwise_vnni_form(spec, isa)
         parts = depthwise_vnni_compute(spec, isa) if vnni else depthwise_pairs_compute(spec, isa)
         sch = ta.schedule_of(ta.create_prim_func(parts.args))
-        _schedule_depthwise_words(sch, parts, depthwise_intrin_name(isa) if vnni
-                                  else depthwise_pairs_intrin_name(isa))
+        _schedule_depthwise_words(sch, parts, depthwise_intrin_name(isa))
         # same argument list as the int32 depthwise kernel (no compensation): tagged alike
         return _tag(ta.scheduled_func(sch), "plain")
     if spec.depthwise:

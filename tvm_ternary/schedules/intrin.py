@@ -17,7 +17,7 @@ ISA               block      operands (B: int32 words)     instructions per bloc
 depthwise VNNI    16 / 8     A u8[lanes, 4] (int32 words,  ``vpdpbusd`` (1), no broadcast
                   lanes x 4  one per channel), B s8 words  (``depthwise_intrin_name``)
 depthwise pairs   16 / 8     A s16[lanes, 2] (int32 words, ``vpmaddwd`` + ``vpaddd`` (2), no
-(avx512 / avx2)   lanes x 2  one per channel), B s16 words broadcast (``depthwise_pairs_intrin_name``)
+(avx512 / avx2)   lanes x 2  one per channel), B s16 words broadcast (``depthwise_intrin_name``)
 ================  =========  ============================  =======================================
 
 The forms ``avx2t`` / ``avx512t`` (ternary layers, and 4/8-bit ones whose pair sums fit int16,
@@ -263,10 +263,19 @@ def _ternary_group_impl(blk: Block, llvm_name: str):
     return impl
 
 
-def _depthwise_desc(lanes: int):
-    # Depthwise block: lane i (one channel) gains the dot product of the 4 bytes of its own
-    # activation word A[i] (u8: the taps of one kernel row, compute.depthwise_vnni_compute) and
-    # of its weight word B[i] (s8): no broadcast, unlike the dense blocks.
+# Depthwise word blocks: activation and weight element types of a word, per ISA.
+_DEPTHWISE_ELEMENTS = {"vnni512": ("uint8", "int8"), "avxvnni": ("uint8", "int8"),
+                       "avx512": ("int16", "int16"), "avx2": ("int16", "int16")}
+
+
+def _depthwise_desc(lanes: int, a_dtype: str, b_dtype: str):
+    # Depthwise block: lane i (one channel) gains the dot product of the elements of its own
+    # activation word A[i] (the taps of a kernel row: 4 u8 for VNNI,
+    # compute.depthwise_vnni_compute; 2 int16 otherwise, compute.depthwise_pairs_compute) and
+    # of its weight word B[i]: no broadcast, unlike the dense blocks.
+    bits = {"uint8": 8, "int8": 8, "int16": 16}[a_dtype]
+    elems = 32 // bits  # elements of a word
+
     @T.prim_func(s_tir=True)
     def desc(
         A: T.Buffer((lanes,), "int32", offset_factor=1),
@@ -276,17 +285,17 @@ def _depthwise_desc(lanes: int):
         with T.sblock("root"):
             T.reads(C[0:lanes], A[0:lanes], B[0:lanes])
             T.writes(C[0:lanes])
-            for i, k in T.grid(T.int64(lanes), T.int64(4)):
+            for i, k in T.grid(T.int64(lanes), T.int64(elems)):
                 with T.sblock("update"):
                     vi, vk = T.axis.remap("SR", [i, k])
                     C[vi] = C[vi] + T.Cast(
-                        "int32", T.Cast("uint8", T.Cast("int64", A[vi]) >> vk * T.int64(8))
-                    ) * T.Cast("int32", T.Cast("int8", T.Cast("int64", B[vi]) >> vk * T.int64(8)))
+                        "int32", T.Cast(a_dtype, T.Cast("int64", A[vi]) >> vk * T.int64(bits))
+                    ) * T.Cast("int32", T.Cast(b_dtype, T.Cast("int64", B[vi]) >> vk * T.int64(bits)))
 
     return desc
 
 
-def _depthwise_impl(lanes: int, llvm_name: str):
+def _depthwise_vnni_impl(lanes: int, llvm_name: str):
     acc_t, byte_t = f"int32x{lanes}", f"int8x{4 * lanes}"
 
     @T.prim_func(s_tir=True)
@@ -309,42 +318,7 @@ def _depthwise_impl(lanes: int, llvm_name: str):
     return impl
 
 
-def depthwise_intrin_name(isa: str) -> str:
-    """Register (once) and return the depthwise ``vpdpbusd`` intrinsic of a VNNI ISA: per lane,
-    4 activation bytes (its own word, not a broadcast) times 4 weight bytes."""
-    if isa not in _VNNI_LLVM:
-        raise ValueError(f"no depthwise intrinsic for {isa!r}; expected one of {sorted(_VNNI_LLVM)}")
-    name = f"tvm_ternary_depthwise_{isa}"
-    if TensorIntrin.get(name, allow_missing=True) is None:
-        lanes = BLOCKS[isa].lanes
-        TensorIntrin.register(name, _depthwise_desc(lanes), _depthwise_impl(lanes, _VNNI_LLVM[isa]))
-    return name
-
-
-def _depthwise_pairs_desc(lanes: int):
-    # Depthwise pair block: lane i (one channel) gains the dot product of the two int16 halves
-    # of its activation word A[i] (two taps of a row, compute.depthwise_pairs_compute) and of
-    # its weight word B[i].
-    @T.prim_func(s_tir=True)
-    def desc(
-        A: T.Buffer((lanes,), "int32", offset_factor=1),
-        B: T.Buffer((lanes,), "int32", offset_factor=1),
-        C: T.Buffer((lanes,), "int32", offset_factor=1),
-    ) -> None:
-        with T.sblock("root"):
-            T.reads(C[0:lanes], A[0:lanes], B[0:lanes])
-            T.writes(C[0:lanes])
-            for i, k in T.grid(T.int64(lanes), T.int64(2)):
-                with T.sblock("update"):
-                    vi, vk = T.axis.remap("SR", [i, k])
-                    C[vi] = C[vi] + T.Cast(
-                        "int32", T.Cast("int16", T.Cast("int64", A[vi]) >> vk * T.int64(16))
-                    ) * T.Cast("int32", T.Cast("int16", T.Cast("int64", B[vi]) >> vk * T.int64(16)))
-
-    return desc
-
-
-def _depthwise_pairs_impl(lanes: int, llvm_name: str):
+def _depthwise_pmaddwd_impl(lanes: int, llvm_name: str):
     acc_t, half_t = f"int32x{lanes}", f"int16x{2 * lanes}"
 
     @T.prim_func(s_tir=True)
@@ -366,16 +340,18 @@ def _depthwise_pairs_impl(lanes: int, llvm_name: str):
     return impl
 
 
-def depthwise_pairs_intrin_name(isa: str) -> str:
-    """Register (once) and return the depthwise ``vpmaddwd`` intrinsic of avx2 / avx512: per
-    lane, 2 int16 activation taps (its own word, not a broadcast) times 2 int16 weights."""
-    if isa not in _PMADDWD_LLVM:
-        raise ValueError(f"no depthwise pair intrinsic for {isa!r}; expected one of {sorted(_PMADDWD_LLVM)}")
-    name = f"tvm_ternary_depthwise_pairs_{isa}"
+def depthwise_intrin_name(isa: str) -> str:
+    """Register (once) and return the depthwise intrinsic of ``isa``: per lane, the elements of
+    its own activation word (not a broadcast) times those of its weight word -- 4 bytes with
+    ``vpdpbusd`` on VNNI ISAs, 2 int16 with ``vpmaddwd`` + ``vpaddd`` on avx512 / avx2."""
+    if isa not in _DEPTHWISE_ELEMENTS:
+        raise ValueError(f"no depthwise intrinsic for {isa!r}; expected one of {sorted(_DEPTHWISE_ELEMENTS)}")
+    name = f"tvm_ternary_depthwise_{isa}"
     if TensorIntrin.get(name, allow_missing=True) is None:
         lanes = BLOCKS[isa].lanes
-        TensorIntrin.register(name, _depthwise_pairs_desc(lanes),
-                              _depthwise_pairs_impl(lanes, _PMADDWD_LLVM[isa]))
+        impl = (_depthwise_vnni_impl(lanes, _VNNI_LLVM[isa]) if isa in _VNNI_LLVM
+                else _depthwise_pmaddwd_impl(lanes, _PMADDWD_LLVM[isa]))
+        TensorIntrin.register(name, _depthwise_desc(lanes, *_DEPTHWISE_ELEMENTS[isa]), impl)
     return name
 
 
