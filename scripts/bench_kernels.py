@@ -80,7 +80,7 @@ def bench_ours(spec: ConvSpec, threads: int, mcpu: str | None = None) -> float:
     rng = np.random.default_rng(0)
     r, s = spec.kernel
     wshape = (spec.out_channels, spec.cin_per_group, r, s)
-    vmax = {2: 1, 4: 7, 8: 127}[spec.weight_bits]
+    vmax = quant.value_max(spec.weight_bits)
     values = rng.integers(-vmax, vmax + 1, size=wshape).astype(np.int8)
     codes = rng.integers(0, 127 // vmax + 1, size=spec.codes_shape).astype(np.uint8)
     weights = quant.pack_ternary(values) if spec.weight_bits == 2 else layout.block_weights(values)

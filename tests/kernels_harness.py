@@ -9,7 +9,8 @@ from tvm_ternary import quant
 from tvm_ternary import tvm_adapter as ta
 from tvm_ternary.quant import reference as ref
 from tvm_ternary.schedules import layout, params
-from tvm_ternary.schedules.spec import ACT_DTYPES, OUT_DTYPES, RANGES, VALUE_MAX, ConvSpec
+from tvm_ternary.quant import value_max
+from tvm_ternary.schedules.spec import ACT_DTYPES, OUT_DTYPES, RANGES, ConvSpec
 
 # mcpu that forces each ISA (all run on an AVX-512 VNNI host)
 ISA_MCPU = {"vnni512": "znver4", "avx512": "skylake-avx512", "avxvnni": "alderlake",
@@ -30,7 +31,7 @@ def make_case(spec: ConvSpec, *, isa: str, seed: int = 0) -> dict:
     x = rng.integers(lo, hi + 1, size=spec.x_shape).astype(ACT_DTYPES[spec.act])
     r, s = spec.kernel
     wshape = (spec.out_channels, spec.cin_per_group, r, s)
-    vmax = VALUE_MAX[spec.weight_bits]
+    vmax = value_max(spec.weight_bits)
     values = rng.integers(-vmax, vmax + 1, size=wshape).astype(np.int8)
     qmax = 127 // vmax
     codes = rng.integers(0, qmax + 1, size=spec.codes_shape).astype(np.uint8)

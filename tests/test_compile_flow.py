@@ -27,10 +27,11 @@ def compiled(model, config, calib=16):
         QuantConfig(method="data-aware", group_size=2),
         QuantConfig(weight_bits=4, method="exact", grouping="cluster"),
         QuantConfig(weight_bits=8, method="exact"),
+        QuantConfig(weight_bits=7, method="reconstruct"),
         QuantConfig(method="exact", act_bits=4),
         QuantConfig(method="twn", group_size=1, act_calibration="dfp"),
     ],
-    ids=["ternary-exact", "ternary-data-aware-N2", "w4-cluster", "w8", "act4", "twn-N1-dfp"],
+    ids=["ternary-exact", "ternary-data-aware-N2", "w4-cluster", "w8", "w7", "act4", "twn-N1-dfp"],
 )
 def test_bit_exact_against_reference_pipeline(config):
     """Conv head: every op is integer until the head dequantizes acc * scale (one float multiply,
@@ -99,11 +100,14 @@ _MADDUBS_CONFIGS = {
                               clamp_group_size=True),
     "N2-act4": QuantConfig(method="data-aware", group_size=2, act_bits=4),
     "w4": QuantConfig(weight_bits=4, method="exact"),
+    # first and last layer at 7 bits (--precise-bits 7): u8 x |v| <= 63 is exact on vpmaddubsw
+    "precise7": QuantConfig(method="exact", first_layer_bits=7, last_layer_bits=7),
 }
 
 
 @pytest.mark.parametrize("mcpu,name", [("haswell", n) for n in _MADDUBS_CONFIGS]
-                         + [("skylake-avx512", "fgq-N4"), ("skylake-avx512", "w4")])
+                         + [("skylake-avx512", "fgq-N4"), ("skylake-avx512", "w4"),
+                            ("skylake-avx512", "precise7")])
 def test_ternary_maddubs_targets_bit_exact(mcpu, name):
     config = _MADDUBS_CONFIGS[name]
     from tvm_ternary import tvm_adapter as ta
@@ -115,6 +119,9 @@ def test_ternary_maddubs_targets_bit_exact(mcpu, name):
     specs = [s for s in cm.rewrite.specs.values() if not getattr(s, "depthwise", False)]
     convs = [s.as_conv() if hasattr(s, "as_conv") else s for s in specs]
     assert any(maddubs_form(s, cm.isa) for s in convs), "no layer used the vpmaddubsw kernel"
+    seven = [s for s in convs if s.weight_bits == 7]
+    assert len(seven) == (2 if name == "precise7" else 0)
+    assert all(maddubs_form(s, cm.isa) for s in seven), "a 7-bit layer kept the int16 block"
     if missing_features(ta.target_features(target)):
         # built (cross-compiled) but not run on a host without the target's ISA: the code of
         # its vpmaddubsw kernels is checked instead (zmm registers for avx512)

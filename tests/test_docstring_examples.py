@@ -6,6 +6,7 @@ import importlib
 import pytest
 
 MODULES = [
+    "tvm_ternary.quant.formats",
     "tvm_ternary.quant.ternary",
     "tvm_ternary.quant.intscales",
     "tvm_ternary.quant.activations",

@@ -15,7 +15,7 @@ from kernels_harness import ISA_MCPU, build_cached, check, host_runs, run, run_a
 from tvm_ternary import quant
 from tvm_ternary import tvm_adapter as ta
 from tvm_ternary.quant import reference as ref
-from tvm_ternary.schedules import ConvSpec, DenseSpec, conv2d_kernel, params
+from tvm_ternary.schedules import ConvSpec, DenseSpec, conv2d_kernel, layout, params
 from tvm_ternary.schedules.compute_ternary import max_steps, plan_chunks
 from tvm_ternary.schedules.spec import maddubs_form
 
@@ -50,10 +50,12 @@ def test_ternary_conv_bit_exact(isa, geometry, n, grouping):
     run_and_check(spec, isa)
 
 
-# 4-bit weights (|v| <= 7: pairs <= 3570 with u8, 9 steps per chunk) and 8-bit weights with u4
-# activations (pairs <= 3810) take the same kernel; 8-bit x u8 keeps the int16 block.
+# 4-bit weights (|v| <= 7: pairs <= 3570 with u8, 9 steps per chunk), 7-bit weights (|v| <= 63:
+# pairs <= 32130 with u8 or s8 + 128, one step per chunk) and 8-bit weights with u4 activations
+# (pairs <= 3810) take the same kernel; 8-bit x u8 keeps the int16 block.
 @pytest.mark.parametrize("bits,geometry", [(4, "3x3_pad_u8_relu"), (4, "1x1_s2_u4_res"),
-                                           (4, "3x3_s2_s8_f32"), (8, "1x1_s2_u4_res")])
+                                           (4, "3x3_s2_s8_f32"), (7, "3x3_pad_u8_relu"),
+                                           (7, "3x3_s2_s8_f32"), (8, "1x1_s2_u4_res")])
 @pytest.mark.parametrize("n,grouping", [(4, "fgq"), (8, "cluster")])
 @pytest.mark.parametrize("isa", RUNNABLE)
 def test_wide_values_conv_bit_exact(isa, bits, geometry, n, grouping):
@@ -130,12 +132,38 @@ def test_int16_accumulation_exact_at_the_bound(isa, act, amax, steps, sign):
     check(run(mod, spec, names, case), case, spec)
 
 
+@pytest.mark.parametrize("act,x_max", [("u8", 255), ("s8", 127)])
+@pytest.mark.parametrize("sign", [1, -1])
+@pytest.mark.parametrize("isa", RUNNABLE)
+def test_7bit_weights_exact_at_the_pair_bound(isa, sign, act, x_max):
+    """7-bit weights at full scale (|v| = 63) times the largest activation: every vpmaddubsw
+    pair is 2*255*63 = 32130 (s8: +128 shifted to 255), one int16 step, then the code (2)."""
+    c = 64
+    spec = ConvSpec(batch=1, in_channels=c, height=2, width=3, out_channels=16, kernel=1,
+                    act=act, out="i32", group_size=c, weight_bits=7)
+    assert maddubs_form(spec, isa) == isa + "t" and max_steps(spec) == 1
+    mod, names, built = build_cached(spec, isa)
+    values = np.full((16, c, 1, 1), 63 * sign, np.int8)
+    codes = np.full(spec.codes_shape, 2, np.uint8)
+    x = np.full(spec.x_shape, x_max, np.uint8 if act == "u8" else np.int8)
+    w = ref.decode_weights(values, codes, group_size=c)
+    acc = ref.conv2d_int(x.transpose(0, 3, 1, 2), w).transpose(0, 2, 3, 1).astype(np.int32)
+    assert abs(int(acc.flat[0])) == 2 * 63 * x_max * c
+    weights = layout.block_weights(values)
+    case = {"x": x, "weights": weights, "expected": acc,
+            "codes": params.kernel_codes(spec, isa=built, codes=codes),
+            "bias": params.kernel_bias(spec, isa=built, weights=weights, codes=codes, bias=None)}
+    check(run(mod, spec, names, case), case, spec)
+
+
 def test_maddubs_form_choice():
     base = dict(batch=1, in_channels=16, height=4, width=4, out_channels=32, kernel=3)
     assert maddubs_form(ConvSpec(group_size=4, **base), "avx2") == "avx2t"
     assert maddubs_form(ConvSpec(group_size=4, **base), "avx512") == "avx512t"
     assert maddubs_form(ConvSpec(group_size=4, **base), "vnni512") is None
     assert maddubs_form(ConvSpec(group_size=4, weight_bits=8, **base), "avx2") is None  # 64770
+    assert maddubs_form(ConvSpec(group_size=16, weight_bits=7, **base), "avx2") == "avx2t"  # 32130
+    assert maddubs_form(ConvSpec(group_size=16, weight_bits=7, act="s8", **base), "avx512") == "avx512t"
     assert maddubs_form(ConvSpec(group_size=4, weight_bits=8, act="u4", **base), "avx2") == "avx2t"
     assert maddubs_form(ConvSpec(group_size=4, weight_bits=4, act="s8", **base), "avx2") == "avx2t"
     assert maddubs_form(ConvSpec(group_size=3, **base), "avx2") is None  # pairs straddle groups
@@ -148,7 +176,7 @@ def test_maddubs_form_choice():
 
 
 @pytest.mark.parametrize("kernel", [1, 3, 7, 9])
-@pytest.mark.parametrize("act,bits", [("u8", 2), ("u4", 2), ("s8", 2), ("u8", 4), ("u4", 8)])
+@pytest.mark.parametrize("act,bits", [("u8", 2), ("u4", 2), ("s8", 2), ("u8", 4), ("u8", 7), ("u4", 8)])
 @pytest.mark.parametrize("n", [2, 4, 6, 8, 12, 16, 64, 256])
 @pytest.mark.parametrize("grouping", ["fgq", "cluster"])
 @pytest.mark.parametrize("channels", [24, 256])
@@ -159,7 +187,7 @@ def test_chunk_plan_is_exact(channels, grouping, n, act, bits, kernel):
                     weight_bits=bits)
     plan = plan_chunks(spec)
     amax = 15 if act == "u4" else 255
-    vmax = {2: 1, 4: 7, 8: 127}[bits]
+    vmax = quant.value_max(bits)
     assert plan.steps * 2 * amax * vmax <= 32767
     cb_n = -(-channels // 4)
     assert cb_n % plan.span == 0

@@ -136,6 +136,9 @@ def test_rpc_tune_one_layer_then_compile_uses_it_bit_exact(model_files, rpc_trac
     np.testing.assert_array_equal(cm.run(x), simulate(cm.plan, x))
 
 
+# Two full tunes (~2 minutes on 2 cores): on demand. The default run keeps Ctrl-C and SIGKILL
+# of a tune in tests/test_reliability.py (exit 130, no process left, records kept).
+@pytest.mark.slow
 def test_sigint_keeps_records_and_second_run_continues(model_files, tmp_path):
     model, calib = model_files
     db = tmp_path / "db"

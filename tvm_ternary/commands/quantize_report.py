@@ -31,6 +31,7 @@ from tvm_ternary.commands._options import positive_int
 from tvm_ternary.errors import NoWeightedLayersError, OptionError, UserError
 from tvm_ternary.onnx_io import LayerWeight, find_weighted_layers, load_model
 from tvm_ternary.quant import (
+    WEIGHT_BITS,
     multiplications_removed,
     quantize_weights,
     relative_error,
@@ -48,7 +49,6 @@ compile uses); every other conv/dense layer gets the chosen weight format."""
 
 THRESHOLDS = ("exact", "twn")
 GROUPINGS = ("fgq", "cluster")
-WEIGHT_BITS = (2, 4, 8)  # 2 = ternary
 CODE_BITS = (7, 4)
 KEPT_BITS = 8  # precision of the layers the policy does not ternarize
 

@@ -27,6 +27,7 @@ from ..progress import progress as progress_bar
 from ..quant import (
     ActivationQuant,
     dequantize_activation,
+    per_channel,
     quantize_activation,
     quantize_weights,
     relative_error,
@@ -138,7 +139,7 @@ def _quantize_weights(fused: FusedLayer, bits: int, config: QuantConfig, stats: 
                       rows=None, group_size: int | None = None):
     w = fused.weight.weight
     n = min(config.group_size_of(fused.name) if group_size is None else group_size, w.shape[1])
-    if config.method == "reconstruct" and fused.weight.is_depthwise and rows is not None and bits == 8:
+    if config.method == "reconstruct" and fused.weight.is_depthwise and rows is not None and per_channel(bits):
         return fit_depthwise(w, *rows, bits=bits, grouping=config.grouping)
     if config.method in FITTED_METHODS and stats is not None:
         fit = fit_layer(w, stats=stats, group_size=n, grouping=config.grouping, bits=bits)

@@ -17,12 +17,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..errors import OptionError
-from ..quant import CALIBRATION_METHODS, GROUPINGS
+from ..quant import CALIBRATION_METHODS, GROUPINGS, WEIGHT_BITS, per_channel
 
 METHODS = ("reconstruct", "data-aware", "exact", "twn")
 DEFAULT_METHOD = "reconstruct"
 CALIB_LIMIT = 256  # default calibration images (sampled across the folder); see docs/ARCHITECTURE.md
-WEIGHT_BITS = (2, 4, 8)
 ACT_BITS = (8, 4)
 PRECISE_BITS = 8  # what the policy gives the layers it keeps precise
 MAX_DISTILL_EPOCHS = 100
@@ -111,7 +110,7 @@ def decide(*, name: str, op_type: str, depthwise: bool, is_first: bool, is_last:
     if depthwise:
         return LayerDecision(bits=config.depthwise_bits, reason="depthwise")
     n = config.group_size_of(name)
-    if config.weight_bits != 8 and n > in_channels and not config.clamp_group_size:
+    if not per_channel(config.weight_bits) and n > in_channels and not config.clamp_group_size:
         raise OptionError(
             f"layer {name}: group size N={n} exceeds its {in_channels} input channels "
             f"(use -N {in_channels} or less, or --layer-bits {name}=8)")

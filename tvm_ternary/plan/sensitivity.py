@@ -53,7 +53,7 @@ from .summary import plan_summary
 
 BATCH = 16
 FINE_GROUP = 2  # the ternary group size a layer too sensitive at the configured N gets next
-FORMAT_NAMES = {2: "ternary", (2, FINE_GROUP): f"ternary N={FINE_GROUP}", 4: "int4", 8: "int8"}
+FORMAT_NAMES = {2: "ternary", (2, FINE_GROUP): f"ternary N={FINE_GROUP}", 4: "int4", 7: "int7", 8: "int8"}
 CHECK_IMAGES = 256  # check-set size when the calibration folder has images calibration did not take
 HOLDOUT = 0.25  # share of the calibration images the budget is checked on (not fitted on)
 MAX_RETRIES = 3  # verification misses before giving up on a budget (shrinking each time)

@@ -12,10 +12,10 @@ Example::
 
 from __future__ import annotations
 
-from ..quant import multiplications_removed, packed_bytes
+from ..quant import multiplications_removed, packed_bytes, per_channel
 from .build import QuantPlan
 
-FORMATS = {0: "float", 2: "ternary", 4: "int4", 8: "int8"}
+FORMATS = {0: "float", 2: "ternary", 4: "int4", 7: "int7", 8: "int8"}
 
 
 def layer_bytes(plan: QuantPlan, name: str) -> int:
@@ -29,7 +29,7 @@ def layer_bytes(plan: QuantPlan, name: str) -> int:
     groups = int(lp.weights.layout.total_groups)
     if lp.weights.bits == 2:
         return packed_bytes(shape=shape, num_groups=groups) + 4 * k
-    # 4/8-bit values stored one per byte (the kernels take int8), a byte per group code,
+    # 4/7/8-bit values stored one per byte (the kernels take int8), a byte per group code,
     # a float32 scale per channel and the int32 bias
     return size + (groups if lp.weights.bits == 4 else 0) + 4 * k + 4 * k
 
@@ -62,7 +62,7 @@ def plan_summary(plan: QuantPlan) -> dict:
 
 
 def layer_format(plan: QuantPlan, name: str) -> str:
-    """``ternary``, ``int4``, ``int8`` or ``float``; `` N=2`` added where a layer's group size
+    """``ternary``, ``int4``, ``int7``, ``int8`` or ``float``; `` N=2`` added where a layer's group size
     is not the plan's (a per-layer group size override)."""
     fmt = FORMATS[plan.decisions[name].bits]
     lp = plan.layers.get(name)
@@ -74,7 +74,7 @@ def layer_format(plan: QuantPlan, name: str) -> str:
 def describe_config(config) -> str:
     """One line, e.g. ``ternary N=4 fgq data-aware, 8-bit activations (minmax)``."""
     w = "ternary" if config.weight_bits == 2 else f"{config.weight_bits}-bit"
-    grouping = f" N={config.group_size} {config.grouping}" if config.weight_bits != 8 else " per channel"
+    grouping = f" N={config.group_size} {config.grouping}" if not per_channel(config.weight_bits) else " per channel"
     extra = f", {len(config.overrides)} per-layer overrides" if config.overrides else ""
     if config.group_overrides:
         extra += f", {len(config.group_overrides)} per-layer group sizes"

@@ -12,6 +12,7 @@ from .activations import (
     dequantize_activation,
     quantize_activation,
 )
+from .formats import WEIGHT_BITS, per_channel, value_max
 from .groups import GROUPINGS, GroupLayout, multiplications_removed
 from .intscales import IntegerWeights, code_max, to_integer_scales
 from .packing import pack_ternary, packed_bytes, packed_shape, unpack_ternary
@@ -34,6 +35,7 @@ __all__ = [
     "IntegerWeights",
     "QuantizedWeights",
     "TernaryWeights",
+    "WEIGHT_BITS",
     "calibrate_activation",
     "code_max",
     "dequantize_activation",
@@ -41,6 +43,7 @@ __all__ = [
     "pack_ternary",
     "packed_bytes",
     "packed_shape",
+    "per_channel",
     "quantize_activation",
     "quantize_weights",
     "reference",
@@ -48,4 +51,5 @@ __all__ = [
     "ternarize",
     "to_integer_scales",
     "unpack_ternary",
+    "value_max",
 ]

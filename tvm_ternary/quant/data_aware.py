@@ -38,6 +38,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .formats import per_channel, value_max
 from .groups import GroupLayout
 from .ternary import QuantizedWeights, _exact, check_finite_weight
 
@@ -131,14 +132,13 @@ def _group_bounds(layout: GroupLayout) -> list[tuple[int, int]]:
 def _quantize_group(cols: np.ndarray, bits: int, scale: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """codes [K, n] and scale [K] for one group of columns (every output channel at once);
     with ``scale`` given, the nearest codes on that grid."""
-    vmax = 1 if bits == 2 else 2 ** (bits - 1) - 1
+    vmax = value_max(bits)
     if scale is not None:
         safe = np.where(scale > 0, scale, 1.0)
         return np.where(scale[:, None] > 0, np.clip(np.rint(cols / safe[:, None]), -vmax, vmax), 0.0), scale
     if bits == 2:
         keep, alpha = _exact(cols, np.ones_like(cols, dtype=bool))
         return np.where(keep, np.sign(cols), 0.0), alpha
-    vmax = 2 ** (bits - 1) - 1
     scale = np.abs(cols).max(axis=1) / vmax
     safe = np.where(scale > 0, scale, 1.0)
     return np.clip(np.rint(cols / safe[:, None]), -vmax, vmax), scale
@@ -221,9 +221,8 @@ def fit_layer(
     bias, so the original bias is not needed). See the module docstring for an example.
     """
     w = check_finite_weight(weight)
-    if bits not in (2, 4, 8):
-        raise ValueError(f"weight bits must be 2, 4 or 8, got {bits}")
-    if bits == 8:
+    value_max(bits)  # an unknown format is a ValueError here
+    if per_channel(bits):
         group_size, grouping = w.shape[1], "cluster"
     layout = GroupLayout(weight_shape=tuple(w.shape), group_size=group_size, grouping=grouping)
     k = layout.out_channels

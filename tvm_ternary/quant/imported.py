@@ -8,7 +8,8 @@ format for them:
 * **ternary per group**: within every group of N input channels (at one kernel position) the
   non-zero magnitudes are equal, ``w = s_k * q_g * t``: the ternary kernels at that N (the
   largest N that holds, tried over C and the powers of two down to 2);
-* **4-bit** when every ``|v| <= 7``, else **8-bit** (``|v| <= 127``).
+* **4-bit** when every ``|v| <= 7``, **7-bit** when every ``|v| <= 63`` (a model quantized
+  with ONNX Runtime's ``reduce_range``: exact on ``vpmaddubsw`` without VNNI), else **8-bit**.
 
 With the per-channel scale known the result is exact: ``IntegerWeights.dequantize()`` gives
 back the float32 weight bit for bit. Without it (blocked scales, float weights) the group
@@ -35,6 +36,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .formats import WEIGHT_BITS, per_channel, value_max
 from .groups import GroupLayout
 from .intscales import IntegerWeights, to_integer_scales
 from .ternary import QuantizedWeights, quantize_weights, relative_error
@@ -112,10 +114,11 @@ def _exact_integer(w: np.ndarray, v: np.ndarray, s: np.ndarray, code_bits: int) 
                             lossless=True)
         desc = f"ternary N={n}, exact"
     else:
-        bits = 4 if np.abs(v).max(initial=0) <= 7 else 8
+        vabs = np.abs(v).max(initial=0)
+        bits = next(b for b in WEIGHT_BITS if b != 2 and vabs <= value_max(b))
         c = w.shape[1]
         layout = GroupLayout(weight_shape=tuple(w.shape), group_size=c,
-                             grouping="cluster" if bits == 8 else "fgq")
+                             grouping="cluster" if per_channel(bits) else "fgq")
         iw = IntegerWeights(values=v.astype(np.int8),
                             group_codes=np.ones(layout.scale_shape, np.uint8), channel_scales=s,
                             layout=layout, bits=bits, code_bits=code_bits, lossless=True)

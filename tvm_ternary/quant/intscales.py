@@ -6,7 +6,8 @@ Each group's float scale ``alpha_g`` becomes an integer code ``q_g`` times one f
 channel: no per-group float multiply in the inner loop, at any group size.
 
 ``qmax = min(2**code_bits - 1, 127 // vmax)``: 127 for ternary 7-bit codes, 15 for 4-bit codes,
-18 for 4-bit weights (|v| <= 7), 1 for 8-bit weights (which are per-channel already).
+18 for 4-bit weights (|v| <= 7), 1 for 7- and 8-bit weights (per channel already: a 7-bit
+weight decodes to ``|v| <= 63``, the range that keeps ``vpmaddubsw`` exact, see ``formats``).
 
 Example::
 
@@ -24,6 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .formats import per_channel, value_max
 from .groups import GroupLayout
 from .ternary import QuantizedWeights
 
@@ -69,8 +71,9 @@ class IntegerWeights:
 
 
 def code_max(*, bits: int, code_bits: int) -> int:
-    vmax = 1 if bits == 2 else 2 ** (bits - 1) - 1
-    return min(2**code_bits - 1, 127 // vmax)
+    if per_channel(bits):
+        return 1
+    return min(2**code_bits - 1, 127 // value_max(bits))
 
 
 def _exact_codes(alpha: np.ndarray, qmax: int) -> tuple[np.ndarray, np.ndarray] | None:

@@ -39,6 +39,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .formats import value_max
 from .data_aware import DAMPING, LayerStatistics, _column_order, _group_bounds, _refit_scales
 from .intscales import IntegerWeights, to_integer_scales
 from .ternary import QuantizedWeights
@@ -53,10 +54,6 @@ class Reconstruction:
     weights: IntegerWeights
     bias: np.ndarray  # float32 [K]
     output_error: float  # relative, see LayerStatistics.output_error
-
-
-def _vmax(bits: int) -> int:
-    return 1 if bits == 2 else 2 ** (bits - 1) - 1
 
 
 def descend(codes: np.ndarray, alpha: np.ndarray, h: np.ndarray, c: np.ndarray, *, vmax: int,
@@ -107,7 +104,7 @@ def reconstruct_layer(start: QuantizedWeights, *, stats: LayerStatistics, code_b
     """
     layout = start.layout
     k = layout.out_channels
-    vmax = _vmax(start.bits)
+    vmax = value_max(start.bits)
     w_ref = (start.dequantize() if weight is None else np.asarray(weight)).reshape(k, -1).astype(np.float64)
     h, c, mu_x, mu_y = _damped(stats, w_ref)
 

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .formats import per_channel, value_max
 from .groups import GroupLayout
 
 METHODS = ("exact", "twn")
@@ -160,14 +161,12 @@ def quantize_weights(
     """
     if bits == 2:
         return ternarize(weight, group_size=group_size, method="exact", grouping=grouping)
-    if bits not in (4, 8):
-        raise ValueError(f"weight bits must be 2, 4 or 8, got {bits}")
+    vmax = value_max(bits)
     w = check_finite_weight(weight)
-    if bits == 8:
+    if per_channel(bits):
         group_size, grouping = w.shape[1], "cluster"
     layout = GroupLayout(weight_shape=tuple(w.shape), group_size=group_size, grouping=grouping)
     members, mask = layout.to_groups(w)
-    vmax = 2 ** (bits - 1) - 1
     scale = np.where(mask, np.abs(members), 0).max(axis=1) / vmax
     safe = np.where(scale > 0, scale, 1.0)
     codes = np.clip(np.rint(members / safe[:, None]), -vmax, vmax).astype(np.int8)

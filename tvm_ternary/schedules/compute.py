@@ -142,14 +142,14 @@ def block_codes_shape(spec: ConvSpec, blk: Block) -> tuple:
 
 
 def codes_in_epilogue(spec: ConvSpec, isa: str) -> bool:
-    """Whether ``spec``'s kernel skips the weight decode on ``isa``: a 1x1 conv / dense with 4- or
+    """Whether ``spec``'s kernel skips the weight decode on ``isa``: a 1x1 conv / dense with 4-, 7- or
     8-bit weights and one group code per output channel (``n_groups_q == 1``), on vnni512.  Its
     blocked weight words ``v`` (``layout.block_weights``: 4 signed bytes, 16 output lanes) are
     already the ``vpdpbusd`` operand, and ``sum x * q * v = q * sum x * v`` exactly in integers,
     so the kernel multiplies the accumulator by ``q[k]`` before the epilogue instead of decoding
     K*C/4 words per call (what dominated the batch-1 GEMV of a classifier: every weight is used
     once)."""
-    return (isa == "vnni512" and spec.weight_bits in (4, 8) and spec.n_groups_q == 1
+    return (isa == "vnni512" and spec.weight_bits != 2 and spec.n_groups_q == 1
             and spec.kernel == (1, 1) and spec.groups == 1)
 
 

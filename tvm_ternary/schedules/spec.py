@@ -35,13 +35,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ..quant.formats import WEIGHT_BITS, value_max
+
 ACT_DTYPES = {"u8": "uint8", "s8": "int8", "u4": "uint8", "s4": "int8"}
 OUT_DTYPES = {**ACT_DTYPES, "i32": "int32", "f32": "float32"}
 # Value range of each quantized container kind (ARCHITECTURE.md, "Activations").
 RANGES = {"u8": (0, 255), "s8": (-128, 127), "u4": (0, 15), "s4": (-8, 7)}
-WEIGHT_BITS = (2, 4, 8)
 GROUPINGS = ("fgq", "cluster")  # quant.groups: FGQ groups at one (r, s); cluster over R x S
-VALUE_MAX = {2: 1, 4: 7, 8: 127}
 
 
 def _pair(v, name: str) -> tuple[int, int]:
@@ -253,7 +253,7 @@ def pair_bound(spec: ConvSpec) -> int:
     """Largest ``|x0*v0 + x1*v1|`` of one ``vpmaddubsw`` pair: ``2 * amax * vmax``, with
     ``amax`` = 15 for u4 and 255 otherwise (s8/s4 are shifted by +128 into u8)."""
     amax = 15 if spec.act == "u4" else 255
-    return 2 * amax * VALUE_MAX[spec.weight_bits]
+    return 2 * amax * value_max(spec.weight_bits)
 
 
 def maddubs_form(spec: ConvSpec, isa: str) -> str | None:
@@ -262,8 +262,8 @@ def maddubs_form(spec: ConvSpec, isa: str) -> str | None:
     else None (the layer keeps ``isa``'s int16 ``vpmaddwd`` block).
 
     Where the pair sums provably fit int16 (:func:`pair_bound`): ternary weights (510 with u8),
-    4-bit weights (3570 with u8, 210 with u4), 8-bit weights with u4 activations (3810) -- not
-    8-bit weights with 8-bit activations (64770 saturates).  Not depthwise, groups aligned to
+    4-bit weights (3570 with u8, 210 with u4), 7-bit weights (32130 with u8), 8-bit weights with
+    u4 activations (3810) -- not 8-bit weights with 8-bit activations (64770 saturates).  Not depthwise, groups aligned to
     the block's output lanes, and every pair of input channels inside one group (N even, or a
     single group: N >= C).
     """
