@@ -122,6 +122,12 @@ def test_ternary_maddubs_targets_bit_exact(mcpu, name):
     seven = [s for s in convs if s.weight_bits == 7]
     assert len(seven) == (2 if name == "precise7" else 0)
     assert all(maddubs_form(s, cm.isa) for s in seven), "a 7-bit layer kept the int16 block"
+    if name == "precise7":  # reported as int7, first and last layer
+        from tvm_ternary.plan.summary import plan_summary
+
+        kinds = {r["layer"]: r["weights"] for r in cm.plan.coverage()}
+        assert [k for k, v in kinds.items() if v == "int7"] == [next(iter(kinds)), list(kinds)[-1]]
+        assert plan_summary(cm.plan)["int7_mac_share"] > 0
     if missing_features(ta.target_features(target)):
         # built (cross-compiled) but not run on a host without the target's ISA: the code of
         # its vpmaddubsw kernels is checked instead (zmm registers for avx512)

@@ -335,8 +335,9 @@ def _format(r: dict, *, backend: str, config_text: str) -> str:
              f"evaluated: {r['n_images']} images of {r['images']}"]
     if "plan" in r:
         p = r["plan"]
+        seven = f", {p['int7_mac_share']:.1%} int7" if p.get("int7_mac_share") else ""
         lines.append(f"plan: {p['ternary_mac_share']:.1%} of MACs ternary, {p['int4_mac_share']:.1%} int4, "
-                     f"{p['int8_mac_share']:.1%} int8; {p['multiplications_removed']:.1%} of multiplications "
+                     f"{p['int8_mac_share']:.1%} int8{seven}; {p['multiplications_removed']:.1%} of multiplications "
                      f"removed; weights {p['weight_bytes'] / 1e6:.2f} MB (fp32 {p['float_weight_bytes'] / 1e6:.2f} MB)")
     ips = r["images_per_second"]
     lines += ["", f"{'':<18}{'top-1':>8}{'top-5':>8}{'images/s':>10}",

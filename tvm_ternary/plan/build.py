@@ -25,6 +25,7 @@ import onnx
 from ..numpy_graph import NumpyGraph, conv_geometry
 from ..progress import progress as progress_bar
 from ..quant import (
+    FORMAT_NAMES,
     ActivationQuant,
     dequantize_activation,
     per_channel,
@@ -75,7 +76,7 @@ class QuantPlan:
         rows = []
         for fused in self.analysis.layers:
             d = self.decisions[fused.name]
-            kind = {0: "float", 2: "ternary", 4: "int4", 8: "int8"}[d.bits]
+            kind = FORMAT_NAMES[d.bits]
             lp = self.layers.get(fused.name)
             rows.append({
                 "layer": fused.name, "op": fused.weight.op_type, "weights": kind,

@@ -47,13 +47,14 @@ import onnx
 from ..evaluate import class_scores, compare, default_label_offset
 from ..numpy_graph import NumpyGraph
 from ..progress import progress as progress_bar
+from ..quant import FORMAT_NAMES as QUANT_FORMAT_NAMES
 from .build import QuantPlan, calibration_stats, make_plan, simulate
 from .config import LayerDecision, QuantConfig
 from .summary import plan_summary
 
 BATCH = 16
 FINE_GROUP = 2  # the ternary group size a layer too sensitive at the configured N gets next
-FORMAT_NAMES = {2: "ternary", (2, FINE_GROUP): f"ternary N={FINE_GROUP}", 4: "int4", 7: "int7", 8: "int8"}
+FORMAT_NAMES = {**{b: n for b, n in QUANT_FORMAT_NAMES.items() if b}, (2, FINE_GROUP): f"ternary N={FINE_GROUP}"}
 CHECK_IMAGES = 256  # check-set size when the calibration folder has images calibration did not take
 HOLDOUT = 0.25  # share of the calibration images the budget is checked on (not fitted on)
 MAX_RETRIES = 3  # verification misses before giving up on a budget (shrinking each time)

@@ -12,10 +12,10 @@ Example::
 
 from __future__ import annotations
 
-from ..quant import multiplications_removed, packed_bytes, per_channel
+from ..quant import FORMAT_NAMES, multiplications_removed, packed_bytes, per_channel
 from .build import QuantPlan
 
-FORMATS = {0: "float", 2: "ternary", 4: "int4", 7: "int7", 8: "int8"}
+FORMATS = FORMAT_NAMES
 
 
 def layer_bytes(plan: QuantPlan, name: str) -> int:
@@ -52,6 +52,7 @@ def plan_summary(plan: QuantPlan) -> dict:
         "macs": int(total) if known else None,
         "ternary_mac_share": share["ternary"],
         "int4_mac_share": share["int4"],
+        "int7_mac_share": share["int7"],
         "int8_mac_share": share["int8"],
         "float_mac_share": share["float"],
         "multiplications_removed": removed,

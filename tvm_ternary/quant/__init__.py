@@ -12,7 +12,7 @@ from .activations import (
     dequantize_activation,
     quantize_activation,
 )
-from .formats import WEIGHT_BITS, per_channel, value_max
+from .formats import FORMAT_NAMES, WEIGHT_BITS, per_channel, value_max
 from .groups import GROUPINGS, GroupLayout, multiplications_removed
 from .intscales import IntegerWeights, code_max, to_integer_scales
 from .packing import pack_ternary, packed_bytes, packed_shape, unpack_ternary
@@ -28,6 +28,7 @@ from . import reference
 
 __all__ = [
     "CALIBRATION_METHODS",
+    "FORMAT_NAMES",
     "GROUPINGS",
     "METHODS",
     "ActivationQuant",

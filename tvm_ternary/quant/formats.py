@@ -18,6 +18,8 @@ formats"). Every quantizer, the kernels' specs and the policy read it from here.
 from __future__ import annotations
 
 WEIGHT_BITS = (2, 4, 7, 8)
+# what reports call a layer of each format (0: kept float)
+FORMAT_NAMES = {0: "float", 2: "ternary", 4: "int4", 7: "int7", 8: "int8"}
 
 
 def value_max(bits: int) -> int:
