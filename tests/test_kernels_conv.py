@@ -127,18 +127,10 @@ def test_depthwise_vnni_form_choice_and_instruction(isa):
 # The int16-pair depthwise kernel of avx2 / avx512 (compute.depthwise_pairs_compute: one
 # vpmaddwd per two taps of a row), on the same shapes: odd and even row widths (the missing
 # tap of an odd row), strides, dilation, asymmetric padding, u4 and zero points, every output.
-# Stride 2 with dilation 1 makes words at every second column only (compute._pair_word_step);
-# stride 2 with dilation 2 and a row-only stride keep a word per column; a residual and a float
-# exit on odd row widths too.
+# It takes stride 1 only; a residual and a float exit on odd row widths too.
 PAIR_ISAS = [isa for isa in ("avx512", "avx2") if isa in ISAS]
 DEPTHWISE_PAIRS = {
-    **DEPTHWISE_VNNI,
-    "3x3_s2_odd_u4": dict(in_channels=16, height=11, width=13, kernel=3, stride=2, padding=1,
-                          act="u4", out="u8", relu=True, x_zero_point=3),
-    "3x3_s2_dil2": dict(in_channels=16, height=12, width=11, kernel=3, stride=2, dilation=2,
-                        padding=2, act="u8", out="i32"),
-    "3x3_s21": dict(in_channels=16, height=9, width=8, kernel=3, stride=(2, 1), padding=1,
-                    act="u8", out="u8", bias=True),
+    **{n: kw for n, kw in DEPTHWISE_VNNI.items() if kw.get("stride", 1) == 1},
     "5x3_res": dict(in_channels=16, height=9, width=7, kernel=(5, 3), padding=2, act="u8",
                     out="s8", bias=True, residual="s8"),
     "3x5_f32": dict(in_channels=32, height=6, width=9, kernel=(3, 5), padding=(1, 2, 1, 0),
@@ -161,7 +153,7 @@ def test_depthwise_pairs_bit_exact(isa, name, bits):
 def test_depthwise_pairs_form_choice_and_instruction(isa):
     """Built for avx2 / avx512 targets (assembly checked on hosts that cannot run it), it
     multiplies with vpmaddwd on the ISA's registers and never with the int32 kernel's vpmulld;
-    signed inputs, partial channel blocks and VNNI ISAs do not take it; stride 2 does."""
+    signed inputs, partial channel blocks, stride 2 and VNNI ISAs do not take it."""
     from tvm_ternary import tvm_adapter as ta
     from tvm_ternary.schedules import conv2d_kernel
     from tvm_ternary.schedules.compute import depthwise_pairs_form
@@ -177,8 +169,8 @@ def test_depthwise_pairs_form_choice_and_instruction(isa):
                                              **base), isa)
     assert depthwise_pairs_form(ConvSpec(in_channels=16, out_channels=16, groups=16, kernel=5,
                                          **base), isa)
-    assert depthwise_pairs_form(ConvSpec(in_channels=16, out_channels=16, groups=16, kernel=3,
-                                         stride=2, **base), isa)
+    assert not depthwise_pairs_form(ConvSpec(in_channels=16, out_channels=16, groups=16, kernel=3,
+                                             stride=2, **base), isa)
     assert not depthwise_pairs_form(spec, "vnni512") and not depthwise_pairs_form(spec, "plain")
 
 

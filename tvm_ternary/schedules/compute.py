@@ -361,21 +361,13 @@ def depthwise_vnni_compute(spec: ConvSpec, isa: str) -> ConvParts:
 
 def depthwise_pairs_form(spec: ConvSpec, isa: str) -> bool:
     """Whether ``spec`` runs the int16-pair depthwise kernel (:func:`depthwise_pairs_compute`)
-    on ``isa``: avx2 / avx512 (no VNNI), unsigned activations, whole channel blocks, any kernel
-    and stride.  Otherwise :func:`depthwise_compute`'s int32 kernel.  With a column stride of
-    twice the dilation (stride 2, dilation 1) an output reads words at every second column
-    only, and only those are made (:func:`_pair_word_step`): with a word per column, stride 2
-    was slower than the int32 kernel (Zen 3, MobileNetV2's 96@112 s2 0.29 -> 0.39 ms; stride
-    1: 32@112 0.71 -> 0.27 ms, 144@56 0.41 -> 0.30 ms)."""
+    on ``isa``: avx2 / avx512 (no VNNI), unsigned activations, whole channel blocks, stride 1;
+    any kernel width.  Otherwise :func:`depthwise_compute`'s int32 kernel.  Stride 2 stays on
+    the int32 kernel: a band's words cover twice the rows and columns per output there, and
+    making them cost more than the multiplies saved (Zen 3, MobileNetV2's 96@112 s2 0.29 ->
+    0.39 ms; stride 1: 32@112 0.71 -> 0.27 ms, 144@56 0.41 -> 0.30 ms)."""
     return (spec.depthwise and isa in ("avx2", "avx512") and spec.act in ("u8", "u4")
-            and spec.out_channels % BLOCKS[isa].lanes == 0)
-
-
-def _pair_word_step(spec: ConvSpec) -> int:
-    """Columns between the pair kernel's words: an output at ``ow`` reads the words at columns
-    ``ow * sw + 2 * p * dw``, all multiples of ``sw`` when ``sw == 2 * dw``; else every column."""
-    (_, sw), (_, dw) = spec.stride, spec.dilation
-    return sw if sw == 2 * dw else 1
+            and spec.stride == (1, 1) and spec.out_channels % BLOCKS[isa].lanes == 0)
 
 
 def depthwise_pairs_compute(spec: ConvSpec, isa: str) -> ConvParts:
@@ -397,13 +389,10 @@ def depthwise_pairs_compute(spec: ConvSpec, isa: str) -> ConvParts:
     pairs = (s_ + 1) // 2
     i32 = lambda v: ta.const(v, "int32")  # noqa: E731
 
-    # word j holds columns j * step and j * step + dw; words past the padded width read the pad
-    # value, and their weight half is 0 (an odd S)
-    step = _pair_word_step(spec)
-    n_words = wp + dw if step == 1 else spec.out_width + pairs - 1
-    xw = te.compute((spec.batch, hp, n_words, k_),
-                    lambda n, h, w, c: xp[n, h, w * step, c].astype("int32")
-                    | (xp[n, h, w * step + dw, c].astype("int32") << i32(16)), name="words")
+    # words past the padded width read the pad value: their weight half is 0 (an odd S)
+    xw = te.compute((spec.batch, hp, wp + dw, k_),
+                    lambda n, h, w, c: xp[n, h, w, c].astype("int32")
+                    | (xp[n, h, w + dw, c].astype("int32") << i32(16)), name="words")
 
     def dec_fn(r, p, k):
         lo = _depthwise_tap(spec, weights, codes, r, 2 * p, k) & i32(0xFFFF)
@@ -419,8 +408,7 @@ def depthwise_pairs_compute(spec: ConvSpec, isa: str) -> ConvParts:
     acc = te.compute(
         (spec.batch, spec.out_height, spec.out_width, k_),
         lambda n, oh, ow, k: te.sum(
-            (xw[n, oh * sh + r * dh, ow * (sw // step) + p * (2 * dw // step), k].astype("int64")
-             >> (hf * 16))
+            (xw[n, oh * sh + r * dh, ow * sw + 2 * p * dw, k].astype("int64") >> (hf * 16))
             .astype("int16").astype("int32")
             * (wd[r, p, k].astype("int64") >> (hf * 16)).astype("int16").astype("int32"),
             axis=[r, p, hf]),
