@@ -100,3 +100,16 @@ def test_import_is_light():
     code = "import sys, tvm_ternary as tt; print('tvm' in sys.modules, 'onnx' in sys.modules, callable(tt.load))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["False", "False", "True"]
+
+
+def test_a_bad_model_is_refused_before_tvm_is_imported(tmp_path):
+    """The model and the policy are checked before the target (whose check imports TVM, 5-8 s
+    on 2 cores): a wrong file is a quick one-line error."""
+    bad = tmp_path / "notes.onnx"
+    bad.write_text("not a model")
+    code = ("import sys, tvm_ternary as tt\n"
+            "from tvm_ternary.errors import UserError\n"
+            "try:\n    tt.compile(sys.argv[1], calib=None)\n"
+            "except UserError as e:\n    print('tvm' in sys.modules, 'not an ONNX model' in str(e))\n")
+    out = subprocess.run([sys.executable, "-c", code, str(bad)], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False", "True"], out.stdout + out.stderr

@@ -89,6 +89,17 @@ def compile(model, *, calib=None, config=None, target: str | None = "host", prep
     if isinstance(calib, (str, Path)) and Path(calib).is_dir() and preprocess is None:
         raise OptionError("calibration images from a folder need preprocess= ('caffe', 'torchvision', "
                           "'unit' or a PreprocessConfig)")
+    from . import onnx_io
+    from .inputs import check_config
+    from .passes.onnx_normalize import normalize_onnx
+
+    if not isinstance(model, onnx.ModelProto):
+        model = onnx_io.load_model(model)
+    # every check that needs neither TVM nor calibration first: a mistake in the model or the
+    # policy is reported before the 5-8 s of importing TVM that checking the target costs
+    prep = normalize_onnx(model, input_shapes=input_shapes)
+    if not prep.is_quantized:  # a QDQ model's formats are its own, not the policy's
+        check_config(prep.model, config)
     target_obj = _target(target)
     kernels = None
     if tuning_db is not None:  # opened now: a missing or foreign database is reported before any work
@@ -99,18 +110,8 @@ def compile(model, *, calib=None, config=None, target: str | None = "host", prep
             print(f"note: {note}", file=sys.stderr)
         kernels = TunedKernels(tdb)
 
-    from . import onnx_io
     from . import tvm_adapter as ta
-    from .inputs import check_config
     from .compiler import compile_model
-    from .passes.onnx_normalize import normalize_onnx
-
-    if not isinstance(model, onnx.ModelProto):
-        model = onnx_io.load_model(model)
-    # every check that needs neither TVM nor calibration first: a mistake costs no waiting
-    prep = normalize_onnx(model, input_shapes=input_shapes)
-    if not prep.is_quantized:  # a QDQ model's formats are its own, not the policy's
-        check_config(prep.model, config)
     if ta.choose_isa(target_obj) == "plain":
         print(f"warning: target {ta.target_mcpu(target_obj)}: no AVX2 or better, every kernel runs the "
               "plain (slow, unvectorized) reference schedule", file=sys.stderr)
