@@ -15,8 +15,6 @@ from __future__ import annotations
 from ..quant import FORMAT_NAMES, multiplications_removed, packed_bytes, per_channel
 from .build import QuantPlan
 
-FORMATS = FORMAT_NAMES
-
 
 def layer_bytes(plan: QuantPlan, name: str) -> int:
     """Storage of one layer's weights as the library holds them (bias int32 / float32 included)."""
@@ -39,11 +37,11 @@ def plan_summary(plan: QuantPlan) -> dict:
     known = all(l.weight.macs is not None for l in layers)
     weight = {l.name: float(l.weight.macs if known else l.weight.weight.size) for l in layers}
     total = sum(weight.values()) or 1.0
-    share = {fmt: 0.0 for fmt in FORMATS.values()}
+    share = {fmt: 0.0 for fmt in FORMAT_NAMES.values()}
     removed = 0.0
     for l in layers:
         bits = plan.decisions[l.name].bits
-        share[FORMATS[bits]] += weight[l.name] / total
+        share[FORMAT_NAMES[bits]] += weight[l.name] / total
         if bits == 2:
             removed += weight[l.name] / total * multiplications_removed(plan.layers[l.name].weights.layout)
     return {
@@ -65,7 +63,7 @@ def plan_summary(plan: QuantPlan) -> dict:
 def layer_format(plan: QuantPlan, name: str) -> str:
     """``ternary``, ``int4``, ``int7``, ``int8`` or ``float``; `` N=2`` added where a layer's group size
     is not the plan's (a per-layer group size override)."""
-    fmt = FORMATS[plan.decisions[name].bits]
+    fmt = FORMAT_NAMES[plan.decisions[name].bits]
     lp = plan.layers.get(name)
     if lp is not None and lp.weights.bits in (2, 4) and name in dict(plan.config.group_overrides):
         fmt += f" N={lp.weights.group_size}"
