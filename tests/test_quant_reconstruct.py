@@ -14,7 +14,7 @@ from tvm_ternary.preprocess import sample_calibration
 from tvm_ternary.quant import to_integer_scales
 from tvm_ternary.quant.data_aware import fit_layer
 from tvm_ternary.quant.intscales import code_max
-from tvm_ternary.quant.reconstruct import descend, reconstruct_layer
+from tvm_ternary.quant.reconstruct import descend, descend_groups, reconstruct_layer, ternary_patterns
 
 
 def objective(codes, alpha, h, c):
@@ -51,6 +51,89 @@ def test_descent_reaches_a_coordinate_wise_optimum():
                 trial = codes.copy()
                 trial[row, j] = t
                 assert objective(trial, alpha, h, c) >= best - 1e-9
+
+
+def test_ternary_patterns_are_every_nonzero_pattern_up_to_sign():
+    import itertools
+
+    for n in (1, 2, 4):
+        pats = ternary_patterns(n)
+        assert len(pats) == (3**n - 1) // 2
+        both = {tuple(p) for p in pats} | {tuple(-p) for p in pats}
+        assert both == {t for t in itertools.product((-1.0, 0.0, 1.0), repeat=n) if any(t)}
+
+
+def _problem(seed, k, groups, n):
+    rng = np.random.default_rng(seed)
+    d = groups * n
+    a = rng.normal(size=(3 * d, d)) @ rng.normal(size=(d, d))  # correlated inputs
+    h, c = a.T @ a / len(a), rng.normal(size=(d, k))
+    bounds = [(g * n, (g + 1) * n) for g in range(groups)]
+    codes = rng.integers(-1, 2, size=(k, d)).astype(np.float64)
+    scales = np.abs(rng.normal(size=(k, groups)))
+    return h, c, bounds, codes, scales
+
+
+@settings(max_examples=20, deadline=None)
+@given(seed=st.integers(0, 2**16), n=st.sampled_from([1, 2, 4]), k=st.integers(1, 5), groups=st.integers(1, 4),
+       on_grid=st.booleans())
+def test_group_search_never_increases_the_objective(seed, n, k, groups, on_grid):
+    h, c, bounds, codes, scales = _problem(seed, k, groups, n)
+    sizes = [n] * groups
+    if on_grid:
+        s = np.abs(np.random.default_rng(seed + 1).normal(size=k)) * 0.05
+        q = np.rint(scales / s[:, None]).clip(0, 127)
+        before = objective(codes, np.repeat(q * s[:, None], sizes, axis=1), h, c)
+        new, q_new = descend_groups(codes, q, h, c, bounds, sweeps=3, grid=(s, 127))
+        assert np.all(q_new == np.rint(q_new)) and q_new.min() >= 0 and q_new.max() <= 127
+        after = objective(new, np.repeat(q_new * s[:, None], sizes, axis=1), h, c)
+    else:
+        before = objective(codes, np.repeat(scales, sizes, axis=1), h, c)
+        new, sc = descend_groups(codes, scales, h, c, bounds, sweeps=3)
+        assert sc.min() >= 0
+        after = objective(new, np.repeat(sc, sizes, axis=1), h, c)
+    assert set(np.unique(new)) <= {-1.0, 0.0, 1.0}
+    assert after <= before + 1e-9 * (1 + abs(before))
+
+
+def test_group_search_reaches_a_group_wise_optimum():
+    """Converged, no group's (pattern, scale) can be replaced by a better one: brute force over
+    the 81 patterns of each group with its least-squares scale, the other groups fixed."""
+    import itertools
+
+    h, c, bounds, codes, scales = _problem(5, 3, 3, 4)
+    new, sc = descend_groups(codes, scales, h, c, bounds, sweeps=50)
+    alpha = np.repeat(sc, 4, axis=1)
+    best = objective(new, alpha, h, c)
+    for row in range(3):
+        for g, (lo, hi) in enumerate(bounds):
+            for t in itertools.product((-1.0, 0.0, 1.0), repeat=4):
+                trial, a = new.copy(), alpha.copy()
+                trial[row, lo:hi] = t
+                tv = np.array(t)
+                den = tv @ h[lo:hi, lo:hi] @ tv
+                if den == 0:
+                    continue
+                # the scale minimising this channel's objective with the rest fixed
+                rest = a[row] * trial[row]
+                rest[lo:hi] = 0
+                b = c[lo:hi, row] - h[lo:hi] @ rest
+                a[row, lo:hi] = max(tv @ b / den, 0.0)
+                assert objective(trial, a, h, c) >= best - 1e-9 * (1 + abs(best))
+
+
+def test_group_search_fits_real_layers_better_than_single_weight_descent(monkeypatch):
+    import tvm_ternary.quant.reconstruct as reconstruct
+
+    w, x, y, stats = make_layer(21)
+    fit = fit_layer(w, stats=stats, group_size=4)
+    errs = {}
+    for search in (False, True):
+        monkeypatch.setattr(reconstruct, "GROUP_SEARCH", search)
+        rec = reconstruct_layer(fit.weights, stats=stats, weight=w)
+        errs[search] = direct_error(x, y, rec.weights.dequantize().reshape(w.shape[0], -1), rec.bias)
+        assert rec.output_error == pytest.approx(errs[search], rel=1e-6)
+    assert errs[True] < errs[False]
 
 
 @pytest.mark.parametrize("grouping", ["fgq", "cluster"])

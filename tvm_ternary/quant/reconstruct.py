@@ -10,9 +10,13 @@ with ``W_hat[k, j] = a[k, j] * t[k, j]`` (``a`` the scale of the weight's group)
 the objective is a 1-D convex quadratic in its integer code, so the best code given all others
 is the rounded, clipped continuous optimum; one sweep visits every column for all output
 channels at once and keeps the gradient ``G = W_hat H - C^T`` current with a rank-1 update
-(O(K D^2) a sweep, numpy only). Sweeps alternate with a least-squares refit of the group scales.
+(O(K D^2) a sweep, numpy only). Ternary groups of up to ``MAX_SEARCH_WIDTH`` weights (FGQ
+N <= 8) are searched whole instead (:func:`descend_groups`: every pattern of the group with its
+best scale, 40 at N=4), which escapes the single-weight optimum where two codes only pay
+together. Sweeps alternate with a least-squares refit of the group scales.
 Then the scales become integers (``s_k * q_g``, what the kernels execute) and the codes are
-descended once more on that exact grid, ``s_k`` refitted, and the bias corrected against the
+descended once more on that exact grid (ternary groups: pattern and integer group code
+together), ``s_k`` refitted, and the bias corrected against the
 float output. So the objective is minimised for the weights the compiled library really uses.
 
 ``H`` and ``C`` are damped towards the float weight (``H + l I``, ``C + l W``): directions the
@@ -41,12 +45,13 @@ import numpy as np
 
 from .formats import value_max
 from .data_aware import DAMPING, LayerStatistics, _column_order, _group_bounds, _refit_scales
-from .intscales import IntegerWeights, to_integer_scales
+from .intscales import IntegerWeights, code_max, to_integer_scales
 from .ternary import QuantizedWeights
 
 ROUNDS = 3  # (code sweeps | scale refit) alternations on float group scales
 SWEEPS = 2  # coordinate-descent sweeps over all codes per round
 FINAL_SWEEPS = 2  # sweeps on the integer scale grid
+GROUP_SEARCH = True  # ternary: search whole groups (descend_groups), else one weight at a time
 
 
 @dataclass(frozen=True)
@@ -88,6 +93,85 @@ def descend(codes: np.ndarray, alpha: np.ndarray, h: np.ndarray, c: np.ndarray, 
     return codes
 
 
+MAX_SEARCH_WIDTH = 8  # ternary groups up to this many weights are searched exhaustively
+
+
+def ternary_patterns(n: int) -> np.ndarray:
+    """Every non-zero ternary vector of length ``n`` up to sign, [(3**n - 1) / 2, n]: the first
+    non-zero entry is +1 (the group's scale takes the sign)."""
+    grid = np.array(np.meshgrid(*[[-1.0, 0.0, 1.0]] * n, indexing="ij")).reshape(n, -1).T
+    first = np.array([row[np.nonzero(row)[0][0]] if row.any() else 0.0 for row in grid])
+    return grid[first > 0]
+
+
+def descend_groups(codes: np.ndarray, scales: np.ndarray, h: np.ndarray, c: np.ndarray, bounds, *,
+                   sweeps: int, grid: tuple[np.ndarray, int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Block coordinate descent over whole ternary groups: for each group (contiguous columns
+    ``bounds``), every output channel at once, the best (pattern, scale) given all other
+    weights, searched over every ternary pattern of the group (40 at N=4). For one pattern
+    ``t`` the objective ``v H_gg v - 2 v b`` of ``v = a t`` is a 1-D quadratic in ``a`` whose
+    minimum ``-(t.b)^2 / (t H_gg t)`` ranks the patterns, so the search is exact where the
+    single-weight descent (:func:`descend`) stops at a pattern whose codes only pay together.
+
+    ``codes`` [K, D] in {-1, 0, 1}, ``scales`` [K, G] >= 0 float group scales; ``grid``:
+    ``(s, qmax)`` to search on the integer grid ``a = s_k * q`` with ``q`` in ``[0, qmax]``
+    instead (the scale rounded to its best integer code, exact for a 1-D quadratic). Returns the
+    new codes and scales (integer codes ``q`` as float when ``grid`` is given); the objective
+    never increases.
+    """
+    codes = codes.astype(np.float64).copy()
+    scales = scales.astype(np.float64).copy()
+    sizes = np.array([hi - lo for lo, hi in bounds])
+    unit = np.repeat(scales if grid is None else scales * grid[0][:, None], sizes, axis=1)
+    grad = (unit * codes) @ h - c.T
+    patterns = {n: ternary_patterns(n) for n in set(sizes.tolist())}
+    for _ in range(sweeps):
+        changed = 0
+        for g, (lo, hi) in enumerate(bounds):
+            t_all = patterns[hi - lo]
+            hgg = h[lo:hi, lo:hi]
+            old = unit[:, lo:hi] * codes[:, lo:hi]  # [K, n]
+            b = old @ hgg - grad[:, lo:hi]  # c_g - H_g,rest w_rest, [K, n]
+            den = np.einsum("pi,ij,pj->p", t_all, hgg, t_all)
+            live = den > 0
+            if not live.any():
+                continue
+            t_live, den = t_all[live], den[live]
+            num = b @ t_live.T  # [K, P]
+            if grid is None:
+                gain = num * num / den  # objective decrease vs the all-zero group
+                a = np.abs(num) / den
+            else:
+                s, qmax = grid
+                safe = np.where(s > 0, s, 1.0)[:, None]
+                q = np.clip(np.rint(np.abs(num) / (den * safe)), 0, qmax)
+                a = q * safe
+                gain = 2 * a * np.abs(num) - a * a * den
+            best = np.argmax(gain, axis=1)
+            rows = np.arange(len(b))
+            take = gain[rows, best] > 0
+            sign = np.sign(num[rows, best])
+            t_new = np.where(take[:, None], t_live[best] * sign[:, None], 0.0)
+            a_new = np.where(take, a[rows, best], 0.0)
+            new = a_new[:, None] * t_new
+            # keep a channel's group unless the search found a strictly better one
+            cur = np.einsum("ki,ij,kj->k", old, hgg, old) - 2 * np.einsum("ki,ki->k", old, b)
+            cand = np.einsum("ki,ij,kj->k", new, hgg, new) - 2 * np.einsum("ki,ki->k", new, b)
+            better = cand < cur - 1e-12 * np.maximum(np.abs(cur), 1e-300)
+            if not better.any():
+                continue
+            rows = np.nonzero(better)[0]
+            grad[rows] += (new[rows] - old[rows]) @ h[lo:hi]
+            codes[rows, lo:hi] = t_new[rows]
+            q_new = a_new[rows] if grid is None else np.rint(a_new[rows] / np.where(grid[0][rows] > 0, grid[0][rows], 1.0))
+            scales[rows, g] = q_new
+            unit[rows, lo:hi] = (a_new[rows] if grid is None else q_new * grid[0][rows])[:, None]
+            changed += rows.size
+        if changed == 0:
+            break
+    return codes, scales
+
+
 def _damped(stats: LayerStatistics, w2: np.ndarray):
     h, c, mu_x, mu_y = stats.centered()
     lam = DAMPING * max(float(np.mean(np.diag(h))), 1e-12)
@@ -115,8 +199,12 @@ def reconstruct_layer(start: QuantizedWeights, *, stats: LayerStatistics, code_b
     hp, cp = h[np.ix_(order, order)], c[order]
     codes = start.codes.reshape(k, -1)[:, order].astype(np.float64)
     scales = _scales_in_bounds_order(start)
+    search = GROUP_SEARCH and start.bits == 2 and int(sizes.max()) <= MAX_SEARCH_WIDTH
     for _ in range(ROUNDS):
-        codes = descend(codes, np.repeat(scales, sizes, axis=1), hp, cp, vmax=vmax, sweeps=SWEEPS)
+        if search:
+            codes, scales = descend_groups(codes, scales, hp, cp, bounds, sweeps=SWEEPS)
+        else:
+            codes = descend(codes, np.repeat(scales, sizes, axis=1), hp, cp, vmax=vmax, sweeps=SWEEPS)
         codes, scales = _refit_scales(codes, hp, cp, bounds)
 
     # onto the integer grid the kernels execute, then descend on that grid
@@ -124,8 +212,14 @@ def reconstruct_layer(start: QuantizedWeights, *, stats: LayerStatistics, code_b
     iw = to_integer_scales(qw, code_bits=code_bits)
     q = _scales_in_bounds_order_int(iw)  # [K, G] integer codes as float
     s = iw.channel_scales.astype(np.float64)
-    alpha = np.repeat(q * s[:, None], sizes, axis=1)
-    codes = descend(codes, alpha, hp, cp, vmax=vmax, sweeps=FINAL_SWEEPS)
+    if search:  # patterns and group codes q_g together, on the integer grid
+        codes, q = descend_groups(codes, q, hp, cp, bounds, sweeps=FINAL_SWEEPS,
+                                  grid=(s, code_max(bits=start.bits, code_bits=code_bits)))
+        group_codes = _bounds_order_to_layout(layout, q).astype(np.uint8)
+    else:
+        alpha = np.repeat(q * s[:, None], sizes, axis=1)
+        codes = descend(codes, alpha, hp, cp, vmax=vmax, sweeps=FINAL_SWEEPS)
+        group_codes = iw.group_codes
     # s_k by least squares for the final integer weights u = q_g * t (one scalar per channel)
     u = np.repeat(q, sizes, axis=1) * codes
     num = np.einsum("kd,dk->k", u, cp)
@@ -137,7 +231,7 @@ def reconstruct_layer(start: QuantizedWeights, *, stats: LayerStatistics, code_b
 
     values = np.empty_like(codes)
     values[:, order] = codes
-    iw = IntegerWeights(values=values.reshape(start.codes.shape).astype(np.int8), group_codes=iw.group_codes,
+    iw = IntegerWeights(values=values.reshape(start.codes.shape).astype(np.int8), group_codes=group_codes,
                         channel_scales=s.astype(np.float32), layout=layout, bits=start.bits,
                         code_bits=code_bits, lossless=False)
     w_hat = iw.dequantize().reshape(k, -1).astype(np.float64)
@@ -159,6 +253,15 @@ def _to_bounds_order(layout, arr: np.ndarray) -> np.ndarray:
     if layout.grouping == "fgq" and len(layout.scale_shape) == 4:
         return arr.reshape(layout.scale_shape).transpose(0, 2, 3, 1).reshape(k, -1)
     return arr.reshape(k, -1)
+
+
+def _bounds_order_to_layout(layout, arr: np.ndarray) -> np.ndarray:
+    """Inverse of :func:`_to_bounds_order`: [K, G_total] back to ``layout.scale_shape``."""
+    k = layout.out_channels
+    if layout.grouping == "fgq" and len(layout.scale_shape) == 4:
+        r, s = layout.kernel_size
+        return np.ascontiguousarray(arr.reshape(k, r, s, layout.num_groups).transpose(0, 3, 1, 2))
+    return arr.reshape(layout.scale_shape)
 
 
 def _from_bounds_order(start: QuantizedWeights, codes: np.ndarray, scales: np.ndarray, order) -> QuantizedWeights:
