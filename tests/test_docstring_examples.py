@@ -13,6 +13,7 @@ MODULES = [
     "tvm_ternary.quant.packing",
     "tvm_ternary.quant.reference",
     "tvm_ternary.quant.data_aware",
+    "tvm_ternary.quant.reconstruct",
     "tvm_ternary.plan.config",  # QuantConfig (tvm_ternary.QuantConfig)
     "tvm_ternary.progress",
     "tvm_ternary.inputs",
