@@ -129,6 +129,16 @@ def _group_bounds(layout: GroupLayout) -> list[tuple[int, int]]:
     return bounds
 
 
+def _bounds_order_to_layout(layout: GroupLayout, arr: np.ndarray) -> np.ndarray:
+    """Per-group values [K, G_total] in ``_group_bounds`` order ((position, group) for fgq) back
+    to ``layout.scale_shape``."""
+    k = layout.out_channels
+    if layout.grouping == "fgq" and len(layout.scale_shape) == 4:
+        r, s = layout.kernel_size
+        return np.ascontiguousarray(arr.reshape(k, r, s, layout.num_groups).transpose(0, 3, 1, 2))
+    return arr.reshape(layout.scale_shape)
+
+
 def _quantize_group(cols: np.ndarray, bits: int, scale: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """codes [K, n] and scale [K] for one group of columns (every output channel at once);
     with ``scale`` given, the nearest codes on that grid."""
@@ -244,14 +254,8 @@ def fit_layer(
     codes_cmajor = np.empty_like(codes)
     codes_cmajor[:, order] = codes
     codes_full = codes_cmajor.reshape(w.shape).astype(np.int8)
-    # scales follow bounds order: (position, group) for fgq, group for cluster -> layout shape
-    if layout.grouping == "fgq" and len(layout.scale_shape) == 4:
-        r, s = layout.kernel_size
-        scale_arr = scales.reshape(k, r, s, layout.num_groups).transpose(0, 3, 1, 2)
-    else:
-        scale_arr = scales.reshape(layout.scale_shape)
     qw = QuantizedWeights(
-        codes=codes_full, scales=np.ascontiguousarray(scale_arr, dtype=np.float32),
+        codes=codes_full, scales=np.ascontiguousarray(_bounds_order_to_layout(layout, scales), dtype=np.float32),
         layout=layout, bits=bits, method="data-aware",
     )
     w_hat = qw.dequantize().reshape(k, -1).astype(np.float64)

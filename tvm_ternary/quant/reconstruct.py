@@ -44,7 +44,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from .formats import value_max
-from .data_aware import DAMPING, LayerStatistics, _column_order, _group_bounds, _refit_scales
+from .data_aware import (DAMPING, LayerStatistics, _bounds_order_to_layout, _column_order, _group_bounds,
+                         _refit_scales)
 from .intscales import IntegerWeights, code_max, to_integer_scales
 from .ternary import QuantizedWeights
 
@@ -100,7 +101,7 @@ def ternary_patterns(n: int) -> np.ndarray:
     """Every non-zero ternary vector of length ``n`` up to sign, [(3**n - 1) / 2, n]: the first
     non-zero entry is +1 (the group's scale takes the sign)."""
     grid = np.array(np.meshgrid(*[[-1.0, 0.0, 1.0]] * n, indexing="ij")).reshape(n, -1).T
-    first = np.array([row[np.nonzero(row)[0][0]] if row.any() else 0.0 for row in grid])
+    first = grid[np.arange(len(grid)), np.argmax(grid != 0, axis=1)]  # 0 for the all-zero row
     return grid[first > 0]
 
 
@@ -140,12 +141,12 @@ def descend_groups(codes: np.ndarray, scales: np.ndarray, h: np.ndarray, c: np.n
             num = b @ t_live.T  # [K, P]
             if grid is None:
                 gain = num * num / den  # objective decrease vs the all-zero group
-                a = np.abs(num) / den
+                a = chosen = np.abs(num) / den
             else:
                 s, qmax = grid
                 safe = np.where(s > 0, s, 1.0)[:, None]
-                q = np.clip(np.rint(np.abs(num) / (den * safe)), 0, qmax)
-                a = q * safe
+                chosen = np.clip(np.rint(np.abs(num) / (den * safe)), 0, qmax)  # integer codes q
+                a = chosen * s[:, None]
                 gain = 2 * a * np.abs(num) - a * a * den
             best = np.argmax(gain, axis=1)
             rows = np.arange(len(b))
@@ -153,6 +154,7 @@ def descend_groups(codes: np.ndarray, scales: np.ndarray, h: np.ndarray, c: np.n
             sign = np.sign(num[rows, best])
             t_new = np.where(take[:, None], t_live[best] * sign[:, None], 0.0)
             a_new = np.where(take, a[rows, best], 0.0)
+            scale_new = np.where(take, chosen[rows, best], 0.0)
             new = a_new[:, None] * t_new
             # keep a channel's group unless the search found a strictly better one
             cur = np.einsum("ki,ij,kj->k", old, hgg, old) - 2 * np.einsum("ki,ki->k", old, b)
@@ -163,9 +165,8 @@ def descend_groups(codes: np.ndarray, scales: np.ndarray, h: np.ndarray, c: np.n
             rows = np.nonzero(better)[0]
             grad[rows] += (new[rows] - old[rows]) @ h[lo:hi]
             codes[rows, lo:hi] = t_new[rows]
-            q_new = a_new[rows] if grid is None else np.rint(a_new[rows] / np.where(grid[0][rows] > 0, grid[0][rows], 1.0))
-            scales[rows, g] = q_new
-            unit[rows, lo:hi] = (a_new[rows] if grid is None else q_new * grid[0][rows])[:, None]
+            scales[rows, g] = scale_new[rows]
+            unit[rows, lo:hi] = a_new[rows, None]
             changed += rows.size
         if changed == 0:
             break
@@ -255,27 +256,13 @@ def _to_bounds_order(layout, arr: np.ndarray) -> np.ndarray:
     return arr.reshape(k, -1)
 
 
-def _bounds_order_to_layout(layout, arr: np.ndarray) -> np.ndarray:
-    """Inverse of :func:`_to_bounds_order`: [K, G_total] back to ``layout.scale_shape``."""
-    k = layout.out_channels
-    if layout.grouping == "fgq" and len(layout.scale_shape) == 4:
-        r, s = layout.kernel_size
-        return np.ascontiguousarray(arr.reshape(k, r, s, layout.num_groups).transpose(0, 3, 1, 2))
-    return arr.reshape(layout.scale_shape)
-
-
 def _from_bounds_order(start: QuantizedWeights, codes: np.ndarray, scales: np.ndarray, order) -> QuantizedWeights:
     layout = start.layout
-    k = layout.out_channels
     cmajor = np.empty_like(codes)
     cmajor[:, order] = codes
-    if layout.grouping == "fgq" and len(layout.scale_shape) == 4:
-        r, s = layout.kernel_size
-        arr = scales.reshape(k, r, s, layout.num_groups).transpose(0, 3, 1, 2)
-    else:
-        arr = scales.reshape(layout.scale_shape)
     return QuantizedWeights(codes=cmajor.reshape(start.codes.shape).astype(np.int8),
-                            scales=np.ascontiguousarray(arr, dtype=np.float32), layout=layout,
+                            scales=np.ascontiguousarray(_bounds_order_to_layout(layout, scales), dtype=np.float32),
+                            layout=layout,
                             bits=start.bits, method="reconstruct")
 
 
