@@ -4,10 +4,12 @@
     python scripts/bench_kernels.py --model resnet50 --threads 1 --batch 1 --json out.json
     python scripts/bench_kernels.py --target haswell --group-size 4 --layers l1_3x3,fc --skip-ort
 
-Every distinct conv shape of the model plus its dense layer, side by side in one run:
-``tvm_ternary`` (2-bit weights, u8 activations, fused bias+ReLU+requantize), ``tvm_ternary_w8``
-(8-bit weights, same kernel family), ``ort_fp32``, ``ort_int8`` (static QDQ u8s8 made by
-onnxruntime.quantization from a one-layer model with random calibration data) and
+Every distinct conv kernel of the model plus its dense layer, side by side in one run, each in
+its role in the model (``ROLES``: the stem's s8 input, a downsample's s8 output, a residual add):
+``tvm_ternary`` (the model's kernel: 2-bit weights, precise weights for the stem and the fc,
+fused bias + [residual] + [ReLU] + requantize), ``tvm_ternary_w8`` (8-bit weights, same
+epilogue), ``ort_fp32``, ``ort_int8`` (static QDQ u8s8 made by
+onnxruntime.quantization from a one-layer model of the same role with random calibration data) and
 ``openvino_int8`` when OpenVINO is installed (skipped with a note otherwise).  The table gives
 G MAC/s and % of this CPU's vpdpbusd peak, measured by a back-to-back vpdpbusd loop compiled
 with gcc at run time.  The JSON is a list of records (layer, runtime, threads, batch,
@@ -37,35 +39,54 @@ from tvm_ternary.schedules import layout, params  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _bench_common import machine_stamp, measure_vnni_peak, median_ms as _median_ms  # noqa: E402
 
-# (name, C, K, kernel, stride, input H=W, count in the model); padding = kernel // 2.
-_R18 = [("conv1_7x7", 3, 64, 7, 2, 224, 1), ("l1_3x3", 64, 64, 3, 1, 56, 4),
-        ("l2_3x3_s2", 64, 128, 3, 2, 56, 1), ("l2_3x3", 128, 128, 3, 1, 28, 3),
-        ("l2_ds_1x1_s2", 64, 128, 1, 2, 56, 1), ("l3_3x3_s2", 128, 256, 3, 2, 28, 1),
-        ("l3_3x3", 256, 256, 3, 1, 14, 3), ("l3_ds_1x1_s2", 128, 256, 1, 2, 28, 1),
-        ("l4_3x3_s2", 256, 512, 3, 2, 14, 1), ("l4_3x3", 512, 512, 3, 1, 7, 3),
-        ("l4_ds_1x1_s2", 256, 512, 1, 2, 14, 1)]
-_R50 = [("conv1_7x7", 3, 64, 7, 2, 224, 1),
-        ("l1_1x1_64_64", 64, 64, 1, 1, 56, 1), ("l1_3x3", 64, 64, 3, 1, 56, 3),
-        ("l1_1x1_64_256", 64, 256, 1, 1, 56, 4), ("l1_1x1_256_64", 256, 64, 1, 1, 56, 2),
-        ("l2_1x1_256_128", 256, 128, 1, 1, 56, 1), ("l2_3x3_s2", 128, 128, 3, 2, 56, 1),
-        ("l2_1x1_128_512", 128, 512, 1, 1, 28, 4), ("l2_ds_1x1_s2", 256, 512, 1, 2, 56, 1),
-        ("l2_1x1_512_128", 512, 128, 1, 1, 28, 3), ("l2_3x3", 128, 128, 3, 1, 28, 3),
-        ("l3_1x1_512_256", 512, 256, 1, 1, 28, 1), ("l3_3x3_s2", 256, 256, 3, 2, 28, 1),
-        ("l3_1x1_256_1024", 256, 1024, 1, 1, 14, 6), ("l3_ds_1x1_s2", 512, 1024, 1, 2, 28, 1),
-        ("l3_1x1_1024_256", 1024, 256, 1, 1, 14, 5), ("l3_3x3", 256, 256, 3, 1, 14, 5),
-        ("l4_1x1_1024_512", 1024, 512, 1, 1, 14, 1), ("l4_3x3_s2", 512, 512, 3, 2, 14, 1),
-        ("l4_1x1_512_2048", 512, 2048, 1, 1, 7, 3), ("l4_ds_1x1_s2", 1024, 2048, 1, 2, 14, 1),
-        ("l4_1x1_2048_512", 2048, 512, 1, 1, 7, 2), ("l4_3x3", 512, 512, 3, 1, 7, 2)]
+# (name, C, K, kernel, stride, input H=W, count in the model, role); padding = kernel // 2.
+# The role is the layer's place in the model, hence its kernel's epilogue, as the compiler makes it:
+#   stem    first conv: s8 input (the normalised image), precise weights (the policy's 8 bits)
+#   relu    u8 -> u8 with bias + ReLU
+#   ds      a downsample (projection) conv: s8 out, no ReLU (the residual of the block's last conv)
+#   res_s8  the block's last conv adding the downsample's s8 output, then ReLU
+#   res_u8  the block's last conv adding the block input (u8), then ReLU
+#   fc      the classifier: precise weights, float32 out
+# Until stop 15 every conv was timed as `relu` with ternary weights, the easier variant for the
+# 20 downsample / residual convs of ResNet-50 and a ternary stem / fc the model never runs.
+_R18 = [("conv1_7x7", 3, 64, 7, 2, 224, 1, "stem"),
+        ("l1_3x3", 64, 64, 3, 1, 56, 2, "relu"), ("l1_3x3_r", 64, 64, 3, 1, 56, 2, "res_u8"),
+        ("l2_3x3_s2", 64, 128, 3, 2, 56, 1, "relu"), ("l2_3x3", 128, 128, 3, 1, 28, 1, "relu"),
+        ("l2_3x3_rs", 128, 128, 3, 1, 28, 1, "res_s8"), ("l2_3x3_r", 128, 128, 3, 1, 28, 1, "res_u8"),
+        ("l2_ds_1x1_s2", 64, 128, 1, 2, 56, 1, "ds"),
+        ("l3_3x3_s2", 128, 256, 3, 2, 28, 1, "relu"), ("l3_3x3", 256, 256, 3, 1, 14, 1, "relu"),
+        ("l3_3x3_rs", 256, 256, 3, 1, 14, 1, "res_s8"), ("l3_3x3_r", 256, 256, 3, 1, 14, 1, "res_u8"),
+        ("l3_ds_1x1_s2", 128, 256, 1, 2, 28, 1, "ds"),
+        ("l4_3x3_s2", 256, 512, 3, 2, 14, 1, "relu"), ("l4_3x3", 512, 512, 3, 1, 7, 1, "relu"),
+        ("l4_3x3_rs", 512, 512, 3, 1, 7, 1, "res_s8"), ("l4_3x3_r", 512, 512, 3, 1, 7, 1, "res_u8"),
+        ("l4_ds_1x1_s2", 256, 512, 1, 2, 14, 1, "ds")]
+_R50 = [("conv1_7x7", 3, 64, 7, 2, 224, 1, "stem"),
+        ("l1_1x1_64_64", 64, 64, 1, 1, 56, 1, "relu"), ("l1_3x3", 64, 64, 3, 1, 56, 3, "relu"),
+        ("l1_ds_1x1", 64, 256, 1, 1, 56, 1, "ds"), ("l1_1x1_64_256_rs", 64, 256, 1, 1, 56, 1, "res_s8"),
+        ("l1_1x1_64_256_r", 64, 256, 1, 1, 56, 2, "res_u8"), ("l1_1x1_256_64", 256, 64, 1, 1, 56, 2, "relu"),
+        ("l2_1x1_256_128", 256, 128, 1, 1, 56, 1, "relu"), ("l2_3x3_s2", 128, 128, 3, 2, 56, 1, "relu"),
+        ("l2_1x1_128_512_rs", 128, 512, 1, 1, 28, 1, "res_s8"),
+        ("l2_1x1_128_512_r", 128, 512, 1, 1, 28, 3, "res_u8"), ("l2_ds_1x1_s2", 256, 512, 1, 2, 56, 1, "ds"),
+        ("l2_1x1_512_128", 512, 128, 1, 1, 28, 3, "relu"), ("l2_3x3", 128, 128, 3, 1, 28, 3, "relu"),
+        ("l3_1x1_512_256", 512, 256, 1, 1, 28, 1, "relu"), ("l3_3x3_s2", 256, 256, 3, 2, 28, 1, "relu"),
+        ("l3_1x1_256_1024_rs", 256, 1024, 1, 1, 14, 1, "res_s8"),
+        ("l3_1x1_256_1024_r", 256, 1024, 1, 1, 14, 5, "res_u8"), ("l3_ds_1x1_s2", 512, 1024, 1, 2, 28, 1, "ds"),
+        ("l3_1x1_1024_256", 1024, 256, 1, 1, 14, 5, "relu"), ("l3_3x3", 256, 256, 3, 1, 14, 5, "relu"),
+        ("l4_1x1_1024_512", 1024, 512, 1, 1, 14, 1, "relu"), ("l4_3x3_s2", 512, 512, 3, 2, 14, 1, "relu"),
+        ("l4_1x1_512_2048_rs", 512, 2048, 1, 1, 7, 1, "res_s8"),
+        ("l4_1x1_512_2048_r", 512, 2048, 1, 1, 7, 2, "res_u8"), ("l4_ds_1x1_s2", 1024, 2048, 1, 2, 14, 1, "ds"),
+        ("l4_1x1_2048_512", 2048, 512, 1, 1, 7, 2, "relu"), ("l4_3x3", 512, 512, 3, 1, 7, 2, "relu")]
 MODELS = {"resnet18": (_R18, 512), "resnet50": (_R50, 2048)}
+ROLES = ("stem", "relu", "ds", "res_s8", "res_u8", "fc")
 
 
 def model_layers(model: str, batch: int):
-    """[(name, spec kwargs, count)] for the model's distinct conv shapes and its fc layer."""
+    """[(name, spec kwargs, count, role)] for the model's distinct conv kernels and its fc layer."""
     convs, fc_in = MODELS[model]
     out = [(name, dict(batch=batch, in_channels=c, out_channels=k, height=hw, width=hw,
-                       kernel=r, stride=st, padding=r // 2), n)
-           for name, c, k, r, st, hw, n in convs]
-    out.append(("fc", dict(batch=batch, in_features=fc_in, out_features=1000), 1))
+                       kernel=r, stride=st, padding=r // 2), n, role)
+           for name, c, k, r, st, hw, n, role in convs]
+    out.append(("fc", dict(batch=batch, in_features=fc_in, out_features=1000), 1, "fc"))
     return out
 
 
@@ -85,71 +106,99 @@ def bench_ours(spec: ConvSpec, threads: int, mcpu: str | None = None) -> float:
     codes = rng.integers(0, 127 // vmax + 1, size=spec.codes_shape).astype(np.uint8)
     weights = quant.pack_ternary(values) if spec.weight_bits == 2 else layout.block_weights(values)
     k = spec.out_channels
-    data = {"x": rng.integers(0, 256, size=spec.x_shape).astype(np.uint8), "weights": weights,
+    data = {"x": _activations(rng, spec.act, spec.x_shape), "weights": weights,
             "codes": params.kernel_codes(spec, isa=isa, codes=codes),
             "scale": np.full(k, 1e-3, np.float32),
             "requant_scale": np.full(k, 2.0**-10, np.float32),
+            "residual_scale": np.full(k, 2.0**-10, np.float32),
+            "residual": _activations(rng, spec.residual, spec.out_shape) if spec.residual else None,
             "bias": params.kernel_bias(spec, isa=isa, weights=weights, codes=codes,
                                        bias=np.zeros(k, np.int32) if spec.bias else None)}
     names = kernel_arg_names(spec, isa)
     args = [ta.tensor(data[n]) for n in names[:-1]]
-    args.append(ta.empty(spec.out_shape, "float32" if spec.out == "f32" else "uint8"))
+    args.append(ta.empty(spec.out_shape, {"f32": "float32", "u8": "uint8", "s8": "int8"}[spec.out]))
     # one call per sample and the median, as for ONNX Runtime: robust to a shared machine
     ta.time_ms(mod, args, number=5, repeat=1)  # warm-up
     reps = int(min(400, max(20, 300.0 / max(spec.macs / 2e8, 0.01))))
     return statistics.median(ta.time_ms(mod, args, number=1, repeat=reps))
 
 
-def our_spec(kw: dict, *, bits: int, group_size: int, dense: bool, grouping: str = "fgq"):
-    if dense:
+def _activations(rng, fmt: str, shape) -> np.ndarray:
+    if fmt == "u8":
+        return rng.integers(0, 256, size=shape).astype(np.uint8)
+    return rng.integers(-128, 128, size=shape).astype(np.int8)
+
+
+def our_spec(kw: dict, *, bits: int, group_size: int, role: str, grouping: str = "fgq"):
+    """The layer's kernel as the compiler makes it for its role (see ROLES above)."""
+    if role == "fc":
         c = kw["in_features"]
         return DenseSpec(weight_bits=bits, group_size=min(group_size, c), out="f32",
                          **kw).as_conv()
     c = kw["in_channels"]
-    return ConvSpec(weight_bits=bits, group_size=min(group_size, c), act="u8", out="u8",
-                    bias=True, relu=True, grouping=grouping if bits != 8 else "fgq", **kw)
+    epilogue = {"stem": dict(act="s8", out="u8", relu=True), "relu": dict(out="u8", relu=True),
+                "ds": dict(out="s8", relu=False), "res_s8": dict(out="u8", relu=True, residual="s8"),
+                "res_u8": dict(out="u8", relu=True, residual="u8")}[role]
+    return ConvSpec(weight_bits=bits, group_size=min(group_size, c), bias=True,
+                    grouping=grouping if bits == 2 else "fgq", **epilogue, **kw)
 
 
 # ---------------------------------------------------------------- ONNX Runtime
 
 
-def _onnx_layer(kw: dict, dense: bool, path: Path) -> tuple[np.ndarray, list]:
+def _onnx_layer(kw: dict, role: str, path: Path) -> dict:
+    """A one-layer float model of the layer in its role (Conv [+ Add residual] [+ Relu]); its inputs."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
     rng = np.random.default_rng(0)
-    if dense:
+    if role == "fc":
         n, c, k = kw["batch"], kw["in_features"], kw["out_features"]
         w = rng.normal(0, 0.05, size=(k, c)).astype(np.float32)
-        node = helper.make_node("Gemm", ["x", "w", "b"], ["y"], transB=1)
-        xshape = [n, c]
+        nodes = [helper.make_node("Gemm", ["x", "w", "b"], ["y"], transB=1)]
+        xshape, yshape = [n, c], [n, k]
     else:
         n, c, k, r = kw["batch"], kw["in_channels"], kw["out_channels"], kw["kernel"]
         w = rng.normal(0, 0.05, size=(k, c, r, r)).astype(np.float32)
-        p = kw["padding"]
-        node = helper.make_node("Conv", ["x", "w", "b"], ["y"], kernel_shape=[r, r],
-                                strides=[kw["stride"]] * 2, pads=[p] * 4)
+        p, st = kw["padding"], kw["stride"]
+        conv_out = "y" if role == "ds" else "conv"
+        nodes = [helper.make_node("Conv", ["x", "w", "b"], [conv_out], kernel_shape=[r, r],
+                                  strides=[st] * 2, pads=[p] * 4)]
         xshape = [n, c, kw["height"], kw["width"]]
+        yshape = [n, k, (kw["height"] + 2 * p - r) // st + 1, (kw["width"] + 2 * p - r) // st + 1]
+        if role.startswith("res"):
+            nodes.append(helper.make_node("Add", ["conv", "r"], ["sum"]))
+            conv_out = "sum"
+        if role != "ds":
+            nodes.append(helper.make_node("Relu", [conv_out], ["y"]))
+    inputs = {"x": rng.normal(0, 1, size=xshape) if role == "stem" else rng.uniform(0, 1, size=xshape)}
+    if role.startswith("res"):
+        # the downsample's output is signed, a block input is a ReLU output
+        inputs["r"] = rng.normal(0, 1, size=yshape) if role == "res_s8" else rng.uniform(0, 1, size=yshape)
+    inputs = {name: v.astype(np.float32) for name, v in inputs.items()}
     inits = [numpy_helper.from_array(w, "w"),
              numpy_helper.from_array(rng.normal(0, 0.1, size=k).astype(np.float32), "b")]
-    graph = helper.make_graph([node], "layer",
-                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, xshape)],
+    graph = helper.make_graph(nodes, "layer",
+                              [helper.make_tensor_value_info(name, TensorProto.FLOAT, list(v.shape))
+                               for name, v in inputs.items()],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
                               initializer=inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     onnx.save(model, str(path))
-    return rng.uniform(0, 1, size=xshape).astype(np.float32), xshape
+    return inputs
 
 
-def _quantize_qdq(fp32: Path, out: Path, xshape) -> None:
+def _quantize_qdq(fp32: Path, out: Path, inputs: dict) -> None:
     """Static QDQ int8 model (u8 activations, s8 per-channel weights): the int8 peer's graph."""
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
     class Reader(CalibrationDataReader):
         def __init__(self):
             rng = np.random.default_rng(1)
-            self.it = iter([{"x": rng.uniform(0, 1, size=xshape).astype(np.float32)} for _ in range(4)])
+            # calibration data drawn like the timed inputs (signed where they are signed)
+            self.it = iter([{name: (v + rng.normal(0, 0.01, size=v.shape)).astype(np.float32)
+                             for name, v in inputs.items()} for _ in range(4)])
 
         def get_next(self):
             return next(self.it, None)
@@ -158,35 +207,35 @@ def _quantize_qdq(fp32: Path, out: Path, xshape) -> None:
                     activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, per_channel=True)
 
 
-def bench_ort(kw: dict, dense: bool, threads: int, *, int8: bool) -> float:
+def bench_ort(kw: dict, role: str, threads: int, *, int8: bool) -> float:
     import onnxruntime as ort
 
     with tempfile.TemporaryDirectory() as d:
         path = Path(d) / "fp32.onnx"
-        x, xshape = _onnx_layer(kw, dense, path)
+        inputs = _onnx_layer(kw, role, path)
         if int8:
-            _quantize_qdq(path, Path(d) / "int8.onnx", xshape)
+            _quantize_qdq(path, Path(d) / "int8.onnx", inputs)
             path = Path(d) / "int8.onnx"
         so = ort.SessionOptions()
         so.intra_op_num_threads = threads
         so.inter_op_num_threads = 1
         sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-        return _median_ms(lambda: sess.run(None, {"x": x}))
+        return _median_ms(lambda: sess.run(None, inputs))
 
 
-def bench_openvino(kw: dict, dense: bool, threads: int) -> float:
+def bench_openvino(kw: dict, role: str, threads: int) -> float:
     """OpenVINO on the same QDQ int8 graph (its low-precision transformations run it in int8)."""
     import openvino as ov
 
     with tempfile.TemporaryDirectory() as d:
         fp32 = Path(d) / "fp32.onnx"
-        x, xshape = _onnx_layer(kw, dense, fp32)
-        _quantize_qdq(fp32, Path(d) / "int8.onnx", xshape)
+        inputs = _onnx_layer(kw, role, fp32)
+        _quantize_qdq(fp32, Path(d) / "int8.onnx", inputs)
         core = ov.Core()
         compiled = core.compile_model(core.read_model(str(Path(d) / "int8.onnx")), "CPU",
                                       {"INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY"})
         request = compiled.create_infer_request()
-        return _median_ms(lambda: request.infer({0: x}))
+        return _median_ms(lambda: request.infer(inputs))
 
 
 # ---------------------------------------------------------------- driver
@@ -215,6 +264,8 @@ def main(argv=None) -> int:
     ap.add_argument("--target", default=None, metavar="MCPU",
                     help="LLVM mcpu our kernels are built for (default: the host), e.g. haswell "
                          "(avx2) or skylake-avx512 (avx512 without VNNI); it must run here")
+    ap.add_argument("--precise-bits", type=int, choices=(7, 8), default=8,
+                    help="weight bits of the stem and the fc, as the compiler's --precise-bits (default 8)")
     ap.add_argument("--skip-ort", action="store_true")
     a = ap.parse_args(argv)
     try:
@@ -242,24 +293,28 @@ def main(argv=None) -> int:
         print("note: openvino_int8 skipped (openvino not installed: pip install openvino)")
     records = []
     subset = set(filter(None, a.layers.split(",")))
-    for name, kw, count in model_layers(a.model, a.batch):
+    for name, kw, count, role in model_layers(a.model, a.batch):
         if subset and name not in subset:
             continue
-        dense = name == "fc"
+        dense = role == "fc"
         runs = {}
-        for rt, bits in (("tvm_ternary", 2), ("tvm_ternary_w8", 8)):
-            spec = our_spec(kw, bits=bits, group_size=a.group_size, dense=dense,
-                            grouping=a.grouping)
-            runs[rt] = (bench_ours(spec, a.threads, mcpu), spec.macs)
+        # "tvm_ternary" is the model's own kernel (precise weights for the stem and the fc, as the
+        # policy keeps them); "tvm_ternary_w8" the same epilogue with 8-bit weights
+        precise = role in ("stem", "fc")
+        for rt, bits in (("tvm_ternary", a.precise_bits if precise else 2), ("tvm_ternary_w8", 8)):
+            spec = our_spec(kw, bits=bits, group_size=a.group_size, role=role, grouping=a.grouping)
+            same = rt == "tvm_ternary_w8" and bits == runs["tvm_ternary"][2]
+            runs[rt] = (runs["tvm_ternary"][0] if same else bench_ours(spec, a.threads, mcpu), spec.macs, bits)
         if not a.skip_ort:
             macs = runs["tvm_ternary"][1]
-            runs["ort_fp32"] = (bench_ort(kw, dense, a.threads, int8=False), macs)
-            runs["ort_int8"] = (bench_ort(kw, dense, a.threads, int8=True), macs)
+            runs["ort_fp32"] = (bench_ort(kw, role, a.threads, int8=False), macs, 32)
+            runs["ort_int8"] = (bench_ort(kw, role, a.threads, int8=True), macs, 8)
             if has_openvino:
-                runs["openvino_int8"] = (bench_openvino(kw, dense, a.threads), macs)
-        for rt, (ms, macs) in runs.items():
+                runs["openvino_int8"] = (bench_openvino(kw, role, a.threads), macs, 8)
+        for rt, (ms, macs, bits) in runs.items():
             gmacs = macs / ms / 1e6
-            rec = {"layer": name, "runtime": rt, "threads": a.threads, "batch": a.batch,
+            rec = {"layer": name, "runtime": rt, "role": role, "weight_bits": bits,
+                   "threads": a.threads, "batch": a.batch,
                    "median_ms": round(ms, 4), "gmacs": round(gmacs, 1), "count": count,
                    "macs": macs, "pct_peak": round(100 * gmacs / peak, 1) if peak else None,
                    "kernel_target": stamp["kernel_target"], "grouping": a.grouping,

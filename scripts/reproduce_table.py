@@ -17,6 +17,8 @@ Rows (the full cross product is ~250 plans; this prunes it to what the papers co
 * with ``--max-drop``: the sensitivity policy (ternary / 4-bit / 8-bit per layer) per budget.
 
 ``--quick``: N 4 only (exact and data-aware, 8- and 4-bit activations, 8-bit weights).
+``--acceptance``: the rows issue 13's acceptance names (the default method at N 2 / 4 / 8, N 4 with
+4-bit activations (MSE clipping)) with data-aware, exact and 8-bit weights at N 4 beside them.
 ``--core``: the N sweep for exact and data-aware, the 4-bit-activation rows at N 4, 4- and
 8-bit weights (no twn / cluster rows; for models whose simulation is slow on 2 cores).
 N = 64 and N = C use min(N, C) per layer (``QuantConfig.clamp_group_size``). Layers the
@@ -67,10 +69,14 @@ COLUMNS = ["row", "weights", "method", "grouping", "N", "group_size", "act_bits"
            "onnx", "onnxruntime", "python"]
 
 
-def rows(quick: bool, core: bool = False) -> list[dict]:
+def rows(quick: bool, core: bool = False, acceptance: bool = False) -> list[dict]:
     """The pruned sweep (see the module docstring)."""
     def r(weights, method="data-aware", n=4, grouping="fgq", act=8, calib=None):
         return dict(weights=weights, method=method, N=n, grouping=grouping, act_bits=act, act_calibration=calib)
+
+    if acceptance:
+        return [r("ternary", "reconstruct", n) for n in (2, 4, 8)] + [
+            r("ternary", "reconstruct", act=4, calib="mse"), r("ternary"), r("ternary", "exact"), r("int8", "exact")]
 
     if quick:
         return [r("ternary", "exact"), r("ternary"), r("ternary", "reconstruct"), r("ternary", act=4, calib="mse"),
@@ -338,6 +344,8 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, help="report directory (default reports/<model name>)")
     p.add_argument("--quick", action="store_true", help="a small subset of rows")
     p.add_argument("--core", action="store_true", help="the N sweep and the main rows only")
+    p.add_argument("--acceptance", action="store_true",
+                   help="reconstruct at N 2/4/8 and with 4-bit activations, data-aware, exact and int8 at N 4")
     p.add_argument("--max-drop", type=float, nargs="*", default=(), metavar="P",
                    help="also the sensitivity policy at these budgets (points)")
     p.add_argument("--latency", action="store_true",
@@ -443,7 +451,7 @@ def main(argv=None) -> int:
         latency_info = {"stamp": stamp, "threads": args.threads, "seconds_per_point": args.latency_seconds,
                         "fp32_ort": peers[0], "peers": peers[1], "notes": peers[2], "libraries": meter.records,
                         "command": " ".join(sys.argv)}
-    for row in rows(args.quick, args.core):
+    for row in rows(args.quick, args.core, args.acceptance):
         start = time.perf_counter()
         plan = make_plan(prep.model, x_calib, config=to_config(row, max_c), stats=stats, progress=False)
         record(row, plan, time.perf_counter() - start)

@@ -5,8 +5,9 @@
     python scripts/tune_resnet50.py --model resnet50.onnx --db tuning-db ...   # the model's own kernels
 
 Tasks: by default the distinct conv shapes of ResNet-50 and its fc, built as
-``scripts/bench_kernels.py`` builds them (2-bit weights, u8 in, bias+ReLU+requantize u8 out; fc
-dequantizes to f32) — no ONNX, torch or calibration needed. With ``--model`` (e.g. from
+``scripts/bench_kernels.py`` builds them (each in its role in the model: 2-bit weights, u8 in,
+bias + [residual] + [ReLU] + requantize to u8 or s8; the stem and fc with 8-bit weights, the fc
+dequantizing to f32) — no ONNX, torch or calibration needed. With ``--model`` (e.g. from
 ``scripts/export_resnet.py``) the tasks are the kernels the compile flow builds for that model
 (calibrated on ``--calib-random`` random images, ``--method exact``).
 
@@ -41,8 +42,8 @@ from tvm_ternary.tuning import TuneOptions, kernel_task, model_tasks, open_datab
 def arch_tasks(target, isa: str, group_size: int):
     """(tasks, counts): ResNet-50's distinct conv shapes + fc as tuning tasks."""
     tasks, counts = [], {}
-    for name, kw, count in model_layers("resnet50", 1):
-        spec = our_spec(kw, bits=2, group_size=group_size, dense=name == "fc")
+    for name, kw, count, role in model_layers("resnet50", 1):
+        spec = our_spec(kw, bits=8 if role in ("stem", "fc") else 2, group_size=group_size, role=role)
         task = kernel_task(spec, isa=isa, target=target, name=name)
         tasks.append(task)
         counts[name] = count
