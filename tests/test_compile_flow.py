@@ -25,13 +25,14 @@ def compiled(model, config, calib=16):
     [
         QuantConfig(method="exact"),
         QuantConfig(method="data-aware", group_size=2),
+        QuantConfig(method="reconstruct", pointwise_group_size=2),
         QuantConfig(weight_bits=4, method="exact", grouping="cluster"),
         QuantConfig(weight_bits=8, method="exact"),
         QuantConfig(weight_bits=7, method="reconstruct"),
         QuantConfig(method="exact", act_bits=4),
         QuantConfig(method="twn", group_size=1, act_calibration="dfp"),
     ],
-    ids=["ternary-exact", "ternary-data-aware-N2", "w4-cluster", "w8", "w7", "act4", "twn-N1-dfp"],
+    ids=["ternary-exact", "ternary-data-aware-N2", "ternary-1x1-N2", "w4-cluster", "w8", "w7", "act4", "twn-N1-dfp"],
 )
 def test_bit_exact_against_reference_pipeline(config):
     """Conv head: every op is integer until the head dequantizes acc * scale (one float multiply,

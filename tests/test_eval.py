@@ -91,6 +91,16 @@ def test_eval_layer_group_size(tiny, tmp_path):
     assert r["config"]["group_overrides"] == [["res_a", 2]]
 
 
+def test_eval_pointwise_group_size(tiny, tmp_path):
+    out = tmp_path / "r.json"
+    assert _eval(tiny, "--method", "exact", "--pointwise-group-size", "2", "--json", str(out)) == 0
+    r = json.loads(out.read_text())
+    formats = {k: v for k, v in r["layer_formats"].items() if k.startswith(("fire", "res"))}
+    assert formats == {"fire_squeeze": "ternary N=2", "fire_e1": "ternary N=2", "fire_e3": "ternary",
+                       "res_a": "ternary", "res_b": "ternary"}
+    assert r["config"]["pointwise_group_size"] == 2
+
+
 def test_eval_sensitivity_policy(tiny, tmp_path, capsys):
     out = tmp_path / "r.json"
     assert _eval(tiny, "--max-drop", "100", "--json", str(out)) == 0

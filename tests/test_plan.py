@@ -6,6 +6,7 @@ from tiny_models import tiny_cnn, tiny_images
 
 from tvm_ternary.numpy_graph import NumpyGraph
 from tvm_ternary.plan import QuantConfig, analyse, make_plan, simulate
+from tvm_ternary.plan.summary import plan_summary
 from tvm_ternary.quant import quantize_activation
 
 
@@ -43,6 +44,35 @@ def test_override_by_name_and_float(model):
     assert plan.decisions["res_a"].bits == 4 and plan.decisions["fc"].bits == 0
     assert "fc" not in plan.layers
     assert [r["weights"] for r in plan.coverage() if r["layer"] == "fc"] == ["float"]
+
+
+@pytest.mark.parametrize("pointwise, overrides, want", [
+    (None, (), {"fire_squeeze": 4, "fire_e1": 4, "fire_e3": 4, "res_a": 4, "res_b": 4}),
+    (2, (), {"fire_squeeze": 2, "fire_e1": 2, "fire_e3": 4, "res_a": 4, "res_b": 4}),
+    (2, (("fire_e1", 8), ("res_a", 2)), {"fire_squeeze": 2, "fire_e1": 8, "fire_e3": 4, "res_a": 2, "res_b": 4}),
+    (8, (), {"fire_squeeze": 8, "fire_e1": 8, "fire_e3": 4, "res_a": 4, "res_b": 4}),
+])
+def test_pointwise_group_size_applies_to_1x1_convs(model, pointwise, overrides, want):
+    """1x1 convs (fire_squeeze, fire_e1) get pointwise_group_size; 3x3 ones group_size; a
+    per-layer group_overrides entry wins over both; the precise layers have no groups."""
+    cfg = QuantConfig(method="exact", pointwise_group_size=pointwise, group_overrides=overrides)
+    plan = make_plan(model, tiny_images(4), config=cfg, progress=False)
+    got = {name: lp.weights.group_size for name, lp in plan.layers.items() if lp.weights.bits == 2}
+    assert got == want
+    formats = {name: fmt for name, fmt in plan_summary(plan)["layer_formats"].items() if name in want}
+    assert formats == {name: "ternary" if n == 4 else f"ternary N={n}" for name, n in want.items()}
+
+
+def test_pointwise_group_size_is_validated_and_checked_against_channels(model):
+    from tvm_ternary.errors import OptionError
+    from tvm_ternary.inputs import check_config
+
+    with pytest.raises(ValueError, match="pointwise group size must be a positive integer"):
+        QuantConfig(pointwise_group_size=0)
+    # fire_e1 reads fire_squeeze's 8 channels
+    with pytest.raises(OptionError, match="layer fire_e1: group size N=16 exceeds its 8 input channels "
+                                          r"\(use --pointwise-group-size 8 or less"):
+        check_config(model, QuantConfig(pointwise_group_size=16))
 
 
 def test_eight_bit_simulation_tracks_float(model):

@@ -39,7 +39,8 @@ def check_config(model, config) -> None:
     for i, fused in enumerate(layers):
         w = fused.weight
         decide(name=fused.name, op_type=w.op_type, depthwise=w.is_depthwise, is_first=w.reads_model_input,
-               is_last=i == len(layers) - 1, in_channels=w.in_channels_per_group, config=config)
+               is_last=i == len(layers) - 1, in_channels=w.in_channels_per_group, config=config,
+               pointwise=w.is_pointwise)
 
 
 def _check_distillable(model) -> None:

@@ -199,6 +199,11 @@ class LayerWeight:
         return self.op_type == "conv" and self.groups > 1 and self.in_channels_per_group == 1
 
     @property
+    def is_pointwise(self) -> bool:
+        """A 1x1 conv mixing channels (not depthwise): what ``--pointwise-group-size`` applies to."""
+        return self.op_type == "conv" and self.weight.shape[2:] == (1, 1) and not self.is_depthwise
+
+    @property
     def macs(self) -> int | None:
         """Multiply-accumulates per sample; None for a conv whose output size is unknown."""
         if self.op_type == "dense":

@@ -103,7 +103,7 @@ def _decisions(analysis: GraphAnalysis, config: QuantConfig) -> dict[str, LayerD
         out[fused.name] = decide(
             name=fused.name, op_type=w.op_type, depthwise=w.is_depthwise,
             is_first=w.reads_model_input, is_last=i == len(layers) - 1,
-            in_channels=w.in_channels_per_group, config=config)
+            in_channels=w.in_channels_per_group, config=config, pointwise=w.is_pointwise)
     return out
 
 
@@ -139,7 +139,9 @@ def _relu_aware_stats(fit, rows, stats: LayerStatistics) -> LayerStatistics:
 def _quantize_weights(fused: FusedLayer, bits: int, config: QuantConfig, stats: LayerStatistics | None,
                       rows=None, group_size: int | None = None):
     w = fused.weight.weight
-    n = min(config.group_size_of(fused.name) if group_size is None else group_size, w.shape[1])
+    if group_size is None:
+        group_size = config.group_size_of(fused.name, pointwise=fused.weight.is_pointwise)
+    n = min(group_size, w.shape[1])
     if config.method == "reconstruct" and fused.weight.is_depthwise and rows is not None and per_channel(bits):
         return fit_depthwise(w, *rows, bits=bits, grouping=config.grouping)
     if config.method in FITTED_METHODS and stats is not None:

@@ -10,6 +10,9 @@ Example::
     >>> cfg = QuantConfig(weight_bits=2, group_size=4, overrides=(("fire9/expand3x3_1", 8),))
     >>> cfg.act_calibration_method
     'minmax'
+    >>> cfg = QuantConfig(group_size=4, pointwise_group_size=2, group_overrides=(("conv3", 8),))
+    >>> cfg.group_size_of("conv1"), cfg.group_size_of("conv2", pointwise=True), cfg.group_size_of("conv3", pointwise=True)
+    (4, 2, 8)
 """
 
 from __future__ import annotations
@@ -45,6 +48,11 @@ class QuantConfig:
     # (layer name, N): that layer's groups hold N input channels instead of group_size (what the
     # sensitivity policy gives a layer that is too sensitive at group_size but not at N = 2)
     group_overrides: tuple[tuple[str, int], ...] = ()
+    # N of every pointwise (1x1, not depthwise) conv instead of group_size; None: group_size.
+    # The 1x1 convs of compact CNNs (SqueezeNet's squeeze and expand1x1, MobileNetV2's expand
+    # and project) mix channels with one weight per pair and lose the most at N = 4; at N = 2
+    # they keep half the multiplications removed instead of 3/4. group_overrides still win.
+    pointwise_group_size: int | None = None
     # True: a layer with fewer input channels than group_size gets N = C (one group per kernel
     # position) instead of an error; the papers' "N = 64" and "N = C" rows need it.
     clamp_group_size: bool = False
@@ -73,13 +81,21 @@ class QuantConfig:
                              f"got {self.distill_epochs!r}")
         for key, bits in self.overrides:
             check(f"override bits for {key!r}", bits, (0,) + WEIGHT_BITS)
+        if self.pointwise_group_size is not None and (
+                not isinstance(self.pointwise_group_size, int) or isinstance(self.pointwise_group_size, bool)
+                or self.pointwise_group_size < 1):
+            raise ValueError(f"pointwise group size must be a positive integer, got {self.pointwise_group_size!r}")
         for key, n in self.group_overrides:
             if not isinstance(n, int) or isinstance(n, bool) or n < 1:
                 raise ValueError(f"group size override for {key!r} must be a positive integer, got {n!r}")
 
-    def group_size_of(self, name: str) -> int:
-        """N of layer ``name``: its ``group_overrides`` entry, else ``group_size``."""
-        return dict(self.group_overrides).get(name, self.group_size)
+    def group_size_of(self, name: str, *, pointwise: bool = False) -> int:
+        """N of layer ``name``: its ``group_overrides`` entry, else ``pointwise_group_size`` for a
+        ``pointwise`` (1x1, not depthwise) conv when set, else ``group_size``."""
+        default = self.group_size
+        if pointwise and self.pointwise_group_size is not None:
+            default = self.pointwise_group_size
+        return dict(self.group_overrides).get(name, default)
 
     @property
     def act_calibration_method(self) -> str:
@@ -97,7 +113,7 @@ class LayerDecision:
 
 
 def decide(*, name: str, op_type: str, depthwise: bool, is_first: bool, is_last: bool,
-           in_channels: int, config: QuantConfig) -> LayerDecision:
+           in_channels: int, config: QuantConfig, pointwise: bool = False) -> LayerDecision:
     """Weight precision for one layer (see the module docstring)."""
     kinds = {name, op_type} | ({"depthwise"} if depthwise else set())
     for key, bits in config.overrides:
@@ -109,11 +125,12 @@ def decide(*, name: str, op_type: str, depthwise: bool, is_first: bool, is_last:
         return LayerDecision(bits=config.last_layer_bits, reason="last layer")
     if depthwise:
         return LayerDecision(bits=config.depthwise_bits, reason="depthwise")
-    n = config.group_size_of(name)
+    n = config.group_size_of(name, pointwise=pointwise)
     if not per_channel(config.weight_bits) and n > in_channels and not config.clamp_group_size:
         raise OptionError(
             f"layer {name}: group size N={n} exceeds its {in_channels} input channels "
-            f"(use -N {in_channels} or less, or --layer-bits {name}=8)")
+            f"(use {'--pointwise-group-size' if pointwise and config.pointwise_group_size else '-N'} "
+            f"{in_channels} or less, or --layer-bits {name}=8)")
     return LayerDecision(bits=config.weight_bits, reason="configured")
 
 

@@ -62,10 +62,12 @@ def plan_summary(plan: QuantPlan) -> dict:
 
 def layer_format(plan: QuantPlan, name: str) -> str:
     """``ternary``, ``int4``, ``int7``, ``int8`` or ``float``; `` N=2`` added where a layer's group size
-    is not the plan's (a per-layer group size override)."""
+    is not the plan's ``group_size`` (a per-layer override or ``pointwise_group_size``)."""
     fmt = FORMAT_NAMES[plan.decisions[name].bits]
     lp = plan.layers.get(name)
-    if lp is not None and lp.weights.bits in (2, 4) and name in dict(plan.config.group_overrides):
+    config = plan.config
+    own_n = name in dict(config.group_overrides) or config.pointwise_group_size not in (None, config.group_size)
+    if lp is not None and lp.weights.bits in (2, 4) and own_n and lp.weights.group_size != config.group_size:
         fmt += f" N={lp.weights.group_size}"
     return fmt
 
@@ -74,7 +76,9 @@ def describe_config(config) -> str:
     """One line, e.g. ``ternary N=4 fgq data-aware, 8-bit activations (minmax)``."""
     w = "ternary" if config.weight_bits == 2 else f"{config.weight_bits}-bit"
     grouping = f" N={config.group_size} {config.grouping}" if not per_channel(config.weight_bits) else " per channel"
-    extra = f", {len(config.overrides)} per-layer overrides" if config.overrides else ""
+    extra = f", 1x1 convs N={config.pointwise_group_size}" if (
+        config.pointwise_group_size not in (None, config.group_size) and not per_channel(config.weight_bits)) else ""
+    extra += f", {len(config.overrides)} per-layer overrides" if config.overrides else ""
     if config.group_overrides:
         extra += f", {len(config.group_overrides)} per-layer group sizes"
     return (f"{w}{grouping} {config.method} weights, {config.act_bits}-bit activations "
