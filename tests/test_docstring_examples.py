@@ -15,6 +15,7 @@ MODULES = [
     "tvm_ternary.quant.data_aware",
     "tvm_ternary.quant.reconstruct",
     "tvm_ternary.plan.config",  # QuantConfig (tvm_ternary.QuantConfig)
+    "tvm_ternary.plan.sensitivity",  # largest_verified_share
     "tvm_ternary.progress",
     "tvm_ternary.inputs",
     "tvm_ternary.benchmark",

@@ -66,6 +66,36 @@ def test_policy_meets_budgets_and_is_monotone(model):
     assert "budget 100 pt" in text and "ternary" in text
 
 
+@pytest.mark.parametrize("cost, budget, want_layers, want_checks", [
+    (0.1, 1.0, 8, 1),     # the estimate verifies: one plan
+    (0.3, 1.0, 2, 4),     # f = 1, 1/2, 1/4, 3/8: 8, 4, 1, 2 layers
+    (0.2, 1.0, 5, 4),     # f = 1, 1/2, 3/4, 7/8: 8, 4, 5, 6 layers
+    (2.0, 1.0, 0, 4),     # f = 1/8 keeps no layer: all 8-bit
+    (2.0, -1.0, 0, 4),    # all 8-bit even over the budget (nothing finer)
+])
+def test_verification_bisects_the_share_of_picked_layers(cost, budget, want_layers, want_checks):
+    """Sequential plans may lose more than the estimate: the largest verified share is kept."""
+    from tvm_ternary.plan.sensitivity import MAX_RETRIES, largest_verified_share
+
+    names = [f"l{i}" for i in range(8)]
+    checks = []
+
+    def scaled(f):  # two stages, 6 + 2 picked layers, each keeping its best-ranked first
+        out = {n: 8 for n in names}
+        out.update({n: 2 for n in names[:6][:int(f * 6)]})
+        out.update({n: (2, 2) for n in names[6:][:int(f * 2)]})
+        return out
+
+    def verify(assignment):
+        k = sum(v != 8 for v in assignment.values())
+        checks.append(k)
+        return k, cost * k
+
+    got = largest_verified_share(scaled, verify, budget=budget, retries=MAX_RETRIES)
+    assert got == want_layers and len(checks) == want_checks
+    assert all(cost * k > budget for k in checks if k > got)  # every larger share missed
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not SHARED.is_dir(), reason="shared ImageNet data not present")
 def test_squeezenet_policy_runs_in_minutes():
