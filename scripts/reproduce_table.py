@@ -18,9 +18,12 @@ Rows (the full cross product is ~250 plans; this prunes it to what the papers co
 
 ``--quick``: N 4 only (exact and data-aware, 8- and 4-bit activations, 8-bit weights).
 ``--acceptance``: the rows issue 13's acceptance names (the default method at N 2 / 4 / 8, N 4 with
-4-bit activations (MSE clipping)) with data-aware, exact and 8-bit weights at N 4 beside them.
+4-bit activations (MSE clipping)) with data-aware, exact and 8-bit weights at N 4 beside them,
+and the default method at N 4 with the 1x1 convs at N 2 (``--pointwise-group-size 2``; N column
+``4 (1x1: 2)``), 8- and 4-bit activations.
 ``--core``: the N sweep for exact and data-aware, the 4-bit-activation rows at N 4, 4- and
-8-bit weights (no twn / cluster rows; for models whose simulation is slow on 2 cores).
+8-bit weights, the 1x1-at-N-2 rows (no twn / cluster rows; for models whose simulation is slow
+on 2 cores).
 N = 64 and N = C use min(N, C) per layer (``QuantConfig.clamp_group_size``). Layers the
 policy keeps precise (first, last, depthwise) stay 8-bit in every row.
 
@@ -62,8 +65,8 @@ from tvm_ternary.plan.summary import plan_summary
 from tvm_ternary.preprocess import PreprocessConfig, load_image_folder, preprocess_images
 
 NS = (1, 2, 4, 8, 16, 64, "C")
-COLUMNS = ["row", "weights", "method", "grouping", "N", "group_size", "act_bits", "act_calibration",
-           "policy_budget", "peer", "top1", "top5", "drop_top1_points", "agreement_top1", "kl_divergence",
+COLUMNS = ["row", "weights", "method", "grouping", "N", "group_size", "pointwise_group_size", "act_bits",
+           "act_calibration", "policy_budget", "peer", "top1", "top5", "drop_top1_points", "agreement_top1", "kl_divergence",
            "ternary_mac_share", "int4_mac_share", "multiplications_removed", "weight_bytes",
            "latency_ms", "plan_seconds", "n_eval", "n_calib", "model", "tvm_ternary", "tvm", "numpy",
            "onnx", "onnxruntime", "python"]
@@ -71,12 +74,16 @@ COLUMNS = ["row", "weights", "method", "grouping", "N", "group_size", "act_bits"
 
 def rows(quick: bool, core: bool = False, acceptance: bool = False) -> list[dict]:
     """The pruned sweep (see the module docstring)."""
-    def r(weights, method="data-aware", n=4, grouping="fgq", act=8, calib=None):
-        return dict(weights=weights, method=method, N=n, grouping=grouping, act_bits=act, act_calibration=calib)
+    def r(weights, method="data-aware", n=4, grouping="fgq", act=8, calib=None, pointwise=None):
+        return dict(weights=weights, method=method, N=n, grouping=grouping, act_bits=act, act_calibration=calib,
+                    pointwise_group_size=pointwise)
 
+    # N 4 with the 1x1 convs at N 2 (where compact CNNs lose the most), 8- and 4-bit activations
+    pointwise = [r("ternary", "reconstruct", pointwise=2), r("ternary", "reconstruct", act=4, calib="mse", pointwise=2)]
     if acceptance:
         return [r("ternary", "reconstruct", n) for n in (2, 4, 8)] + [
-            r("ternary", "reconstruct", act=4, calib="mse"), r("ternary"), r("ternary", "exact"), r("int8", "exact")]
+            r("ternary", "reconstruct", act=4, calib="mse"), r("ternary"), r("ternary", "exact"),
+            r("int8", "exact")] + pointwise
 
     if quick:
         return [r("ternary", "exact"), r("ternary"), r("ternary", "reconstruct"), r("ternary", act=4, calib="mse"),
@@ -89,7 +96,7 @@ def rows(quick: bool, core: bool = False, acceptance: bool = False) -> list[dict
     out += [r("ternary", m, 4, act=4, calib=c) for m in ("data-aware", "reconstruct") for c in ("mse", "percentile")]
     out += [r("ternary", "exact", 4, act=4, calib="mse"), r("int4", "data-aware", 4), r("int8", "exact")]
     out += [r("int8", "exact", act=4, calib=c) for c in (("mse",) if core else ("minmax", "mse", "percentile"))]
-    return out
+    return out + pointwise
 
 
 def to_config(row: dict, max_channels: int) -> QuantConfig:
@@ -97,7 +104,14 @@ def to_config(row: dict, max_channels: int) -> QuantConfig:
     size = max_channels if n == "C" else n
     return QuantConfig(weight_bits={"ternary": 2, "int4": 4, "int8": 8}[row["weights"]], group_size=size,
                        grouping=row["grouping"], method=row["method"], act_bits=row["act_bits"],
-                       act_calibration=row["act_calibration"], clamp_group_size=True)
+                       act_calibration=row["act_calibration"], clamp_group_size=True,
+                       pointwise_group_size=row.get("pointwise_group_size"))
+
+
+def n_label(row: dict) -> str:
+    """The N column: ``4``, or ``4 (1x1: 2)`` with the 1x1 convs at another N."""
+    pointwise = row.get("pointwise_group_size")
+    return f"{row['N']}" + ("" if pointwise in (None, "") else f" (1x1: {pointwise})")
 
 
 def versions() -> dict:
@@ -116,8 +130,8 @@ def versions() -> dict:
 
 def kernel_key(config: QuantConfig) -> tuple:
     """What decides the generated code of a plan (not the method or the activation calibration)."""
-    return (config.weight_bits, config.group_size, config.grouping, config.act_bits, config.code_bits,
-            tuple(config.overrides))
+    return (config.weight_bits, config.group_size, config.pointwise_group_size, config.grouping, config.act_bits,
+            config.code_bits, tuple(config.overrides), tuple(config.group_overrides))
 
 
 class LatencyMeter:
@@ -195,7 +209,7 @@ def markdown(results: list[dict], header: list[str]) -> str:
         if r.get("peer"):
             weights = f"{r['peer']} (peer)"
         per_channel = r["weights"] == "int8"
-        cells = [weights, acts, "—" if per_channel else str(r["N"]), "per channel" if per_channel else r["grouping"],
+        cells = [weights, acts, "—" if per_channel else n_label(r), "per channel" if per_channel else r["grouping"],
                  r["method"], f"{100 * r['top1']:.1f}", f"{100 * r['top5']:.1f}",
                  f"{0.0 - r['drop_top1_points']:+.1f}" if r["row"] else "—",
                  f"{100 * r['ternary_mac_share']:.1f}", f"{100 * r['multiplications_removed']:.1f}",
@@ -216,7 +230,8 @@ def short_label(r: dict) -> str:
     if r["weights"] == "mixed":
         parts.append(f"≤{r['policy_budget']:g}pt")
     elif r["weights"] != "int8":
-        parts.append(f"N{r['N']}" + ("c" if r["grouping"] == "cluster" else ""))
+        parts.append(f"N{r['N']}" + ("c" if r["grouping"] == "cluster" else "")
+                     + (f"/1x1 N{r['pointwise_group_size']}" if r.get("pointwise_group_size") not in (None, "") else ""))
     parts += [method, f"a{r['act_bits']}"]
     calib = r["act_calibration"]
     if calib and calib != ("minmax" if r["act_bits"] == 8 else "mse"):
@@ -404,13 +419,13 @@ def main(argv=None) -> int:
             peers = peer_rows(prep, x_calib, x_eval, labels, offset=offset, float_eval=float_eval,
                               threads=args.threads, seconds=args.latency_seconds, work=work)
     results = [{**common, "row": 0, "weights": "fp32", "method": "fp32", "grouping": "", "N": "", "group_size": "",
-                "act_bits": "", "act_calibration": "", "policy_budget": "", "peer": "fp32 (ORT)" if peers else "", **fp32, "drop_top1_points": 0.0,
+                "pointwise_group_size": "", "act_bits": "", "act_calibration": "", "policy_budget": "", "peer": "fp32 (ORT)" if peers else "", **fp32, "drop_top1_points": 0.0,
                 "agreement_top1": 1.0, "kl_divergence": 0.0, "ternary_mac_share": 0.0, "int4_mac_share": 0.0,
                 "multiplications_removed": 0.0, "weight_bytes": plan_summary_float(prep.model),
                 "latency_ms": peers[0]["median_ms"] if peers else "", "plan_seconds": 0.0}]
     for peer in (peers[1] if peers else []):
         results.append({**common, "row": len(results), "weights": "int8", "method": peer["method"],
-                        "grouping": "per channel", "N": "", "group_size": "", "act_bits": 8,
+                        "grouping": "per channel", "N": "", "group_size": "", "pointwise_group_size": "", "act_bits": 8,
                         "act_calibration": "minmax", "policy_budget": "", "top1": peer["top1"], "top5": peer["top5"],
                         "drop_top1_points": 100 * (fp32["top1"] - peer["top1"]),
                         "agreement_top1": peer["agreement_top1"], "kl_divergence": peer["kl_divergence"],
@@ -432,14 +447,16 @@ def main(argv=None) -> int:
                 print(f"latency of row {len(results)} not measured: {type(error).__name__}: {error}", file=sys.stderr)
         res = {**common, **{k: row[k] for k in ("weights", "method", "grouping", "N", "act_bits")},
                "row": len(results), "act_calibration": plan.config.act_calibration_method,
-               "group_size": plan.config.group_size, "policy_budget": budget, **m["quantized"],
+               "group_size": plan.config.group_size, "policy_budget": budget,
+               "pointwise_group_size": "" if plan.config.pointwise_group_size is None
+               else plan.config.pointwise_group_size, **m["quantized"],
                "drop_top1_points": 100 * (fp32["top1"] - m["quantized"]["top1"]),
                "agreement_top1": m["agreement_top1"], "kl_divergence": m["kl_divergence"],
                "ternary_mac_share": s["ternary_mac_share"], "int4_mac_share": s["int4_mac_share"],
                "multiplications_removed": s["multiplications_removed"], "weight_bytes": s["weight_bytes"],
                "latency_ms": latency, "plan_seconds": round(seconds, 1)}
         results.append(res)
-        print(f"[{res['row']}] {row['weights']} {row['method']} N={row['N']} {row['grouping']} act{row['act_bits']} "
+        print(f"[{res['row']}] {row['weights']} {row['method']} N={n_label(row)} {row['grouping']} act{row['act_bits']} "
               f"{res['act_calibration']}{' budget ' + str(budget) if budget != '' else ''}: top-1 {res['top1']:.1%} "
               f"(drop {res['drop_top1_points']:.1f}), agreement {res['agreement_top1']:.1%}, "
               f"{res['ternary_mac_share']:.0%} MACs ternary, {seconds:.0f} s"

@@ -53,6 +53,22 @@ def test_rows_cover_the_sweep():
     assert any(r["grouping"] == "cluster" for r in rows) and any(r["act_bits"] == 4 for r in rows)
 
 
+@pytest.mark.parametrize("kind", ["full", "core", "acceptance"])
+def test_rows_with_the_1x1_convs_at_n2(kind):
+    """The sweeps a report is made of carry N 4 with the 1x1 convs at N 2, 8- and 4-bit activations;
+    its config, N column and kernel key say so (a row at uniform N 4 builds other kernels)."""
+    script = _script()
+    rows = script.rows(quick=False, core=kind == "core", acceptance=kind == "acceptance")
+    pw = [r for r in rows if r.get("pointwise_group_size") == 2]
+    assert {(r["method"], r["N"], r["act_bits"]) for r in pw} == {("reconstruct", 4, 8), ("reconstruct", 4, 4)}
+    config = script.to_config(pw[0], max_channels=64)
+    assert config.group_size_of("x", pointwise=True) == 2 and config.group_size_of("x") == 4
+    assert script.n_label(pw[0]) == "4 (1x1: 2)" and script.n_label(dict(pw[0], pointwise_group_size=None)) == "4"
+    uniform = script.to_config(dict(pw[0], pointwise_group_size=None), max_channels=64)
+    assert script.kernel_key(config) != script.kernel_key(uniform)
+    assert script.short_label(dict(pw[0], policy_budget="")) == "T N4/1x1 N2 reconstruct a8"
+
+
 def test_latency_column_peers_and_pareto_plot(tmp_path):
     """--latency: every row's library is built and timed by the bench code, rows with the same
     kernels share a build, and fp32 / ORT int8 / OpenVINO int8 are measured in the same run."""
