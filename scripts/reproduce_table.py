@@ -66,8 +66,8 @@ from tvm_ternary.preprocess import PreprocessConfig, load_image_folder, preproce
 
 NS = (1, 2, 4, 8, 16, 64, "C")
 COLUMNS = ["row", "weights", "method", "grouping", "N", "group_size", "pointwise_group_size", "act_bits",
-           "act_calibration", "policy_budget", "peer", "top1", "top5", "drop_top1_points", "agreement_top1", "kl_divergence",
-           "ternary_mac_share", "int4_mac_share", "multiplications_removed", "weight_bytes",
+           "act_calibration", "policy_budget", "peer", "top1", "top5", "drop_top1_points", "agreement_top1",
+           "kl_divergence", "ternary_mac_share", "int4_mac_share", "multiplications_removed", "weight_bytes",
            "latency_ms", "plan_seconds", "n_eval", "n_calib", "model", "tvm_ternary", "tvm", "numpy",
            "onnx", "onnxruntime", "python"]
 
@@ -108,10 +108,16 @@ def to_config(row: dict, max_channels: int) -> QuantConfig:
                        pointwise_group_size=row.get("pointwise_group_size"))
 
 
+def pointwise_of(row: dict):
+    """The row's 1x1-conv N, or None (a sweep row holds None, a results row "" when unset)."""
+    pointwise = row.get("pointwise_group_size")
+    return None if pointwise in (None, "") else pointwise
+
+
 def n_label(row: dict) -> str:
     """The N column: ``4``, or ``4 (1x1: 2)`` with the 1x1 convs at another N."""
-    pointwise = row.get("pointwise_group_size")
-    return f"{row['N']}" + ("" if pointwise in (None, "") else f" (1x1: {pointwise})")
+    pointwise = pointwise_of(row)
+    return f"{row['N']}" + ("" if pointwise is None else f" (1x1: {pointwise})")
 
 
 def versions() -> dict:
@@ -230,8 +236,9 @@ def short_label(r: dict) -> str:
     if r["weights"] == "mixed":
         parts.append(f"≤{r['policy_budget']:g}pt")
     elif r["weights"] != "int8":
+        pointwise = pointwise_of(r)
         parts.append(f"N{r['N']}" + ("c" if r["grouping"] == "cluster" else "")
-                     + (f"/1x1 N{r['pointwise_group_size']}" if r.get("pointwise_group_size") not in (None, "") else ""))
+                     + ("" if pointwise is None else f"/1x1 N{pointwise}"))
     parts += [method, f"a{r['act_bits']}"]
     calib = r["act_calibration"]
     if calib and calib != ("minmax" if r["act_bits"] == 8 else "mse"):
