@@ -13,13 +13,15 @@ from tvm_ternary.quant import value_max
 from tvm_ternary.schedules.spec import ACT_DTYPES, OUT_DTYPES, RANGES, ConvSpec
 
 # mcpu that forces each ISA (all run on an AVX-512 VNNI host)
+# ("amx": the vnni512 kernels' AMX form, schedules/amx.py, on a CPU with amx-int8)
 ISA_MCPU = {"vnni512": "znver4", "avx512": "skylake-avx512", "avxvnni": "alderlake",
-            "avx2": "haswell", "plain": "generic"}
+            "avx2": "haswell", "plain": "generic", "amx": "sapphirerapids"}
 
 
 def host_runs(isa: str) -> bool:
     host = ta.host_target()
     need = {"vnni512": ("avx512bw", "avx512vnni"), "avx512": ("avx512bw",),
+            "amx": ("avx512bw", "avx512vnni", "amx-tile", "amx-int8"),
             "avxvnni": ("avx2", "avxvnni"), "avx2": ("avx2",), "plain": ()}[isa]
     return ta.target_has_features(host, *need)
 

@@ -58,3 +58,29 @@ def host_features() -> frozenset[str]:
 def missing_features(required) -> list[str]:
     """The features of ``required`` (LLVM names) this host's CPU lacks, sorted."""
     return sorted(set(required) - host_features())
+
+
+# Linux: arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) (x86-64 syscall 158)
+_SYS_ARCH_PRCTL, _ARCH_REQ_XCOMP_PERM, _XFEATURE_XTILEDATA = 158, 0x1023, 18
+
+
+@functools.lru_cache(maxsize=1)
+def request_amx() -> bool:
+    """Ask Linux for the AMX tile data state for this process; True when granted.
+
+    Linux (5.16+) hands the tile state out only on request: without it the first AMX
+    instruction of a kernel is a SIGILL.  The grant is process wide (every thread, also the
+    ones TVM's pool makes later), so once is enough; a host without AMX gets False.
+    """
+    if "amx-tile" not in host_features():
+        return False
+    import ctypes
+    import platform
+
+    if platform.machine() != "x86_64":
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.syscall(_SYS_ARCH_PRCTL, _ARCH_REQ_XCOMP_PERM, _XFEATURE_XTILEDATA) == 0
+    except (OSError, AttributeError):
+        return False

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from . import manifest
-from .cpu_features import host_features
+from .cpu_features import host_features, request_amx
 from .errors import InputDataError, LibraryError, UserError
 
 SIDECAR_FORMAT = "tvm_ternary.sidecar/1"
@@ -63,6 +63,10 @@ def read_sidecar(library: str | Path) -> dict:
     if missing:
         raise LibraryError(f"{library.name} was built for {meta.get('target', {}).get('mcpu', '?')} and needs "
                         f"CPU features this host lacks: {', '.join(missing)}; recompile with --target host")
+    if "amx-tile" in embedded["required_cpu_features"] and not request_amx():
+        raise LibraryError(f"{library.name} uses AMX tiles and Linux refused this process the tile "
+                           f"state (arch_prctl ARCH_REQ_XCOMP_PERM); recompile with --target "
+                           f"icelake-server (AVX-512 VNNI, no AMX)")
     return meta
 
 

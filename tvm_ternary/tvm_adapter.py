@@ -86,9 +86,20 @@ def host_cpu() -> str:
     return str(codegen.llvm_get_system_cpu())
 
 
+# Host features LLVM's CPU name may lack: under KVM a Sapphire Rapids Xeon reports a model
+# LLVM names ``rocketlake`` (no AMX), yet /proc/cpuinfo lists amx_tile and amx_int8.
+HOST_EXTRA_FEATURES = ("amx-tile", "amx-int8")
+
+
 def host_target() -> Target:
-    """The host CPU as a target (mcpu set, so features are known)."""
-    return make_target(host_cpu())
+    """The host CPU as a target (mcpu set, so features are known), plus the AMX features the
+    host reports and its LLVM CPU name lacks (:data:`HOST_EXTRA_FEATURES`)."""
+    from .cpu_features import host_features
+
+    t = make_target(host_cpu())
+    if not set(HOST_EXTRA_FEATURES) <= host_features() or target_has_features(t, *HOST_EXTRA_FEATURES):
+        return t
+    return Target({"kind": "llvm", "mcpu": host_cpu(), "mattr": [f"+{f}" for f in HOST_EXTRA_FEATURES]})
 
 
 def as_target(target) -> Target:
@@ -173,8 +184,13 @@ def const(value, dtype: str):
 
 
 def build(func, *, target, name: str = "main"):
-    """Compile one PrimFunc for ``target``; returns a callable runtime module."""
+    """Compile one PrimFunc for ``target``; returns a callable runtime module (run in this
+    process: an AMX target gets the tile state requested, ``cpu_features.request_amx``)."""
     t = as_target(target)
+    if target_has_features(t, "amx-tile"):
+        from .cpu_features import request_amx
+
+        request_amx()
     func = func.with_attr("global_symbol", name)
     return tvm.compile(tvm.IRModule({name: func}), target=t)
 

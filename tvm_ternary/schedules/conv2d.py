@@ -23,6 +23,7 @@ Example::
 from __future__ import annotations
 
 from .. import tvm_adapter as ta
+from .amx import amx_blocks, amx_form, amx_rows, schedule_amx
 from .compute import (ConvParts, conv_compute, depthwise_compute, depthwise_pairs_compute,
                       depthwise_pairs_form, depthwise_vnni_compute, depthwise_vnni_form)
 from .compute_ternary import ternary_conv_compute
@@ -55,7 +56,8 @@ def conv2d_kernel(spec: ConvSpec, *, target=None, schedule=True, isa: str | None
 
     ``schedule=False`` or ``"reference"``: the unscheduled ``plain`` compute, correct on any
     target (slow; the reference kernel a user can switch on).  ``isa`` overrides the choice made
-    from the target's features; ``tiling`` overrides :func:`default_tiling`.  The returned
+    from the target's features; ``tiling`` overrides :func:`default_tiling` (and the AMX form:
+    a vnni512 target with ``amx-int8`` gets ``amx.schedule_amx`` where ``amx.amx_form`` says).  The returned
     function has attribute ``tvm_ternary.isa``: pass it to ``kernel_arg_names``.
     """
     if not isinstance(spec, ConvSpec):
@@ -78,6 +80,12 @@ def conv2d_kernel(spec: ConvSpec, *, target=None, schedule=True, isa: str | None
         sch = ta.schedule_of(ta.create_prim_func(parts.args))
         _schedule_depthwise(sch, parts)
         return _tag(ta.scheduled_func(sch), "plain")
+    if tiling is None and amx_form(spec, isa, target):
+        parts = conv_compute(spec, isa=isa)
+        sch = ta.schedule_of(ta.create_prim_func(parts.args))
+        schedule_amx(sch, parts, spec, rows=amx_rows(spec.out_width),
+                     nk=amx_blocks(spec.out_channels))
+        return _tag(ta.scheduled_func(sch), isa)  # the vnni512 kernel's arguments
     tiling = tiling or default_kernel_tiling(spec, isa=isa, target=target)
     kb_n = -(-spec.out_channels // _lanes(isa))
     if kb_n % tiling.oc_tiles:

@@ -1,0 +1,263 @@
+"""Intel AMX (``amx-int8``) form of the VNNI conv kernel: ``tdpbusd`` on 16 x 64 byte tiles.
+
+Same compute, arguments and layouts as ``vnni512`` (u8 activations, +128 compensation for s8,
+decoded int32 weight words ``[kb, r, s, cb, 16]``: 16 consecutive words of one output block are
+one row of an AMX B tile, so 16 input-channel steps are one 1 KB tile), a different schedule:
+the block of one call is ``rows`` output pixels x 16 output channels x 64 input channels::
+
+    C[rows, 16] int32 += A[rows, 64] u8 . B[16 steps, 16 lanes] (int32 words of 4 s8)
+
+``update`` loads the accumulator tile from the register tile's memory, A from the (padded)
+input, B from the decoded weights, runs one ``tdpbusd`` and stores the accumulator back;
+``init`` loads the tile configuration (it is per thread: every parallel task must load it)
+and stores a zeroed accumulator.  Tile numbers are immediates (``T.int8``): 0 = C, 1 = A, 2 = B.
+
+When (``amx_form``): a ``vnni512`` target that also has ``amx-tile`` and ``amx-int8``, a dense
+(groups = 1) conv, stride 1, input channels a multiple of 64, output channels a multiple of 16
+and 4/8-bit or ternary weights decoded to int8 words.  Linux hands out the tile state only on
+request: ``cpu_features.request_amx`` (called before any library runs), else SIGILL.
+
+Example::
+
+    >>> from tvm_ternary.schedules.amx import amx_blocks, amx_rows
+    >>> amx_rows(56), amx_rows(13), amx_rows(7), amx_blocks(1008), amx_blocks(256)
+    (14, 13, 7, 3, 2)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from tvm.s_tir import TensorIntrin
+from tvm.script import tirx as T
+from tvm.script.ir_builder import IRBuilder
+from tvm.tirx.script.builder import ir as TB
+
+from .. import tvm_adapter as ta
+from .spec import ConvSpec
+
+DEPTH = 64  # input channels (bytes) per tile row
+LANES = 16  # output channels per tile (int32 columns)
+STEPS = DEPTH // 4  # int32 weight words per tile column = B tile rows
+AMX_FEATURES = ("amx-tile", "amx-int8")
+
+
+def amx_rows(out_width: int) -> int:
+    """Output pixels per tile: the largest divisor of the output width up to 16 (a tile never
+    crosses an output row, whose pixels are contiguous in the input)."""
+    return max(d for d in range(1, min(16, out_width) + 1) if out_width % d == 0)
+
+
+def amx_blocks(out_channels: int) -> int:
+    """Output blocks of 16 per call: 3 or 2 accumulator tiles where they divide the blocks (the
+    A tile is loaded once for all of them), else 1.  Tiles: nk C + 1 A + nk B <= 8."""
+    kb = out_channels // LANES
+    return next(n for n in (3, 2, 1) if kb % n == 0)
+
+
+def amx_form(spec: ConvSpec, isa: str, target) -> bool:
+    """True when ``spec`` gets the AMX schedule on ``target`` (module docstring)."""
+    if isa != "vnni512" or not ta.target_has_features(target, *AMX_FEATURES):
+        return False
+    return (not spec.depthwise and not spec.dense and spec.groups == 1 and spec.stride == (1, 1)
+            and spec.dilation == (1, 1) and spec.in_channels % DEPTH == 0
+            and spec.out_channels % LANES == 0 and spec.out_width >= 4)
+
+
+@dataclass(frozen=True)
+class AmxBlock:
+    """One call: ``rows`` pixels x ``nk`` output blocks of 16, the whole reduction of a layer
+    (``r_`` x ``s_`` taps x ``cbn`` tiles of 64 input channels) accumulated in tile registers."""
+
+    rows: int
+    nk: int
+    r_: int
+    s_: int
+    cbn: int
+    padded: bool  # A is the padded stage [n, h, w, g, c] (else the input [n, h, w, c])
+    blocked: bool  # B is the blocked words [kb, cb, r, s, ki] (else decoded [kb, r, s, cb, ki])
+
+    @property
+    def name(self) -> str:
+        flags = ("p" if self.padded else "x") + ("b" if self.blocked else "d")
+        return f"tvm_ternary_amx_{self.rows}x{self.nk}_{self.r_}x{self.s_}x{self.cbn}_{flags}"
+
+
+def _buffers(blk: AmxBlock, a, b, c):
+    """The three operand buffers of an :class:`AmxBlock`, strides free (match_buffer)."""
+    from tvm import tirx
+
+    rows, nk, r_, s_, steps = blk.rows, blk.nk, blk.r_, blk.s_, blk.cbn * STEPS
+    span = rows + s_ - 1
+    a_shape = (r_, span, 1, blk.cbn * DEPTH) if blk.padded else (r_, span, blk.cbn * DEPTH)
+    b_shape = (nk, steps, r_, s_, LANES) if blk.blocked else (nk, r_, s_, steps, LANES)
+
+    def strided(shape):
+        return [tirx.Var(f"st{i}", "int64") for i in range(len(shape) - 1)] + [1]
+
+    return ((a, a_shape, "uint8", strided(a_shape)), (b, b_shape, "int32", strided(b_shape)),
+            (c, (rows, nk, LANES), "int32", strided((rows, nk, LANES))))
+
+
+def _desc(blk: AmxBlock):
+    rows, nk, r_, s_, cbn = blk.rows, blk.nk, blk.r_, blk.s_, blk.cbn
+    (_, a_shape, _, a_st), (_, b_shape, _, b_st), (_, c_shape, _, c_st) = _buffers(blk, 0, 0, 0)
+    a_all, b_all = (tuple(slice(0, e) for e in shape) for shape in (a_shape, b_shape))
+    # Loops and iterators in the conv block's order (ow, kb, ki, r, s, cb, cl); blockize leaves
+    # the iterators of unit loops (nk = 1, a 1x1 kernel) out of the block tensorize compares.
+    names = ("ow", "kb", "ki", "r", "s", "cb", "cl")
+    extents = dict(zip(names, (rows, nk, LANES, r_, s_, cbn * STEPS, 4)))
+    live = [n for n in names if extents[n] > 1]
+    kinds = "".join("S" if n in ("ow", "kb", "ki") else "R" for n in live)
+    grid = [T.int64(extents[n]) for n in names]  # the loops keep their unit extents
+
+    def at(v):
+        """Every iterator by name (0 for those left out)."""
+        d = {n: T.int64(0) for n in names}
+        d.update(zip(live, v))
+        return d
+
+    def a_idx(v):
+        i = at(v)
+        pix, c = i["r"], i["ow"] + i["s"]
+        ch = i["cb"] * T.int64(4) + i["cl"]
+        return (pix, c, T.int64(0), ch) if blk.padded else (pix, c, ch)
+
+    def b_idx(v):
+        i = at(v)
+        if blk.blocked:
+            return (i["kb"], i["cb"], i["r"], i["s"], i["ki"])
+        return (i["kb"], i["r"], i["s"], i["cb"], i["ki"])
+
+    def c_idx(v):
+        i = at(v)
+        return (i["ow"], i["kb"], i["ki"])
+
+    def shift(v):
+        return at(v)["cl"] * T.int64(8)
+
+    # Built with TVMScript's IR builder, not parsed: the number of iterators varies.  The
+    # weight byte is the same sign-extending shift as the VNNI block's.
+    with IRBuilder() as ib:
+        with TB.prim_func(s_tir=True):
+            TB.func_name("desc")
+            a, b, c = (TB.arg(n, TB.handle()) for n in "abc")
+            A = TB.match_buffer(a, a_shape, "uint8", strides=a_st, offset_factor=1)
+            B = TB.match_buffer(b, b_shape, "int32", strides=b_st, offset_factor=1)
+            C = TB.match_buffer(c, c_shape, "int32", strides=c_st, offset_factor=1)
+            with TB.sblock("root"):
+                TB.reads(C[0:rows, 0:nk, 0:LANES], A[a_all], B[b_all])
+                TB.writes(C[0:rows, 0:nk, 0:LANES])
+                with TB.grid(*grid) as loops:
+                    with TB.sblock("update"):
+                        loops = [lv for n, lv in zip(names, loops) if extents[n] > 1]
+                        v = TB.axis.remap(kinds, loops)
+                        v = list(v) if len(live) > 1 else [v]  # (one var comes back bare)
+                        w = TB.Cast("int8", TB.Cast("int64", B[b_idx(v)]) >> shift(v))
+                        TB.buffer_store(C, C[c_idx(v)] + TB.Cast("int32", A[a_idx(v)])
+                                        * TB.Cast("int32", w), list(c_idx(v)))
+    desc = ib.get()
+    return desc
+
+
+def _impl(blk: AmxBlock):
+    rows, nk, r_, s_, cbn = blk.rows, blk.nk, blk.r_, blk.s_, blk.cbn
+    (_, a_shape, _, a_st), (_, b_shape, _, b_st), (_, c_shape, _, c_st) = _buffers(blk, 0, 0, 0)
+    padded, blocked = blk.padded, blk.blocked
+    a_all, b_all = (tuple(slice(0, e) for e in shape) for shape in (a_shape, b_shape))
+    a_row = a_st[1]  # elements (bytes) between two pixels of A
+    b_row = b_st[1] if blocked else b_st[3]  # elements (words) between two 16-word steps of B
+    c_row = c_st[0]
+
+    # Tiles: 0..nk-1 accumulate C (rows x 16 int32), 4 holds A (rows x 64 u8), 5..5+nk-1 hold
+    # B (16 steps x 16 words).  The configuration is per thread and loaded by every call (a
+    # parallel task may run on any thread); the accumulators stay in tiles for the whole
+    # reduction and touch memory once.
+    @T.prim_func(s_tir=True)
+    def impl(a: T.handle, b: T.handle, c: T.handle) -> None:
+        A = T.match_buffer(a, a_shape, "uint8", strides=a_st, offset_factor=1)
+        B = T.match_buffer(b, b_shape, "int32", strides=b_st, offset_factor=1)
+        C = T.match_buffer(c, c_shape, "int32", strides=c_st, offset_factor=1)
+        with T.sblock("root"):
+            T.reads(C[0:rows, 0:nk, 0:LANES], A[a_all], B[b_all])
+            T.writes(C[0:rows, 0:nk, 0:LANES])
+            # palette 1 (byte 0); bytes per row of tile t at 16 + 2t, its rows at 48 + t
+            cfg = T.alloc_buffer((64,), "uint8", scope="local")
+            for i in T.unroll(64):
+                cfg[i] = T.Select(i == 0, T.uint8(1), T.Select(
+                    (i >= 16) and (i < 32) and (i % 2 == 0) and ((i - 16) // 2 < 5 + nk)
+                    and ((i - 16) // 2 < nk or (i - 16) // 2 >= 4), T.uint8(DEPTH), T.Select(
+                        (i >= 48) and (i < 48 + nk), T.uint8(rows), T.Select(
+                            i == 52, T.uint8(rows), T.Select(
+                                (i >= 53) and (i < 53 + nk), T.uint8(STEPS), T.uint8(0))))))
+            T.evaluate(T.call_llvm_intrin("void", "llvm.x86.ldtilecfg", T.address_of(cfg[0])))
+            for j in T.unroll(nk):
+                T.evaluate(T.call_llvm_intrin("void", "llvm.x86.tileloadd64", T.Cast("int8", j),
+                                              T.address_of(C[0, j, 0]), c_row * T.int64(4)))
+            for r, s, cb in T.grid(T.int64(r_), T.int64(s_), T.int64(cbn)):
+                T.evaluate(T.call_llvm_intrin(
+                    "void", "llvm.x86.tileloadd64", T.int8(4),
+                    T.address_of(A[r, s, 0, cb * T.int64(DEPTH)] if padded
+                                 else A[r, s, cb * T.int64(DEPTH)]), a_row))
+                for j in T.unroll(nk):
+                    T.evaluate(T.call_llvm_intrin(
+                        "void", "llvm.x86.tileloadd64", T.Cast("int8", j + 5),
+                        T.address_of(B[j, cb * T.int64(STEPS), r, s, 0] if blocked
+                                     else B[j, r, s, cb * T.int64(STEPS), 0]),
+                        b_row * T.int64(4)))
+                    T.evaluate(T.call_llvm_intrin("void", "llvm.x86.tdpbusd", T.Cast("int8", j),
+                                                  T.int8(4), T.Cast("int8", j + 5)))
+            for j in T.unroll(nk):
+                T.evaluate(T.call_llvm_intrin("void", "llvm.x86.tilestored64", T.Cast("int8", j),
+                                              T.address_of(C[0, j, 0]), c_row * T.int64(4)))
+
+    return impl
+
+
+_REGISTERED: set = set()
+
+
+def intrin_name(blk: AmxBlock) -> str:
+    """The tensor intrinsic of ``blk`` (registered on first call)."""
+    if blk not in _REGISTERED:
+        TensorIntrin.register(blk.name, _desc(blk), _impl(blk), override=True)
+        _REGISTERED.add(blk)
+    return blk.name
+
+
+def schedule_amx(sch, parts, spec: ConvSpec, *, rows: int, nk: int) -> None:
+    """The AMX schedule of the ``conv_compute(spec, isa="vnni512")`` workload::
+
+        parallel for (kb tile of nk blocks, n):  decode the tile's weights (int32 words)
+          for oh, owo (rows pixels):
+            acc[rows, nk, 16] = 0
+            amx block: acc += the whole reduction (r, s, 64-channel tiles), in tile registers
+            epilogue(acc) -> y
+    """
+    conv = sch.get_sblock("conv")
+    n, oh, ow, kb, ki, r, s, cb, cl = sch.get_loops(conv)
+    owo, owi = sch.split(ow, [None, rows])
+    kbo, kbi = sch.split(kb, [None, nk])
+    sch.reorder(kbo, n, oh, owo, owi, kbi, ki, r, s, cb, cl)
+    epi = sch.get_sblock("y")
+    sch.reverse_compute_at(epi, owo, preserve_unit_loops=True)
+    par = sch.fuse(kbo, n)
+    sch.parallel(par)
+    if parts.decoded:
+        stage = sch.get_sblock("decode")
+        sch.compute_at(stage, par, preserve_unit_loops=True)
+        sch.vectorize(sch.get_loops(stage)[-1])
+    if parts.has_pad:
+        pad = sch.get_sblock("pad")
+        loops = sch.get_loops(pad)
+        sch.parallel(sch.fuse(loops[0], loops[1]))
+        sch.vectorize(sch.split(sch.get_loops(pad)[-1], [None, DEPTH])[-1])
+    ow_e, k_e = sch.get_loops(epi)[-2:]
+    ko, kin = sch.split(k_e, [None, LANES])
+    sch.reorder(ko, ow_e, kin)
+    sch.vectorize(kin)
+    init = sch.decompose_reduction(conv, owi)
+    sch.vectorize(sch.get_loops(init)[-1])
+    blk = AmxBlock(rows, nk, spec.kernel[0], spec.kernel[1], spec.in_channels // DEPTH,
+                   padded=parts.has_pad, blocked=not parts.decoded)
+    sch.tensorize(owi, intrin_name(blk))
