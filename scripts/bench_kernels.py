@@ -94,7 +94,7 @@ def model_layers(model: str, batch: int):
 
 
 def bench_ours(spec: ConvSpec, threads: int, mcpu: str | None = None) -> float:
-    target = ta.make_target(mcpu or ta.host_cpu(), num_cores=threads)
+    target = ta.make_target(mcpu, num_cores=threads) if mcpu else ta.host_target(num_cores=threads)
     func = conv2d_kernel(spec, target=target)
     isa = str(func.attrs["tvm_ternary.isa"])
     mod = ta.build(func, target=target)
@@ -281,7 +281,7 @@ def main(argv=None) -> int:
     stamp = machine_stamp(a.threads)
     peak = measure_vnni_peak(a.threads)
     stamp["vnni_peak_gmacs"] = peak
-    target = ta.make_target(mcpu or ta.host_cpu())
+    target = ta.make_target(mcpu) if mcpu else ta.host_target()
     stamp["kernel_target"] = {"mcpu": ta.target_mcpu(target), "isa": ta.choose_isa(target)}
     print(json.dumps(stamp))
     try:

@@ -113,10 +113,11 @@ def main(argv=None) -> int:
     ap.add_argument("--model", choices=sorted(MODELS), default="squeezenet")
     ap.add_argument("--json", type=Path, default=None)
     a = ap.parse_args(argv)
-    mcpus = a.target.split(",") if a.target else [ta.host_cpu()]
+    mcpus = a.target.split(",") if a.target else [None]  # None: the host (with its AMX)
     records = []
     for mcpu in mcpus:
-        target = ta.make_target(mcpu, num_cores=1)
+        target = ta.make_target(mcpu, num_cores=1) if mcpu else ta.host_target(num_cores=1)
+        mcpu = mcpu or ta.host_cpu()
         for name, spec in MODELS[a.model].items():
             rec = {"target": mcpu, "layer": name, **bench_layer(spec, target)}
             records.append(rec)

@@ -206,7 +206,7 @@ def main(argv=None) -> int:
 
     t0 = time.perf_counter()
     cm = compile_model(model, config=config, calib_images=images, input_shapes=shapes,
-                       target=ta.make_target(ta.host_cpu(), num_cores=max(threads)))
+                       target=ta.host_target(num_cores=max(threads)))
     compile_s = time.perf_counter() - t0
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"compiled in {compile_s:.1f} s ({', '.join(f'{k} {v:.1f} s' for k, v in cm.seconds.items())}); "

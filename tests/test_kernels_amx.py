@@ -15,18 +15,20 @@ AMX_HOST = kh.host_runs("amx")
 
 # (in, hw, out, kernel, padding, extra ConvSpec fields): 1x1 reading the input itself, padded
 # 3x3 (the pad stage), s8 input (+128 shift and compensation), 1 / 2 / 3 accumulator tiles
-# (16 / 32 / 48 outputs), 4- and 8-bit weights (8-bit 1x1 with one code per output: no decode,
+# (16 / 32 / 48 outputs; 40 and 1000: the last block padded), 4- and 8-bit weights (8-bit 1x1 with one code per output: no decode,
 # the blocked words are B), u4 input, a fused residual, float output, batch 2, cluster codes
 CASES = [
-    (64, 14, 32, 1, 0, {}),
+    (128, 14, 32, 1, 0, {}),
+    (512, 13, 1000, 1, 0, {"weight_bits": 8, "group_size": 512, "out": "f32", "relu": False}),
+    (128, 7, 40, 1, 0, {}),
     (128, 14, 64, 3, 1, {}),
     (64, 7, 48, 3, 1, {"act": "s8"}),
-    (64, 13, 16, 1, 0, {"out": "s8", "relu": False}),
+    (128, 13, 16, 1, 0, {"out": "s8", "relu": False}),
     (128, 8, 48, 1, 0, {"weight_bits": 4, "group_size": 8}),
     (128, 6, 32, 1, 0, {"weight_bits": 8, "group_size": 128, "out": "f32", "relu": False}),
     (64, 10, 32, 3, 1, {"weight_bits": 8, "group_size": 16}),
     (64, 12, 32, 3, 1, {"act": "u4", "out": "u4"}),
-    (64, 9, 32, 1, 0, {"residual": "u8", "relu": True}),
+    (192, 9, 32, 1, 0, {"residual": "u8", "relu": True}),
     (192, 5, 96, 3, 1, {"group_size": 8, "grouping": "cluster"}),
     (64, 6, 32, 3, 1, {"batch": 2, "x_zero_point": 3}),
 ]
@@ -54,7 +56,7 @@ def test_amx_kernel_bit_exact_or_tile_instructions(case):
 @pytest.mark.parametrize("change, reason", [
     ({"stride": 2}, "stride"), ({"in_channels": 96}, "channels not a multiple of 64"),
     ({"groups": 2, "out_channels": 64}, "grouped"), ({"dilation": 2}, "dilation"),
-    ({"out_channels": 40}, "outputs not a multiple of 16"),
+    ({"kernel": 1, "padding": 0, "in_channels": 64}, "one tile product per call"),
 ])
 def test_amx_form_only_where_the_tiles_fit(change, reason):
     base = {"batch": 1, "in_channels": 128, "height": 14, "width": 14, "out_channels": 64,
@@ -65,7 +67,7 @@ def test_amx_form_only_where_the_tiles_fit(change, reason):
 
 
 def test_amx_form_needs_amx_on_the_target():
-    spec = _spec(64, 14, 32, 1, 0, {})
+    spec = _spec(128, 14, 32, 1, 0, {})
     assert not amx_form(spec, "vnni512", ta.make_target("icelake-server"))
     assert not amx_form(spec, "avx512", ta.make_target("sapphirerapids"))
 
@@ -75,6 +77,6 @@ def test_amx_rows_divide_the_row(width, rows):
     assert amx_rows(width) == rows and width % rows == 0
 
 
-@pytest.mark.parametrize("k, nk", [(16, 1), (32, 2), (48, 3), (64, 2), (1008, 3), (80, 1)])
+@pytest.mark.parametrize("k, nk", [(16, 1), (32, 2), (48, 3), (64, 2), (1000, 3), (80, 1), (40, 3)])
 def test_amx_blocks_fit_the_eight_tiles(k, nk):
     assert amx_blocks(k) == nk and 2 * nk + 1 <= 8

@@ -91,15 +91,25 @@ def host_cpu() -> str:
 HOST_EXTRA_FEATURES = ("amx-tile", "amx-int8")
 
 
-def host_target() -> Target:
+def host_target(*, num_cores: int | None = None) -> Target:
     """The host CPU as a target (mcpu set, so features are known), plus the AMX features the
     host reports and its LLVM CPU name lacks (:data:`HOST_EXTRA_FEATURES`)."""
     from .cpu_features import host_features
 
-    t = make_target(host_cpu())
+    t = make_target(host_cpu(), num_cores=num_cores)
     if not set(HOST_EXTRA_FEATURES) <= host_features() or target_has_features(t, *HOST_EXTRA_FEATURES):
         return t
-    return Target({"kind": "llvm", "mcpu": host_cpu(), "mattr": [f"+{f}" for f in HOST_EXTRA_FEATURES]})
+    return Target({**{k: v for k, v in t.export().items() if k in ("kind", "mcpu", "num-cores")},
+                   "mattr": [f"+{f}" for f in HOST_EXTRA_FEATURES]})
+
+
+def request_tiles_for(target) -> None:
+    """Modules built for ``target`` run in this process: ask for the AMX tile state if it has
+    AMX (``cpu_features.request_amx``; without it the first tile instruction is a SIGILL)."""
+    if target_has_features(target, "amx-tile"):
+        from .cpu_features import request_amx
+
+        request_amx()
 
 
 def as_target(target) -> Target:
@@ -187,10 +197,7 @@ def build(func, *, target, name: str = "main"):
     """Compile one PrimFunc for ``target``; returns a callable runtime module (run in this
     process: an AMX target gets the tile state requested, ``cpu_features.request_amx``)."""
     t = as_target(target)
-    if target_has_features(t, "amx-tile"):
-        from .cpu_features import request_amx
-
-        request_amx()
+    request_tiles_for(t)
     func = func.with_attr("global_symbol", name)
     return tvm.compile(tvm.IRModule({name: func}), target=t)
 
@@ -382,6 +389,7 @@ def build_relax(mod, *, target):
     from tvm import relax
 
     t = as_target(target)
+    request_tiles_for(t)
     with t:
         mod = relax.get_pipeline("zero")(mod)
     return tvm.compile(mod, target=t)

@@ -13,8 +13,9 @@ input, B from the decoded weights, runs one ``tdpbusd`` and stores the accumulat
 and stores a zeroed accumulator.  Tile numbers are immediates (``T.int8``): 0 = C, 1 = A, 2 = B.
 
 When (``amx_form``): a ``vnni512`` target that also has ``amx-tile`` and ``amx-int8``, a dense
-(groups = 1) conv, stride 1, input channels a multiple of 64, output channels a multiple of 16
-and 4/8-bit or ternary weights decoded to int8 words.  Linux hands out the tile state only on
+(groups = 1) conv, stride 1, input channels a multiple of 64 and at least ``MIN_STEPS`` tile
+products per call (any output channel count: the accumulator and the decoded weights are padded
+to whole blocks of 16 as for VNNI; ternary, 4- or 8-bit weights).  Linux hands out the tile state only on
 request: ``cpu_features.request_amx`` (called before any library runs), else SIGILL.
 
 Example::
@@ -40,6 +41,10 @@ DEPTH = 64  # input channels (bytes) per tile row
 LANES = 16  # output channels per tile (int32 columns)
 STEPS = DEPTH // 4  # int32 weight words per tile column = B tile rows
 AMX_FEATURES = ("amx-tile", "amx-int8")
+# Fewest tdpbusd per accumulator tile and call (taps x 64-channel steps) for the AMX form: with
+# one, the tile configuration and the accumulator's load and store outweigh it (Xeon, 1 thread:
+# ResNet-50's 1x1 64->256 @56 0.206 ms VNNI, 0.284 ms AMX; 256->64 @56, 4 steps: 0.157 -> 0.102).
+MIN_STEPS = 2
 
 
 def amx_rows(out_width: int) -> int:
@@ -51,7 +56,7 @@ def amx_rows(out_width: int) -> int:
 def amx_blocks(out_channels: int) -> int:
     """Output blocks of 16 per call: 3 or 2 accumulator tiles where they divide the blocks (the
     A tile is loaded once for all of them), else 1.  Tiles: nk C + 1 A + nk B <= 8."""
-    kb = out_channels // LANES
+    kb = -(-out_channels // LANES)
     return next(n for n in (3, 2, 1) if kb % n == 0)
 
 
@@ -59,9 +64,10 @@ def amx_form(spec: ConvSpec, isa: str, target) -> bool:
     """True when ``spec`` gets the AMX schedule on ``target`` (module docstring)."""
     if isa != "vnni512" or not ta.target_has_features(target, *AMX_FEATURES):
         return False
+    (r_, s_), steps = spec.kernel, spec.in_channels // DEPTH
     return (not spec.depthwise and not spec.dense and spec.groups == 1 and spec.stride == (1, 1)
             and spec.dilation == (1, 1) and spec.in_channels % DEPTH == 0
-            and spec.out_channels % LANES == 0 and spec.out_width >= 4)
+            and r_ * s_ * steps >= MIN_STEPS and spec.out_width >= 4)
 
 
 @dataclass(frozen=True)
