@@ -16,7 +16,8 @@ AMX_HOST = kh.host_runs("amx")
 # (in, hw, out, kernel, padding, extra ConvSpec fields): 1x1 reading the input itself, padded
 # 3x3 (the pad stage), s8 input (+128 shift and compensation), 1 / 2 / 3 accumulator tiles
 # (16 / 32 / 48 outputs; 40 and 1000: the last block padded), 4- and 8-bit weights (8-bit 1x1 with one code per output: no decode,
-# the blocked words are B), u4 input, a fused residual, float output, batch 2, cluster codes
+# the blocked words are B), u4 input, a fused residual, float output, batch 2, cluster codes,
+# strides 2 (also only along W)
 CASES = [
     (128, 14, 32, 1, 0, {}),
     (512, 13, 1000, 1, 0, {"weight_bits": 8, "group_size": 512, "out": "f32", "relu": False}),
@@ -31,6 +32,9 @@ CASES = [
     (192, 9, 32, 1, 0, {"residual": "u8", "relu": True}),
     (192, 5, 96, 3, 1, {"group_size": 8, "grouping": "cluster"}),
     (64, 6, 32, 3, 1, {"batch": 2, "x_zero_point": 3}),
+    (128, 14, 32, 3, 1, {"stride": 2}),
+    (128, 13, 48, 1, 0, {"stride": 2, "act": "s8"}),
+    (64, 15, 32, 3, 0, {"stride": (1, 2)}),
 ]
 
 
@@ -54,7 +58,7 @@ def test_amx_kernel_bit_exact_or_tile_instructions(case):
 
 
 @pytest.mark.parametrize("change, reason", [
-    ({"stride": 2}, "stride"), ({"in_channels": 96}, "channels not a multiple of 64"),
+({"in_channels": 96}, "channels not a multiple of 64"),
     ({"groups": 2, "out_channels": 64}, "grouped"), ({"dilation": 2}, "dilation"),
     ({"kernel": 1, "padding": 0, "in_channels": 64}, "one tile product per call"),
 ])

@@ -13,7 +13,7 @@ input, B from the decoded weights, runs one ``tdpbusd`` and stores the accumulat
 and stores a zeroed accumulator.  Tile numbers are immediates (``T.int8``): 0 = C, 1 = A, 2 = B.
 
 When (``amx_form``): a ``vnni512`` target that also has ``amx-tile`` and ``amx-int8``, a dense
-(groups = 1) conv, stride 1, input channels a multiple of 64 and at least ``MIN_STEPS`` tile
+(groups = 1) conv, any stride (the A tile's row stride), input channels a multiple of 64 and at least ``MIN_STEPS`` tile
 products per call (any output channel count: the accumulator and the decoded weights are padded
 to whole blocks of 16 as for VNNI; ternary, 4- or 8-bit weights).  Linux hands out the tile state only on
 request: ``cpu_features.request_amx`` (called before any library runs), else SIGILL.
@@ -65,7 +65,7 @@ def amx_form(spec: ConvSpec, isa: str, target) -> bool:
     if isa != "vnni512" or not ta.target_has_features(target, *AMX_FEATURES):
         return False
     (r_, s_), steps = spec.kernel, spec.in_channels // DEPTH
-    return (not spec.depthwise and not spec.dense and spec.groups == 1 and spec.stride == (1, 1)
+    return (not spec.depthwise and not spec.dense and spec.groups == 1
             and spec.dilation == (1, 1) and spec.in_channels % DEPTH == 0
             and r_ * s_ * steps >= MIN_STEPS and spec.out_width >= 4)
 
@@ -82,11 +82,13 @@ class AmxBlock:
     cbn: int
     padded: bool  # A is the padded stage [n, h, w, g, c] (else the input [n, h, w, c])
     blocked: bool  # B is the blocked words [kb, cb, r, s, ki] (else decoded [kb, r, s, cb, ki])
+    stride: int = 1  # along W: the A tile's rows are pixels `stride` input pixels apart
 
     @property
     def name(self) -> str:
         flags = ("p" if self.padded else "x") + ("b" if self.blocked else "d")
-        return f"tvm_ternary_amx_{self.rows}x{self.nk}_{self.r_}x{self.s_}x{self.cbn}_{flags}"
+        return (f"tvm_ternary_amx_{self.rows}x{self.nk}_{self.r_}x{self.s_}x{self.cbn}"
+                f"_s{self.stride}_{flags}")
 
 
 def _buffers(blk: AmxBlock, a, b, c):
@@ -94,7 +96,7 @@ def _buffers(blk: AmxBlock, a, b, c):
     from tvm import tirx
 
     rows, nk, r_, s_, steps = blk.rows, blk.nk, blk.r_, blk.s_, blk.cbn * STEPS
-    span = rows + s_ - 1
+    span = (rows - 1) * blk.stride + s_
     a_shape = (r_, span, 1, blk.cbn * DEPTH) if blk.padded else (r_, span, blk.cbn * DEPTH)
     b_shape = (nk, steps, r_, s_, LANES) if blk.blocked else (nk, r_, s_, steps, LANES)
 
@@ -125,7 +127,7 @@ def _desc(blk: AmxBlock):
 
     def a_idx(v):
         i = at(v)
-        pix, c = i["r"], i["ow"] + i["s"]
+        pix, c = i["r"], i["ow"] * T.int64(blk.stride) + i["s"]
         ch = i["cb"] * T.int64(4) + i["cl"]
         return (pix, c, T.int64(0), ch) if blk.padded else (pix, c, ch)
 
@@ -171,7 +173,7 @@ def _impl(blk: AmxBlock):
     (_, a_shape, _, a_st), (_, b_shape, _, b_st), (_, c_shape, _, c_st) = _buffers(blk, 0, 0, 0)
     padded, blocked = blk.padded, blk.blocked
     a_all, b_all = (tuple(slice(0, e) for e in shape) for shape in (a_shape, b_shape))
-    a_row = a_st[1]  # elements (bytes) between two pixels of A
+    a_row = a_st[1] * T.int64(blk.stride)  # bytes between two output pixels' rows of A
     b_row = b_st[1] if blocked else b_st[3]  # elements (words) between two 16-word steps of B
     c_row = c_st[0]
 
@@ -265,5 +267,5 @@ def schedule_amx(sch, parts, spec: ConvSpec, *, rows: int, nk: int) -> None:
     init = sch.decompose_reduction(conv, owi)
     sch.vectorize(sch.get_loops(init)[-1])
     blk = AmxBlock(rows, nk, spec.kernel[0], spec.kernel[1], spec.in_channels // DEPTH,
-                   padded=parts.has_pad, blocked=not parts.decoded)
+                   padded=parts.has_pad, blocked=not parts.decoded, stride=spec.stride[1])
     sch.tensorize(owi, intrin_name(blk))
