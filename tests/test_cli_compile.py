@@ -150,8 +150,9 @@ RUN_CASES = {
     "sidecar_missing": (lambda m: None, None, "sidecar missing"),
     "sidecar_mismatch": (lambda m: dict(m, library_sha256="0" * 64), None, "sidecar does not match lib.so"),
     "sidecar_garbage": (lambda m: "{not json", None, "not a readable sidecar JSON"),
-    "cpu_feature": (lambda m: dict(m, required_cpu_features=m["required_cpu_features"] + ["amx-int8"]), None,
-                    "required_cpu_features: the sidecar adds amx-int8"),  # the library's own record wins
+    # xop (AMD Bulldozer only): no library built here needs it (amx-int8 did not do: AMX hosts)
+    "cpu_feature": (lambda m: dict(m, required_cpu_features=m["required_cpu_features"] + ["xop"]), None,
+                    "required_cpu_features: the sidecar adds xop"),  # the library's own record wins
 }
 
 
@@ -189,12 +190,12 @@ def test_good_run_then_edited_features_in_a_fresh_runtime_only_process(library, 
     a library really built for a CPU this host is not: tests/test_reliability.py."""
     rc, out, _ = cli(capsys, "run", library, "--input", work / "x.npy", "--output", tmp_path / "y.npy")
     assert rc == 0 and np.load(tmp_path / "y.npy").shape == (2, 10)
-    so = _sidecar_edit(library, tmp_path, lambda m: dict(m, required_cpu_features=["avx512fp16", "amx-int8"]))
+    so = _sidecar_edit(library, tmp_path, lambda m: dict(m, required_cpu_features=["xop"]))
     env = dict(os.environ, TVM_USE_RUNTIME_LIB="1")
     proc = subprocess.run([sys.executable, "-m", "tvm_ternary", "run", str(so), "--input", str(work / "x.npy"),
                            "--output", str(tmp_path / "y2.npy")], env=env, capture_output=True, text=True)
     assert proc.returncode == 2
-    assert_clean_error(proc.returncode, proc.stderr, match="required_cpu_features: the sidecar adds amx-int8")
+    assert_clean_error(proc.returncode, proc.stderr, match="required_cpu_features: the sidecar adds xop")
     assert not (tmp_path / "y2.npy").exists()
 
 
