@@ -1,22 +1,25 @@
 """Intel AMX (``amx-int8``) form of the VNNI conv kernel: ``tdpbusd`` on 16 x 64 byte tiles.
 
-Same compute, arguments and layouts as ``vnni512`` (u8 activations, +128 compensation for s8,
-decoded int32 weight words ``[kb, r, s, cb, 16]``: 16 consecutive words of one output block are
-one row of an AMX B tile, so 16 input-channel steps are one 1 KB tile), a different schedule:
-the block of one call is ``rows`` output pixels x 16 output channels x 64 input channels::
+Same compute, arguments, layouts and epilogue as ``vnni512`` (u8 activations, +128 shift and
+bias compensation for s8; decoded int32 weight words ``[kb, r, s, cb, 16]``: the 16 words of one
+output block at one 4-channel step are one 64-byte row of an AMX B tile, so 16 steps are one
+1 KB tile), a different schedule.  One intrinsic call (:class:`AmxBlock`) computes ``rows``
+output pixels x ``nk`` blocks of 16 output channels over the layer's whole reduction::
 
-    C[rows, 16] int32 += A[rows, 64] u8 . B[16 steps, 16 lanes] (int32 words of 4 s8)
+    C[rows, nk, 16] int32 = sum over (r, s, 64-channel tile) of A[rows, 64] u8 . B[16, 16] s8x4
 
-``update`` loads the accumulator tile from the register tile's memory, A from the (padded)
-input, B from the decoded weights, runs one ``tdpbusd`` and stores the accumulator back;
-``init`` loads the tile configuration (it is per thread: every parallel task must load it)
-and stores a zeroed accumulator.  Tile numbers are immediates (``T.int8``): 0 = C, 1 = A, 2 = B.
+in tile registers: ``ldtilecfg`` (the configuration is per thread, so every call loads it),
+``tilezero`` of the nk accumulators (the conv block's init is part of the intrinsic), per
+(r, s, tile) one A load (row stride: the input's pixel stride times the conv's W stride), nk B
+loads and nk ``tdpbusd``, then nk stores into the register tile's memory, which the epilogue
+reads.  Tile numbers are immediates (``T.int8``): 0..nk-1 C, 4 A, 5..4+nk B.
 
 When (``amx_form``): a ``vnni512`` target that also has ``amx-tile`` and ``amx-int8``, a dense
-(groups = 1) conv, any stride (the A tile's row stride), input channels a multiple of 64 and at least ``MIN_STEPS`` tile
-products per call (any output channel count: the accumulator and the decoded weights are padded
-to whole blocks of 16 as for VNNI; ternary, 4- or 8-bit weights).  Linux hands out the tile state only on
-request: ``cpu_features.request_amx`` (called before any library runs), else SIGILL.
+(groups = 1) conv, no dilation, any stride, input channels a multiple of 64 and at least
+``MIN_STEPS`` tile products per call; any output channel count (the accumulator and the decoded
+weights are padded to whole blocks of 16, as for VNNI); ternary, 4- or 8-bit weights.  Linux
+hands out the tile state only on request: ``cpu_features.request_amx`` (called before any AMX
+library runs), else the first tile instruction is a SIGILL.
 
 Example::
 
@@ -154,13 +157,17 @@ def _desc(blk: AmxBlock):
             B = TB.match_buffer(b, b_shape, "int32", strides=b_st, offset_factor=1)
             C = TB.match_buffer(c, c_shape, "int32", strides=c_st, offset_factor=1)
             with TB.sblock("root"):
-                TB.reads(C[0:rows, 0:nk, 0:LANES], A[a_all], B[b_all])
+                TB.reads(A[a_all], B[b_all])  # (the block's init writes C first)
                 TB.writes(C[0:rows, 0:nk, 0:LANES])
                 with TB.grid(*grid) as loops:
                     with TB.sblock("update"):
                         loops = [lv for n, lv in zip(names, loops) if extents[n] > 1]
                         v = TB.axis.remap(kinds, loops)
                         v = list(v) if len(live) > 1 else [v]  # (one var comes back bare)
+                        TB.reads(C[c_idx(v)], A[a_idx(v)], B[b_idx(v)])
+                        TB.writes(C[c_idx(v)])
+                        with TB.init():
+                            TB.buffer_store(C, TB.int32(0), list(c_idx(v)))
                         w = TB.Cast("int8", TB.Cast("int64", B[b_idx(v)]) >> shift(v))
                         TB.buffer_store(C, C[c_idx(v)] + TB.Cast("int32", A[a_idx(v)])
                                         * TB.Cast("int32", w), list(c_idx(v)))
@@ -179,8 +186,8 @@ def _impl(blk: AmxBlock):
 
     # Tiles: 0..nk-1 accumulate C (rows x 16 int32), 4 holds A (rows x 64 u8), 5..5+nk-1 hold
     # B (16 steps x 16 words).  The configuration is per thread and loaded by every call (a
-    # parallel task may run on any thread); the accumulators stay in tiles for the whole
-    # reduction and touch memory once.
+    # parallel task may run on any thread); the accumulators start at zero in their tiles,
+    # stay there for the whole reduction and touch memory once.
     @T.prim_func(s_tir=True)
     def impl(a: T.handle, b: T.handle, c: T.handle) -> None:
         A = T.match_buffer(a, a_shape, "uint8", strides=a_st, offset_factor=1)
@@ -200,8 +207,7 @@ def _impl(blk: AmxBlock):
                                 (i >= 53) and (i < 53 + nk), T.uint8(STEPS), T.uint8(0))))))
             T.evaluate(T.call_llvm_intrin("void", "llvm.x86.ldtilecfg", T.address_of(cfg[0])))
             for j in T.unroll(nk):
-                T.evaluate(T.call_llvm_intrin("void", "llvm.x86.tileloadd64", T.Cast("int8", j),
-                                              T.address_of(C[0, j, 0]), c_row * T.int64(4)))
+                T.evaluate(T.call_llvm_intrin("void", "llvm.x86.tilezero", T.Cast("int8", j)))
             for r, s, cb in T.grid(T.int64(r_), T.int64(s_), T.int64(cbn)):
                 T.evaluate(T.call_llvm_intrin(
                     "void", "llvm.x86.tileloadd64", T.int8(4),
@@ -238,8 +244,8 @@ def schedule_amx(sch, parts, spec: ConvSpec, *, rows: int, nk: int) -> None:
 
         parallel for (kb tile of nk blocks, n):  decode the tile's weights (int32 words)
           for oh, owo (rows pixels):
-            acc[rows, nk, 16] = 0
-            amx block: acc += the whole reduction (r, s, 64-channel tiles), in tile registers
+            amx block: acc = the whole reduction (r, s, 64-channel tiles), in tile registers
+              (the conv block's init is part of the intrinsic: tilezero, no zero-filled acc)
             epilogue(acc) -> y
     """
     conv = sch.get_sblock("conv")
@@ -264,8 +270,6 @@ def schedule_amx(sch, parts, spec: ConvSpec, *, rows: int, nk: int) -> None:
     ko, kin = sch.split(k_e, [None, LANES])
     sch.reorder(ko, ow_e, kin)
     sch.vectorize(kin)
-    init = sch.decompose_reduction(conv, owi)
-    sch.vectorize(sch.get_loops(init)[-1])
     blk = AmxBlock(rows, nk, spec.kernel[0], spec.kernel[1], spec.in_channels // DEPTH,
                    padded=parts.has_pad, blocked=not parts.decoded, stride=spec.stride[1])
     sch.tensorize(owi, intrin_name(blk))
