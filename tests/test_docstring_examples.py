@@ -22,6 +22,8 @@ MODULES = [
     "tvm_ternary.peak",
     "tvm_ternary.quant.imported",
     "tvm_ternary.passes.onnx_qdq",
+    "tvm_ternary.schedules.amx",  # amx_rows / amx_blocks
+    "tvm_ternary.cpu_features",
 ]  # tvm_ternary.api's examples need model files: tests/test_api.py runs them
 
 
