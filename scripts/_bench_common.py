@@ -21,6 +21,26 @@ import numpy as np
 from tvm_ternary.benchmark import machine_stamp, profile_vm  # noqa: F401
 from tvm_ternary.peak import measure_vnni_peak  # noqa: F401
 
+
+def measure_amx_peak(threads: int) -> float | None:
+    """G MAC/s of back-to-back tdpbusd (``bench_peak.py``'s ``amx_tdpbusd`` loop, median of 3);
+    None where the host lacks AMX or the loop does not build."""
+    import statistics
+    import subprocess
+    import tempfile
+    from pathlib import Path
+
+    from bench_peak import LOOPS, host_cpuinfo_flags, measure
+
+    loop = next(lp for lp in LOOPS if lp.name == "amx_tdpbusd")
+    if not set(loop.cpuinfo) <= host_cpuinfo_flags():
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            return statistics.median(measure(loop, threads=threads, repeat=3, workdir=Path(tmp)))
+        except (OSError, subprocess.CalledProcessError, ValueError):
+            return None
+
 def exit_code_of(main, argv=None) -> int:
     """Run a script's ``main(argv)``; a :class:`~tvm_ternary.errors.UserError` (bad input: a
     group size a layer cannot take, a missing file) prints one line and gives exit code 2, as

@@ -12,7 +12,8 @@ epilogue), ``ort_fp32``, ``ort_int8`` (static QDQ u8s8 made by
 onnxruntime.quantization from a one-layer model of the same role with random calibration data) and
 ``openvino_int8`` when OpenVINO is installed (skipped with a note otherwise).  The table gives
 G MAC/s and % of this CPU's vpdpbusd peak, measured by a back-to-back vpdpbusd loop compiled
-with gcc at run time.  The JSON is a list of records (layer, runtime, threads, batch,
+with gcc at run time (for kernels of the AMX form, ``form`` "amx" in the JSON: of the tdpbusd
+peak, ``bench_peak.py``'s ``amx_tdpbusd`` loop).  The JSON is a list of records (layer, runtime, threads, batch,
 median_ms, gmacs, ...).
 """
 
@@ -35,9 +36,11 @@ from tvm_ternary import tvm_adapter as ta  # noqa: E402
 from tvm_ternary.errors import TargetError  # noqa: E402
 from tvm_ternary.schedules import ConvSpec, DenseSpec, conv2d_kernel, kernel_arg_names  # noqa: E402
 from tvm_ternary.schedules import layout, params  # noqa: E402
+from tvm_ternary.schedules.amx import AMX_FEATURES, amx_form  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _bench_common import machine_stamp, measure_vnni_peak, median_ms as _median_ms  # noqa: E402
+from _bench_common import (machine_stamp, measure_amx_peak, measure_vnni_peak,  # noqa: E402
+                           median_ms as _median_ms)
 
 # (name, C, K, kernel, stride, input H=W, count in the model, role); padding = kernel // 2.
 # The role is the layer's place in the model, hence its kernel's epilogue, as the compiler makes it:
@@ -282,6 +285,9 @@ def main(argv=None) -> int:
     peak = measure_vnni_peak(a.threads)
     stamp["vnni_peak_gmacs"] = peak
     target = ta.make_target(mcpu) if mcpu else ta.host_target()
+    # kernels of the AMX form (schedules/amx.py) are measured against the tdpbusd peak
+    amx_peak = measure_amx_peak(a.threads) if ta.target_has_features(target, *AMX_FEATURES) else None
+    stamp["amx_peak_gmacs"] = amx_peak
     stamp["kernel_target"] = {"mcpu": ta.target_mcpu(target), "isa": ta.choose_isa(target)}
     print(json.dumps(stamp))
     try:
@@ -297,7 +303,7 @@ def main(argv=None) -> int:
         if subset and name not in subset:
             continue
         dense = role == "fc"
-        runs = {}
+        runs, forms = {}, {}
         # "tvm_ternary" is the model's own kernel (precise weights for the stem and the fc, as the
         # policy keeps them); "tvm_ternary_w8" the same epilogue with 8-bit weights
         precise = role in ("stem", "fc")
@@ -305,6 +311,7 @@ def main(argv=None) -> int:
             spec = our_spec(kw, bits=bits, group_size=a.group_size, role=role, grouping=a.grouping)
             same = rt == "tvm_ternary_w8" and bits == runs["tvm_ternary"][2]
             runs[rt] = (runs["tvm_ternary"][0] if same else bench_ours(spec, a.threads, mcpu), spec.macs, bits)
+            forms[rt] = "amx" if amx_form(spec, ta.choose_isa(target), target) else ta.choose_isa(target)
         if not a.skip_ort:
             macs = runs["tvm_ternary"][1]
             runs["ort_fp32"] = (bench_ort(kw, role, a.threads, int8=False), macs, 32)
@@ -313,15 +320,18 @@ def main(argv=None) -> int:
                 runs["openvino_int8"] = (bench_openvino(kw, role, a.threads), macs, 8)
         for rt, (ms, macs, bits) in runs.items():
             gmacs = macs / ms / 1e6
+            form_peak = amx_peak if forms.get(rt) == "amx" else peak
             rec = {"layer": name, "runtime": rt, "role": role, "weight_bits": bits,
                    "threads": a.threads, "batch": a.batch,
                    "median_ms": round(ms, 4), "gmacs": round(gmacs, 1), "count": count,
-                   "macs": macs, "pct_peak": round(100 * gmacs / peak, 1) if peak else None,
+                   "macs": macs, "form": forms.get(rt),
+                   "pct_peak": round(100 * gmacs / form_peak, 1) if form_peak else None,
                    "kernel_target": stamp["kernel_target"], "grouping": a.grouping,
                    **weight_bytes(kw, dense, a.group_size), "cpu": stamp["cpu"]}
             records.append(rec)
             print(f"{name:18s} {rt:15s} {ms:8.3f} ms {gmacs:7.1f} GMAC/s "
-                  f"{rec['pct_peak'] if peak else '-':>6}% peak", flush=True)
+                  f"{rec['pct_peak'] if form_peak else '-':>6}% peak"
+                  f"{' (amx)' if forms.get(rt) == 'amx' else ''}", flush=True)
     ratios = []
     for name in dict.fromkeys(r["layer"] for r in records):
         by = {r["runtime"]: r["median_ms"] for r in records if r["layer"] == name}
