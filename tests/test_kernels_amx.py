@@ -84,3 +84,25 @@ def test_amx_rows_divide_the_row(width, rows):
 @pytest.mark.parametrize("k, nk", [(16, 1), (32, 2), (48, 3), (64, 2), (1000, 3), (80, 1), (40, 3)])
 def test_amx_blocks_fit_the_eight_tiles(k, nk):
     assert amx_blocks(k) == nk and 2 * nk + 1 <= 8
+
+
+def test_model_with_amx_kernels_is_bit_exact_and_says_so():
+    """A tiny CNN whose 64-channel 3x3 convs (one with a fused residual) take the AMX form:
+    the coverage report names the tiles, and on an AMX host the library's output equals the
+    numpy reference bit for bit (conv head: no float op after the integer region)."""
+    import numpy as np
+
+    from tiny_models import tiny_cnn, tiny_images
+    from tvm_ternary.compiler import compile_model
+    from tvm_ternary.plan import QuantConfig, simulate
+
+    target = None if AMX_HOST else ta.make_target("sapphirerapids")
+    cm = compile_model(tiny_cnn(channels=32, conv_head=True), config=QuantConfig(method="exact"),
+                       calib_images=tiny_images(8), target=target, progress=False)
+    rows = {r["layer"]: r for r in cm.coverage}
+    for layer in ("res_a", "res_b"):  # 64 -> 64 3x3 at 4 x 4
+        assert rows[layer]["kernel_format"].endswith("vnni512 + amx tiles)"), rows[layer]
+    assert "amx" not in rows["fire_e3"]["kernel_format"]  # 8 input channels: VNNI
+    if AMX_HOST:
+        x = tiny_images(4, seed=5)
+        np.testing.assert_array_equal(cm.run(x), simulate(cm.plan, x))

@@ -60,7 +60,8 @@ class CompiledModel:
             # which kernel, for a reader: its function, weight format, group size and ISA
             spec = self.rewrite.specs.get(kernel) if kernel else None
             row["kernel_format"] = None if spec is None else (
-                f"{kernel} ({row['weights']}, N={spec.group_size}, {self.rewrite.kernels[kernel]})")
+                f"{kernel} ({row['weights']}, N={spec.group_size}, {self.rewrite.kernels[kernel]}"
+                + (f" + {self.rewrite.forms[kernel]} tiles" if kernel in self.rewrite.forms else "") + ")")
         return coverage
 
     def sidecar(self, *, library_sha256: str, preprocess=None, calibration: dict | None = None) -> dict:

@@ -46,6 +46,7 @@ class RewriteReport:
     specs: dict[str, object] = field(default_factory=dict)  # kernel function -> ConvSpec / DenseSpec
     layer_kernels: dict[str, str] = field(default_factory=dict)  # layer name -> kernel function
     schedules: dict[str, str] = field(default_factory=dict)  # kernel function -> "default" / "tuned ..."
+    forms: dict[str, str] = field(default_factory=dict)  # kernel function -> "amx" (AMX tiles), if so
 
 
 class _Kernels:
@@ -56,6 +57,7 @@ class _Kernels:
         self.status: dict[str, str] = {}  # kernel function -> schedule status
         self.isa_of_func: dict[str, str] = {}
         self.spec_of_func: dict[str, object] = {}
+        self.form_of_func: dict[str, str] = {}
 
     def isa_for(self, spec) -> str:
         return "plain" if getattr(spec, "depthwise", False) else self.isa
@@ -66,16 +68,22 @@ class _Kernels:
         def make():
             if self.provider is not None:  # e.g. tuning.apply.TunedKernels: a record of the database
                 func, status["s"] = self.provider(spec, target=self.target, isa=self.isa)
-                return func
-            status["s"] = "default"
-            build = dense_kernel if isinstance(spec, DenseSpec) else conv2d_kernel
-            return build(spec, target=self.target, isa=self.isa)
+            else:
+                status["s"] = "default"
+                build = dense_kernel if isinstance(spec, DenseSpec) else conv2d_kernel
+                func = build(spec, target=self.target, isa=self.isa)
+            form = func.attrs.get("tvm_ternary.form", None) if func.attrs is not None else None
+            if form is not None:
+                status["form"] = str(form)
+            return func
 
         gv = self.funcs.function(("k", spec), make, prefix, RegionOp("kernel"))
         if status:
             self.status[gv.name_hint] = status["s"]
             self.isa_of_func[gv.name_hint] = self.isa_for(spec)
             self.spec_of_func[gv.name_hint] = spec
+            if "form" in status:
+                self.form_of_func[gv.name_hint] = status["form"]
         return gv, self.isa_for(spec)
 
 
@@ -108,4 +116,6 @@ def apply_plan(imported: ImportedModel, *, plan: QuantPlan, target, isa: str | N
         report.kernels[kernel] = make_kernel.isa_of_func[kernel]
         report.specs[kernel] = make_kernel.spec_of_func[kernel]
         report.schedules[kernel] = make_kernel.status[kernel]
+        if kernel in make_kernel.form_of_func:
+            report.forms[kernel] = make_kernel.form_of_func[kernel]
     return mod, report

@@ -85,7 +85,8 @@ def conv2d_kernel(spec: ConvSpec, *, target=None, schedule=True, isa: str | None
         sch = ta.schedule_of(ta.create_prim_func(parts.args))
         schedule_amx(sch, parts, spec, rows=amx_rows(spec.out_width),
                      nk=amx_blocks(spec.out_channels))
-        return _tag(ta.scheduled_func(sch), isa)  # the vnni512 kernel's arguments
+        # the vnni512 kernel's arguments; the form is for the coverage report ("+ amx tiles")
+        return _tag(ta.scheduled_func(sch), isa).with_attr("tvm_ternary.form", "amx")
     tiling = tiling or default_kernel_tiling(spec, isa=isa, target=target)
     kb_n = -(-spec.out_channels // _lanes(isa))
     if kb_n % tiling.oc_tiles:
