@@ -40,6 +40,8 @@ from tvm.tirx.script.builder import ir as TB
 from .. import tvm_adapter as ta
 from .spec import ConvSpec
 
+# The schedule that tensorizes with these intrinsics: conv2d._schedule_amx.
+
 DEPTH = 64  # input channels (bytes) per tile row
 LANES = 16  # output channels per tile (int32 columns)
 STEPS = DEPTH // 4  # int32 weight words per tile column = B tile rows
@@ -94,8 +96,9 @@ class AmxBlock:
                 f"_s{self.stride}_{flags}")
 
 
-def _buffers(blk: AmxBlock, a, b, c):
-    """The three operand buffers of an :class:`AmxBlock`, strides free (match_buffer)."""
+def _buffers(blk: AmxBlock):
+    """(shape, dtype, strides) of the A, B and C operands of an :class:`AmxBlock`, the strides
+    free variables for match_buffer."""
     from tvm import tirx
 
     rows, nk, r_, s_, steps = blk.rows, blk.nk, blk.r_, blk.s_, blk.cbn * STEPS
@@ -106,13 +109,13 @@ def _buffers(blk: AmxBlock, a, b, c):
     def strided(shape):
         return [tirx.Var(f"st{i}", "int64") for i in range(len(shape) - 1)] + [1]
 
-    return ((a, a_shape, "uint8", strided(a_shape)), (b, b_shape, "int32", strided(b_shape)),
-            (c, (rows, nk, LANES), "int32", strided((rows, nk, LANES))))
+    return ((a_shape, "uint8", strided(a_shape)), (b_shape, "int32", strided(b_shape)),
+            ((rows, nk, LANES), "int32", strided((rows, nk, LANES))))
 
 
 def _desc(blk: AmxBlock):
     rows, nk, r_, s_, cbn = blk.rows, blk.nk, blk.r_, blk.s_, blk.cbn
-    (_, a_shape, _, a_st), (_, b_shape, _, b_st), (_, c_shape, _, c_st) = _buffers(blk, 0, 0, 0)
+    (a_shape, _, a_st), (b_shape, _, b_st), (c_shape, _, c_st) = _buffers(blk)
     a_all, b_all = (tuple(slice(0, e) for e in shape) for shape in (a_shape, b_shape))
     # Loops and iterators in the conv block's order (ow, kb, ki, r, s, cb, cl); blockize leaves
     # the iterators of unit loops (nk = 1, a 1x1 kernel) out of the block tensorize compares.
@@ -177,7 +180,7 @@ def _desc(blk: AmxBlock):
 
 def _impl(blk: AmxBlock):
     rows, nk, r_, s_, cbn = blk.rows, blk.nk, blk.r_, blk.s_, blk.cbn
-    (_, a_shape, _, a_st), (_, b_shape, _, b_st), (_, c_shape, _, c_st) = _buffers(blk, 0, 0, 0)
+    (a_shape, _, a_st), (b_shape, _, b_st), (c_shape, _, c_st) = _buffers(blk)
     padded, blocked = blk.padded, blk.blocked
     a_all, b_all = (tuple(slice(0, e) for e in shape) for shape in (a_shape, b_shape))
     a_row = a_st[1] * T.int64(blk.stride)  # bytes between two output pixels' rows of A
@@ -237,39 +240,3 @@ def intrin_name(blk: AmxBlock) -> str:
         TensorIntrin.register(blk.name, _desc(blk), _impl(blk), override=True)
         _REGISTERED.add(blk)
     return blk.name
-
-
-def schedule_amx(sch, parts, spec: ConvSpec, *, rows: int, nk: int) -> None:
-    """The AMX schedule of the ``conv_compute(spec, isa="vnni512")`` workload::
-
-        parallel for (kb tile of nk blocks, n):  decode the tile's weights (int32 words)
-          for oh, owo (rows pixels):
-            amx block: acc = the whole reduction (r, s, 64-channel tiles), in tile registers
-              (the conv block's init is part of the intrinsic: tilezero, no zero-filled acc)
-            epilogue(acc) -> y
-    """
-    conv = sch.get_sblock("conv")
-    n, oh, ow, kb, ki, r, s, cb, cl = sch.get_loops(conv)
-    owo, owi = sch.split(ow, [None, rows])
-    kbo, kbi = sch.split(kb, [None, nk])
-    sch.reorder(kbo, n, oh, owo, owi, kbi, ki, r, s, cb, cl)
-    epi = sch.get_sblock("y")
-    sch.reverse_compute_at(epi, owo, preserve_unit_loops=True)
-    par = sch.fuse(kbo, n)
-    sch.parallel(par)
-    if parts.decoded:
-        stage = sch.get_sblock("decode")
-        sch.compute_at(stage, par, preserve_unit_loops=True)
-        sch.vectorize(sch.get_loops(stage)[-1])
-    if parts.has_pad:
-        pad = sch.get_sblock("pad")
-        loops = sch.get_loops(pad)
-        sch.parallel(sch.fuse(loops[0], loops[1]))
-        sch.vectorize(sch.split(sch.get_loops(pad)[-1], [None, DEPTH])[-1])
-    ow_e, k_e = sch.get_loops(epi)[-2:]
-    ko, kin = sch.split(k_e, [None, LANES])
-    sch.reorder(ko, ow_e, kin)
-    sch.vectorize(kin)
-    blk = AmxBlock(rows, nk, spec.kernel[0], spec.kernel[1], spec.in_channels // DEPTH,
-                   padded=parts.has_pad, blocked=not parts.decoded, stride=spec.stride[1])
-    sch.tensorize(owi, intrin_name(blk))

@@ -23,7 +23,8 @@ Example::
 from __future__ import annotations
 
 from .. import tvm_adapter as ta
-from .amx import amx_blocks, amx_form, amx_rows, schedule_amx
+from . import amx
+from .amx import AmxBlock, amx_blocks, amx_form, amx_rows
 from .compute import (ConvParts, conv_compute, depthwise_compute, depthwise_pairs_compute,
                       depthwise_pairs_form, depthwise_vnni_compute, depthwise_vnni_form)
 from .compute_ternary import ternary_conv_compute
@@ -57,7 +58,7 @@ def conv2d_kernel(spec: ConvSpec, *, target=None, schedule=True, isa: str | None
     ``schedule=False`` or ``"reference"``: the unscheduled ``plain`` compute, correct on any
     target (slow; the reference kernel a user can switch on).  ``isa`` overrides the choice made
     from the target's features; ``tiling`` overrides :func:`default_tiling` (and the AMX form:
-    a vnni512 target with ``amx-int8`` gets ``amx.schedule_amx`` where ``amx.amx_form`` says).  The returned
+    a vnni512 target with ``amx-int8`` gets :func:`_schedule_amx` where ``amx.amx_form`` says).  The returned
     function has attribute ``tvm_ternary.isa``: pass it to ``kernel_arg_names``.
     """
     if not isinstance(spec, ConvSpec):
@@ -83,8 +84,8 @@ def conv2d_kernel(spec: ConvSpec, *, target=None, schedule=True, isa: str | None
     if tiling is None and amx_form(spec, isa, target):
         parts = conv_compute(spec, isa=isa)
         sch = ta.schedule_of(ta.create_prim_func(parts.args))
-        schedule_amx(sch, parts, spec, rows=amx_rows(spec.out_width),
-                     nk=amx_blocks(spec.out_channels))
+        _schedule_amx(sch, parts, spec, rows=amx_rows(spec.out_width),
+                      nk=amx_blocks(spec.out_channels))
         # the vnni512 kernel's arguments; the form is for the coverage report ("+ amx tiles")
         return _tag(ta.scheduled_func(sch), isa).with_attr("tvm_ternary.form", "amx")
     tiling = tiling or default_kernel_tiling(spec, isa=isa, target=target)
@@ -168,6 +169,53 @@ def _vectorize_epilogue(sch, epi, lanes: int) -> None:
     _vectorize_inner(sch, epi, lanes)
 
 
+def _place_decode_and_pad(sch, parts: ConvParts, anchor, lanes: int) -> None:
+    """The weight decode per parallel task (at ``anchor``; None: once at the root, in parallel)
+    and the padded input stage (parallel over (n, h), vectorised by 64 bytes), when present."""
+    if parts.decoded:  # (the codes come in the kernel's layout: no codes_t stage)
+        stage = sch.get_sblock("decode")
+        if anchor is not None:
+            sch.compute_at(stage, anchor, preserve_unit_loops=True)
+        else:
+            sch.parallel(sch.get_loops(stage)[0])
+        _vectorize_inner(sch, stage, lanes)
+    if parts.has_pad:
+        pad = sch.get_sblock("pad")
+        loops = sch.get_loops(pad)
+        sch.parallel(sch.fuse(loops[0], loops[1]))
+        _vectorize_inner(sch, pad, 64)
+
+
+def _schedule_amx(sch, parts: ConvParts, spec: ConvSpec, *, rows: int, nk: int) -> None:
+    """The AMX form (schedules/amx.py) of the ``conv_compute(spec, isa="vnni512")`` workload::
+
+        parallel for (kb tile of nk blocks, n):  decode the tile's weights (int32 words)
+          for oh, owo (rows pixels):
+            amx block: acc = the whole reduction (r, s, 64-channel tiles), in tile registers
+              (the conv block's init is part of the intrinsic: tilezero)
+            epilogue(acc) -> y
+    """
+    conv = sch.get_sblock("conv")
+    n, oh, ow, kb, ki, r, s, cb, cl = sch.get_loops(conv)
+    owo, owi = sch.split(ow, [None, rows])
+    kbo, kbi = sch.split(kb, [None, nk])
+    sch.reorder(kbo, n, oh, owo, owi, kbi, ki, r, s, cb, cl)
+    epi = sch.get_sblock("y")
+    sch.reverse_compute_at(epi, owo, preserve_unit_loops=True)
+    par = sch.fuse(kbo, n)
+    sch.parallel(par)
+    _place_decode_and_pad(sch, parts, par, parts.block.lanes)
+    # channels in blocks of 16 outermost, as _vectorize_epilogue, but split with a guard when
+    # K is not a multiple of 16 (SqueezeNet's conv10, K = 1000: its epilogue stays vectorised)
+    ow_e, k_e = sch.get_loops(epi)[-2:]
+    ko, kin = sch.split(k_e, [None, parts.block.lanes])
+    sch.reorder(ko, ow_e, kin)
+    sch.vectorize(kin)
+    blk = AmxBlock(rows, nk, spec.kernel[0], spec.kernel[1], spec.in_channels // amx.DEPTH,
+                   padded=parts.has_pad, blocked=not parts.decoded, stride=spec.stride[1])
+    sch.tensorize(owi, amx.intrin_name(blk))
+
+
 def _schedule_tiled(sch, parts: ConvParts, *, isa: str, ow_block, oc_tiles, decode_at: str) -> None:
     blk = parts.block
     conv = sch.get_sblock("conv")
@@ -184,18 +232,7 @@ def _schedule_tiled(sch, parts: ConvParts, *, isa: str, ow_block, oc_tiles, deco
         par = sch.fuse(kbo, n, oh)
         anchor = None
     sch.parallel(par)
-    if parts.decoded:  # (the codes come in the kernel's layout: no codes_t stage)
-        stage = sch.get_sblock("decode")
-        if anchor is not None:
-            sch.compute_at(stage, anchor, preserve_unit_loops=True)
-        else:
-            sch.parallel(sch.get_loops(stage)[0])
-        _vectorize_inner(sch, stage, blk.lanes)
-    if parts.has_pad:
-        pad = sch.get_sblock("pad")
-        loops = sch.get_loops(pad)
-        sch.parallel(sch.fuse(loops[0], loops[1]))
-        _vectorize_inner(sch, pad, 64)
+    _place_decode_and_pad(sch, parts, anchor, blk.lanes)
     _vectorize_epilogue(sch, epi, blk.lanes)
     sch.unroll(owi)
     sch.unroll(kbi)
