@@ -143,8 +143,8 @@ def _ternary_words(weights, codes, lanes: int, group_size: int):
         word   = q * spread  (+)  (-q & 255) * 0x01010101
 
     with ``(+)`` a bytewise add mod 256 (SWAR: the low 7 bits added, the top bit xor-ed), since
-    ``q * t_j = q * c_j - q``. One code load and two multiplies a word instead of four each: the
-    decode is what 7x7 layers spend most of a call on."""
+    ``q * t_j = q * c_j - q``. One code load and two multiplies a word instead of four each
+    (the decode is about a sixth of a 7x7 layer's call; docs/KERNELS.md, stop 26)."""
     u32 = lambda v: ta.const(v, "uint32")  # noqa: E731
     low7, top = u32(0x7F7F7F7F), u32(0x80808080)
 
