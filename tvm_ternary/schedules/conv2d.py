@@ -186,6 +186,25 @@ def _place_decode_and_pad(sch, parts: ConvParts, anchor, lanes: int) -> None:
         _vectorize_inner(sch, pad, 64)
 
 
+def _register_tile(sch, ow_block, oc_tiles, *, reduction_inside: bool):
+    """The register tile both conv schedules start from: ``ow_block`` output pixels x
+    ``oc_tiles`` output blocks under ``(kb tile, n, oh, pixel tile)``, the epilogue computed per
+    pixel tile. ``reduction_inside``: the tile's loops outside the reduction (r, s, cb), as one
+    AMX intrinsic call takes the whole reduction; else the reduction outside the tile (the
+    vector kernels' accumulators stay in registers across it). Returns ``(conv, epilogue,
+    (kbo, n, oh, owi, kbi, ki, r, cl))``."""
+    conv = sch.get_sblock("conv")
+    n, oh, ow, kb, ki, r, s, cb, cl = sch.get_loops(conv)
+    owo, owi = sch.split(ow, [None, ow_block])
+    kbo, kbi = sch.split(kb, [None, oc_tiles])
+    tile, reduction = [owi, kbi, ki], [r, s, cb]
+    inner = tile + reduction if reduction_inside else reduction + tile
+    sch.reorder(kbo, n, oh, owo, *inner, cl)
+    epi = sch.get_sblock("y")
+    sch.reverse_compute_at(epi, owo, preserve_unit_loops=True)
+    return conv, epi, (kbo, n, oh, owi, kbi, ki, r, cl)
+
+
 def _schedule_amx(sch, parts: ConvParts, spec: ConvSpec, *, rows: int, nk: int) -> None:
     """The AMX form (schedules/amx.py) of the ``conv_compute(spec, isa="vnni512")`` workload::
 
@@ -195,13 +214,7 @@ def _schedule_amx(sch, parts: ConvParts, spec: ConvSpec, *, rows: int, nk: int) 
               (the conv block's init is part of the intrinsic: tilezero)
             epilogue(acc) -> y
     """
-    conv = sch.get_sblock("conv")
-    n, oh, ow, kb, ki, r, s, cb, cl = sch.get_loops(conv)
-    owo, owi = sch.split(ow, [None, rows])
-    kbo, kbi = sch.split(kb, [None, nk])
-    sch.reorder(kbo, n, oh, owo, owi, kbi, ki, r, s, cb, cl)
-    epi = sch.get_sblock("y")
-    sch.reverse_compute_at(epi, owo, preserve_unit_loops=True)
+    _, epi, (kbo, n, _, owi, *_) = _register_tile(sch, rows, nk, reduction_inside=True)
     par = sch.fuse(kbo, n)
     sch.parallel(par)
     _place_decode_and_pad(sch, parts, par, parts.block.lanes)
@@ -218,13 +231,7 @@ def _schedule_amx(sch, parts: ConvParts, spec: ConvSpec, *, rows: int, nk: int) 
 
 def _schedule_tiled(sch, parts: ConvParts, *, isa: str, ow_block, oc_tiles, decode_at: str) -> None:
     blk = parts.block
-    conv = sch.get_sblock("conv")
-    n, oh, ow, kb, ki, r, s, cb, cl = sch.get_loops(conv)
-    owo, owi = sch.split(ow, [None, ow_block])
-    kbo, kbi = sch.split(kb, [None, oc_tiles])
-    sch.reorder(kbo, n, oh, owo, r, s, cb, owi, kbi, ki, cl)
-    epi = sch.get_sblock("y")
-    sch.reverse_compute_at(epi, owo, preserve_unit_loops=True)
+    conv, epi, (kbo, n, oh, owi, kbi, ki, r, cl) = _register_tile(sch, ow_block, oc_tiles, reduction_inside=False)
     if decode_at == "tile":
         par = sch.fuse(kbo, n)
         anchor = par
