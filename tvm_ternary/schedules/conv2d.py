@@ -154,14 +154,17 @@ def _vectorize_inner(sch, block, width: int) -> None:
     sch.vectorize(loop)
 
 
-def _vectorize_epilogue(sch, epi, lanes: int) -> None:
+def _vectorize_epilogue(sch, epi, lanes: int, *, guarded: bool = False) -> None:
     """The epilogue of a register tile: output channels in blocks of ``lanes`` outermost, the
     tile's pixels inside, the channel lanes vectorised: the per-channel parameters (bias,
     multiplier, shift and the rounding terms made from it) are then invariant over the pixel
-    loop, and LLVM hoists them out of it instead of reloading and re-widening them per pixel."""
+    loop, and LLVM hoists them out of it instead of reloading and re-widening them per pixel.
+    Without ``guarded`` only where the channels are a multiple of ``lanes`` (else the inner
+    loop alone is vectorised); ``guarded`` splits any channel count, the last block guarded
+    (the AMX form: SqueezeNet's conv10, K = 1000, keeps a vectorised epilogue)."""
     ow, k = sch.get_loops(epi)[-2:]
     ext = sch.get(k).extent
-    if hasattr(ext, "value") and ext.value > lanes and ext.value % lanes == 0:
+    if guarded or (hasattr(ext, "value") and ext.value > lanes and ext.value % lanes == 0):
         ko, ki = sch.split(k, [None, lanes])
         sch.reorder(ko, ow, ki)
         sch.vectorize(ki)
@@ -218,12 +221,7 @@ def _schedule_amx(sch, parts: ConvParts, spec: ConvSpec, *, rows: int, nk: int) 
     par = sch.fuse(kbo, n)
     sch.parallel(par)
     _place_decode_and_pad(sch, parts, par, parts.block.lanes)
-    # channels in blocks of 16 outermost, as _vectorize_epilogue, but split with a guard when
-    # K is not a multiple of 16 (SqueezeNet's conv10, K = 1000: its epilogue stays vectorised)
-    ow_e, k_e = sch.get_loops(epi)[-2:]
-    ko, kin = sch.split(k_e, [None, parts.block.lanes])
-    sch.reorder(ko, ow_e, kin)
-    sch.vectorize(kin)
+    _vectorize_epilogue(sch, epi, parts.block.lanes, guarded=True)
     blk = AmxBlock(rows, nk, spec.kernel[0], spec.kernel[1], spec.in_channels // amx.DEPTH,
                    padded=parts.has_pad, blocked=not parts.decoded, stride=spec.stride[1])
     sch.tensorize(owi, amx.intrin_name(blk))
