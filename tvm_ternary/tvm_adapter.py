@@ -405,6 +405,14 @@ def nearbyint(value):
     return tvm.tirx.nearbyint(value)
 
 
+def rint_int32(value):
+    """A float32 value rounded half to even to int32 in one conversion (``llvm.lrint``: x86
+    ``cvtps2dq`` under the default MXCSR rounding, where ``nearbyint`` + a cast is a round
+    and a truncating conversion). The caller keeps ``value`` within int32: out of range the
+    conversion gives INT_MIN."""
+    return tvm.tirx.call_llvm_pure_intrin("int32", "llvm.lrint", value)
+
+
 def build_relax(mod, *, target):
     """Lower and compile a Relax module for ``target`` (zero pipeline: legalize the float ops
     left between quantized layers, fuse them; our scheduled kernels are kept as they are)."""

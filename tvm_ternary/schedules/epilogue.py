@@ -40,14 +40,23 @@ def epilogue_value(spec, acc, k, ph: dict, res):
     # requant_scale[k] = f32(M[k] * 2^-shift[k]), made once per layer (kernel_args); as an
     # argument it is one vector load per channel block, where computing it from M and shift
     # in the epilogue repeated the float64 conversions for every pixel (LLVM did not hoist them)
-    y = ta.nearbyint(acc.astype("float32") * ph["requant_scale"][k])
-    if res is not None:
-        # the residual's term rounded on its own: rint between the product and the sum, so
-        # LLVM cannot contract them into an FMA (which would round once, unlike the reference)
-        r = res.astype("float32")
-        if spec.residual_zero_point:
-            r = r - ta.const(float(spec.residual_zero_point), "float32")
-        y = y + ta.nearbyint(r * ph["residual_scale"][k])
+    y = acc.astype("float32") * ph["requant_scale"][k]
+    if res is None:
+        # clip(rint(y) + z, lo, hi) = rint(clip(y, lo - z, hi - z)) + z (integer bounds):
+        # clipped first, the one rounding conversion stays in int32 range (vcvtps2dq in place
+        # of vrndscaleps + vcvttps2dq); z is added after the rounding, as in the reference
+        z = spec.out_zero_point
+        y = te.min(te.max(y, ta.const(float(lo - z), "float32")), ta.const(float(hi - z), "float32"))
+        q = ta.rint_int32(y)
+        if z:
+            q = q + ta.const(z, "int32")
+        return q.astype(OUT_DTYPES[spec.out])
+    # the residual's term rounded on its own: rint between the product and the sum, so LLVM
+    # cannot contract them into an FMA (which would round once, unlike the reference)
+    r = res.astype("float32")
+    if spec.residual_zero_point:
+        r = r - ta.const(float(spec.residual_zero_point), "float32")
+    y = ta.nearbyint(y) + ta.nearbyint(r * ph["residual_scale"][k])
     if spec.out_zero_point:
         y = y + ta.const(float(spec.out_zero_point), "float32")
     y = te.min(te.max(y, ta.const(float(lo), "float32")), ta.const(float(hi), "float32"))
