@@ -151,5 +151,16 @@ def test_brevitas_qonnx_export_with_4bit_activations_matches_brevitas(exported):
     with torch.no_grad():
         theirs = net(torch.from_numpy(xv)).numpy()
     step = cm.plan.layers[list(coverage)[-1]].output_quant.scale
-    assert np.abs(ours - theirs).max() <= step * (1 + 1e-4)
+    # brevitas rounds its 4-bit activations from float32 torch convs: a value within float
+    # error of a rounding tie can land one 4-bit step away from our exact integer sum, and
+    # that step, carried through the last layer, moves an output by up to 2 of its steps
+    # (seen on a Zen 4: 2 of 256 outputs at exactly 2 steps, the trained net depending on the
+    # host's torch numerics). So: nearly all outputs within one step, none beyond two.
+    d = np.abs(ours - theirs) / step
+    assert d.max() <= 2 * (1 + 1e-4), d.max()
+    assert (d > 1 + 1e-4).mean() <= 0.02, (d > 1 + 1e-4).sum()
     assert np.array_equal(ours.argmax(1), theirs.argmax(1))
+    # and the library is its numpy reference, bit for bit (one image at a time: the export
+    # fixes the batch to 1 in a Reshape)
+    want = np.concatenate([simulate(cm.plan, xv[i : i + 1]) for i in range(16)])
+    np.testing.assert_array_equal(ours[:16], want)
