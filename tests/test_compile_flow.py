@@ -64,6 +64,31 @@ def test_classifier_after_float_pool_matches_reference():
     assert (got.argmax(1) == want.argmax(1)).all()
 
 
+def test_unpacked_ternary_layer_gets_the_words_of_its_packed_weights():
+    """A ternary layer run unpacked (compute.unpacked_spec, 3x3 on a small map on vnni512)
+    gets its int8 words q_g * t and codes of 1: the integers of the packed kernel, so the same
+    bias (with the +128 compensation of s8 inputs) and accumulators. Checked in numpy, on any
+    host; the compiled tiny CNN (its 3x3 layers are unpacked on a VNNI host) is bit-exact above."""
+    from tvm_ternary.passes.kernel_args import layer_kernel_args, layer_spec
+    from tvm_ternary.plan import make_plan
+    from tvm_ternary.schedules.compute import unpacked_spec
+    from tvm_ternary.schedules.layout import unblock_weights
+
+    plan = make_plan(tiny_cnn(conv_head=True), tiny_images(8), config=QuantConfig(method="exact"),
+                     progress=False)
+    layer = plan.layers["res_a"]
+    packed = layer_spec(layer, x_shape=(1, 32, 4, 4))
+    words = unpacked_spec(packed, "vnni512")
+    assert packed.weight_bits == 2 and words is not None
+    got, want = (layer_kernel_args(layer, s, isa="vnni512") for s in (words, packed))
+    w = layer.weights.decode_int8()
+    assert np.abs(w).max() > 1  # group codes other than 1: the words are not the bare t
+    np.testing.assert_array_equal(unblock_weights(got["weights"], shape=w.shape), w)
+    assert (got["codes"] == 1).all()
+    np.testing.assert_array_equal(got["bias"], want["bias"])
+    np.testing.assert_array_equal(got["requant_scale"], want["requant_scale"])
+
+
 def test_float_override_stays_float_and_is_reported():
     cm = compiled(tiny_cnn(), QuantConfig(method="exact", overrides=(("res_a", 0),)))
     assert "res_a" not in cm.rewrite.fused

@@ -230,8 +230,55 @@ def test_codes_in_epilogue_only_where_exact_and_cheap():
     assert not codes_in_epilogue(ConvSpec(kernel=1, weight_bits=2, **base), "vnni512")
     assert not codes_in_epilogue(ConvSpec(kernel=1, weight_bits=8, group_size=16, **base), "vnni512")
     assert not codes_in_epilogue(ConvSpec(kernel=3, weight_bits=8, **base), "vnni512")
+    # ... unless the codes are the same at every (r, s): the cluster grouping
+    assert codes_in_epilogue(ConvSpec(kernel=3, weight_bits=8, grouping="cluster", **base), "vnni512")
+    assert not codes_in_epilogue(ConvSpec(kernel=3, weight_bits=8, grouping="cluster", group_size=16,
+                                          **base), "vnni512")
     for isa in ("avxvnni", "avx512", "avx2", "plain"):
         assert not codes_in_epilogue(ConvSpec(kernel=1, weight_bits=8, **base), isa)
+
+
+# Wider kernels with one code per output channel at every (r, s) (the cluster grouping: what an
+# unpacked ternary layer runs as, compute.unpacked_spec): padding, stride 2, residual, s8 input.
+CODES_IN_EPILOGUE_RS = {
+    "3x3_u8_res_u8": dict(in_channels=24, height=7, width=7, out_channels=32, padding=1,
+                          act="u8", out="u8", residual="u8", relu=True, bias=True),
+    "3x3_s8_s2": dict(in_channels=16, height=9, width=8, out_channels=20, padding=1, stride=2,
+                      act="s8", out="s8", bias=True),
+    "5x5_u8_zp_i32": dict(in_channels=8, height=6, width=6, out_channels=16, kernel=5, padding=2,
+                          act="u8", out="i32", x_zero_point=31),
+}
+
+
+@pytest.mark.skipif("vnni512" not in ISAS, reason="this CPU has no AVX512-VNNI")
+@pytest.mark.parametrize("name", list(CODES_IN_EPILOGUE_RS))
+def test_codes_in_epilogue_wide_kernels_bit_exact(name):
+    from tvm_ternary.schedules.compute import codes_in_epilogue
+
+    kw = {"kernel": 3, **CODES_IN_EPILOGUE_RS[name]}
+    spec = ConvSpec(batch=1, weight_bits=8, grouping="cluster", **kw)
+    assert spec.n_groups_q == 1 and codes_in_epilogue(spec, "vnni512")
+    run_and_check(spec, "vnni512")
+
+
+def test_unpacked_spec_only_for_small_ternary_maps_on_vnni512():
+    """Ternary 3x3 (and wider) convs of at most UNPACK_MAX_PIXELS output pixels run as 8-bit
+    words on vnni512; 1x1, depthwise, grouped, larger maps and other ISAs stay packed."""
+    from tvm_ternary.schedules.compute import UNPACK_MAX_PIXELS, codes_in_epilogue, unpacked_spec
+
+    base = dict(batch=1, in_channels=64, out_channels=32, act="u8", out="u8", padding=1)
+    small = ConvSpec(height=7, width=7, kernel=3, **base)
+    assert small.out_height * small.out_width <= UNPACK_MAX_PIXELS
+    words = unpacked_spec(small, "vnni512")
+    assert (words.weight_bits, words.group_size, words.grouping) == (8, 64, "cluster")
+    assert codes_in_epilogue(words, "vnni512") and words.out_shape == small.out_shape
+    assert unpacked_spec(ConvSpec(height=14, width=14, kernel=3, stride=2, **base), "vnni512")
+    assert unpacked_spec(ConvSpec(height=14, width=14, kernel=3, **base), "vnni512") is None
+    assert unpacked_spec(ConvSpec(height=7, width=7, kernel=1, **base), "vnni512") is None
+    assert unpacked_spec(ConvSpec(height=7, width=7, kernel=3, groups=2, **base), "vnni512") is None
+    assert unpacked_spec(ConvSpec(height=7, width=7, kernel=3, weight_bits=4, **base), "vnni512") is None
+    for isa in ("avxvnni", "avx512", "avx2", "plain"):
+        assert unpacked_spec(small, isa) is None
 
 
 # Zero points of imported QDQ models (ONNX Runtime's asymmetric u8): padding holds z_x, the

@@ -107,17 +107,18 @@ def test_tiling_validation_and_defaults():
 def test_dense_spec_maps_to_conv():
     d = DenseSpec(batch=5, in_features=30, out_features=7, weight_bits=4)
     c = d.as_conv()
-    assert c.x_shape == (5, 30) and c.out_shape == (5, 7) and c.weight_shape == (1, 8, 1, 1, 16)
+    assert c.x_shape == (5, 30) and c.out_shape == (5, 7) and c.weight_shape == (1, 1, 1, 8, 16)
 
 
 def test_block_weights_roundtrip():
     rng = np.random.default_rng(0)
     v = rng.integers(-127, 128, size=(20, 6, 3, 3)).astype(np.int8)
     b = layout.block_weights(v)
-    assert b.shape == (2, 2, 3, 3, 16) and b.dtype == np.int32
+    assert b.shape == (2, 3, 3, 2, 16) and b.dtype == np.int32  # [kb, r, s, cb, ki]
     np.testing.assert_array_equal(layout.unblock_weights(b, shape=v.shape), v)
     # byte j of a word is input channel 4*cb + j (little-endian)
-    assert b.view(np.int8).reshape(2, 2, 3, 3, 16, 4)[0, 1, 2, 0, 5, 1] == v[5, 5, 2, 0]
+    assert b.view(np.int8).reshape(2, 3, 3, 2, 16, 4)[0, 2, 0, 1, 5, 1] == v[5, 5, 2, 0]
+    assert b.view(np.int8).reshape(2, 3, 3, 2, 16, 4)[1, 1, 2, 0, 3, 2] == v[19, 2, 1, 2]
 
 
 @pytest.mark.parametrize("to", ["nhwc", "nchw"])

@@ -59,9 +59,12 @@ class CompiledModel:
             row["kernel"] = kernel  # the library function running the layer (bench --profile)
             # which kernel, for a reader: its function, weight format, group size and ISA
             spec = self.rewrite.specs.get(kernel) if kernel else None
+            form = self.rewrite.forms.get(kernel)
+            # N as planned (an unpacked ternary kernel computes it as one 8-bit code per channel)
             row["kernel_format"] = None if spec is None else (
-                f"{kernel} ({row['weights']}, N={spec.group_size}, {self.rewrite.kernels[kernel]}"
-                + (f" + {self.rewrite.forms[kernel]} tiles" if kernel in self.rewrite.forms else "") + ")")
+                f"{kernel} ({row['weights']}, N={self.plan.layers[row['layer']].weights.group_size}, "
+                f"{self.rewrite.kernels[kernel]}"
+                + (f" + {_FORM_WORDS.get(form, form)}" if form else "") + ")")
         return coverage
 
     def sidecar(self, *, library_sha256: str, preprocess=None, calibration: dict | None = None) -> dict:
@@ -163,6 +166,9 @@ def _umask() -> int:
     return mask
 
 
+# How a kernel's form reads in the coverage report ("amx": schedules/amx.py; "unpacked":
+# compute.unpacked_spec, the ternary weights stored as their int8 words q_g * t)
+_FORM_WORDS = {"amx": "amx tiles", "unpacked": "unpacked int8 words"}
 _INTEGER_OP_TYPES = {"max_pool2d": "MaxPool", "concat": "Concat"}
 _NO_OPS = {"Constant", "Identity", "Dropout"}  # nothing runs for these after import
 

@@ -72,7 +72,7 @@ class FuseLayers:
     def __init__(self, funcs: RegionFuncs, *, plan: QuantPlan, layer_of_weight: dict[str, str],
                  kernel_for):
         self.funcs, self.plan, self.layer_of_weight = funcs, plan, layer_of_weight
-        self.kernel_for = kernel_for  # spec -> (GlobalVar, isa of the kernel)
+        self.kernel_for = kernel_for  # spec -> (GlobalVar, isa, the spec the kernel computes)
         self.fused: list[str] = []
         self.kernel_of: dict[str, str] = {}  # layer name -> kernel function
         self._seen: dict[str, _Chain] = {}  # layer -> the longest chain a match offered
@@ -180,8 +180,7 @@ class FuseLayers:
         funcs = self.funcs
         dense = layer.is_dense
         x_shape = ta.static_shape(x)
-        spec = layer_spec(layer, x_shape=x_shape)
-        gv, isa = self.kernel_for(spec, "tt_dense" if dense else "tt_conv")
+        gv, isa, spec = self.kernel_for(layer_spec(layer, x_shape=x_shape), "tt_dense" if dense else "tt_conv")
         self.kernel_of[layer.name] = gv.name_hint
         consts = layer_kernel_args(layer, spec, isa=isa)
         runtime = {"x": funcs.quantize(x, layer.input_quant, nhwc=not dense),

@@ -1,7 +1,8 @@
 """Turn one planned layer (numpy) into a kernel spec and its constant arguments.
 
-This is the *pack* step: ternary values go to the 2-bit packed layout, 4/8-bit values to the
-16x4 int32-word blocks, group codes to ``[K, G, R, S]`` (the ternary avx2/avx512 kernels: their own layout,
+This is the *pack* step: ternary values go to the 2-bit packed layout (or, for a kernel the
+compiler runs unpacked, ``compute.unpacked_spec``, their int8 words ``q_g * t``), 4/8-bit values
+to the 16x4 int32-word blocks, group codes to ``[K, G, R, S]`` (the ternary avx2/avx512 kernels: their own layout,
 ``params.kernel_codes``), and the int32 bias gets the +128 compensation a u8 x s8 kernel
 needs for signed activations.
 
@@ -53,9 +54,18 @@ def layer_kernel_args(layer: LayerPlan, spec: ConvSpec | DenseSpec, *, isa: str)
     """The constant arguments of the kernel, by name (``x``, ``residual`` and ``y`` excluded)."""
     conv = spec.as_conv() if isinstance(spec, DenseSpec) else spec
     iw = layer.weights
-    values = iw.values if iw.values.ndim == 4 else iw.values[:, :, None, None]
-    weights = pack_ternary(values) if iw.bits == 2 else block_weights(values)
-    codes = iw.kernel_group_codes().reshape(values.shape[0], -1, *values.shape[2:])
+    if conv.weight_bits == iw.bits:
+        values = iw.values if iw.values.ndim == 4 else iw.values[:, :, None, None]
+        weights = pack_ternary(values) if iw.bits == 2 else block_weights(values)
+        codes = iw.kernel_group_codes().reshape(values.shape[0], -1, *values.shape[2:])
+    elif iw.bits == 2 and conv.weight_bits == 8 and conv.n_groups_q == 1:
+        # unpacked ternary (compute.unpacked_spec): the words q_g * t, one code of 1 per channel
+        values = iw.decode_int8()
+        weights = block_weights(values)
+        codes = np.ones((values.shape[0], 1, *values.shape[2:]), np.uint8)
+    else:
+        raise ValueError(f"layer {layer.name}: {iw.bits}-bit weights cannot feed a "
+                         f"{conv.weight_bits}-bit kernel")
     available = {
         "weights": weights,
         "codes": kernel_codes(conv, isa=isa, codes=codes),

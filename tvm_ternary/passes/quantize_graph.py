@@ -29,7 +29,8 @@ from tvm import relax
 
 from .. import tvm_adapter as ta
 from ..plan import QuantPlan
-from ..schedules import DenseSpec, conv2d_kernel, dense_kernel
+from ..schedules import ConvSpec, DenseSpec, conv2d_kernel, dense_kernel
+from ..schedules.compute import unpacked_spec
 from .fuse_layers import FuseLayers
 from .import_onnx import ImportedModel, bind_weights
 from .integer_ops import CancelRequantize, IntegerPoolConcat
@@ -63,6 +64,11 @@ class _Kernels:
         return "plain" if getattr(spec, "depthwise", False) else self.isa
 
     def __call__(self, spec, prefix: str):
+        """``(GlobalVar, isa, spec)`` of the kernel for ``spec``: the spec it computes may be
+        the 8-bit form of a ternary one (``compute.unpacked_spec``), whose arguments
+        ``kernel_args.layer_kernel_args`` then makes."""
+        unpacked = unpacked_spec(spec, self.isa_for(spec)) if isinstance(spec, ConvSpec) else None
+        spec = unpacked or spec
         status = {}
 
         def make():
@@ -84,7 +90,9 @@ class _Kernels:
             self.spec_of_func[gv.name_hint] = spec
             if "form" in status:
                 self.form_of_func[gv.name_hint] = status["form"]
-        return gv, self.isa_for(spec)
+            elif unpacked is not None:
+                self.form_of_func[gv.name_hint] = "unpacked"
+        return gv, self.isa_for(spec), spec
 
 
 def apply_plan(imported: ImportedModel, *, plan: QuantPlan, target, isa: str | None = None, kernels=None):

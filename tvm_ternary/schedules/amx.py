@@ -86,12 +86,11 @@ class AmxBlock:
     s_: int
     cbn: int
     padded: bool  # A is the padded stage [n, h, w, g, c] (else the input [n, h, w, c])
-    blocked: bool  # B is the blocked words [kb, cb, r, s, ki] (else decoded [kb, r, s, cb, ki])
     stride: int = 1  # along W: the A tile's rows are pixels `stride` input pixels apart
 
     @property
     def name(self) -> str:
-        flags = ("p" if self.padded else "x") + ("b" if self.blocked else "d")
+        flags = "p" if self.padded else "x"
         return (f"tvm_ternary_amx_{self.rows}x{self.nk}_{self.r_}x{self.s_}x{self.cbn}"
                 f"_s{self.stride}_{flags}")
 
@@ -104,7 +103,8 @@ def _buffers(blk: AmxBlock):
     rows, nk, r_, s_, steps = blk.rows, blk.nk, blk.r_, blk.s_, blk.cbn * STEPS
     span = (rows - 1) * blk.stride + s_
     a_shape = (r_, span, 1, blk.cbn * DEPTH) if blk.padded else (r_, span, blk.cbn * DEPTH)
-    b_shape = (nk, steps, r_, s_, LANES) if blk.blocked else (nk, r_, s_, steps, LANES)
+    # B: the decoded words [kb, r, s, cb, ki], or the 4/8-bit weight argument (the same layout)
+    b_shape = (nk, r_, s_, steps, LANES)
 
     def strided(shape):
         return [tirx.Var(f"st{i}", "int64") for i in range(len(shape) - 1)] + [1]
@@ -139,8 +139,6 @@ def _desc(blk: AmxBlock):
 
     def b_idx(v):
         i = at(v)
-        if blk.blocked:
-            return (i["kb"], i["cb"], i["r"], i["s"], i["ki"])
         return (i["kb"], i["r"], i["s"], i["cb"], i["ki"])
 
     def c_idx(v):
@@ -181,10 +179,10 @@ def _desc(blk: AmxBlock):
 def _impl(blk: AmxBlock):
     rows, nk, r_, s_, cbn = blk.rows, blk.nk, blk.r_, blk.s_, blk.cbn
     (a_shape, _, a_st), (b_shape, _, b_st), (c_shape, _, c_st) = _buffers(blk)
-    padded, blocked = blk.padded, blk.blocked
+    padded = blk.padded
     a_all, b_all = (tuple(slice(0, e) for e in shape) for shape in (a_shape, b_shape))
     a_row = a_st[1] * T.int64(blk.stride)  # bytes between two output pixels' rows of A
-    b_row = b_st[1] if blocked else b_st[3]  # elements (words) between two 16-word steps of B
+    b_row = b_st[3]  # elements (words) between two 16-word steps of B
     c_row = c_st[0]
 
     # Tiles: 0..nk-1 accumulate C (rows x 16 int32), 4 holds A (rows x 64 u8), 5..5+nk-1 hold
@@ -219,8 +217,7 @@ def _impl(blk: AmxBlock):
                 for j in T.unroll(nk):
                     T.evaluate(T.call_llvm_intrin(
                         "void", "llvm.x86.tileloadd64", T.Cast("int8", j + 5),
-                        T.address_of(B[j, cb * T.int64(STEPS), r, s, 0] if blocked
-                                     else B[j, r, s, cb * T.int64(STEPS), 0]),
+                        T.address_of(B[j, r, s, cb * T.int64(STEPS), 0]),
                         b_row * T.int64(4)))
                     T.evaluate(T.call_llvm_intrin("void", "llvm.x86.tdpbusd", T.Cast("int8", j),
                                                   T.int8(4), T.Cast("int8", j + 5)))

@@ -18,7 +18,7 @@ Example::
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from tvm import te
 
@@ -113,7 +113,7 @@ def _decode_stage(spec: ConvSpec, weights, codes, blk: Block):
         k, c0 = kb * ob + ki, cb * depth
         # One source element per output lane: the packed byte of 4 codes (2-bit; padding has
         # code 1, so no bounds tests), or the int32 word of 4 int8 values (4/8-bit).
-        src = weights[k // 16, c0 // 4, r, s, k % 16].astype("int32")
+        src = weights[spec.weight_index(k // 16, c0 // 4, r, s, k % 16)].astype("int32")
         if depth == 2:
             # The odd half of the 4-element source.  A constant shift under a select whose
             # condition is an index: an index expression inside the data arithmetic (or a
@@ -172,15 +172,41 @@ def block_codes_shape(spec: ConvSpec, blk: Block) -> tuple:
 
 
 def codes_in_epilogue(spec: ConvSpec, isa: str) -> bool:
-    """Whether ``spec``'s kernel skips the weight decode on ``isa``: a 1x1 conv / dense with 4-, 7- or
-    8-bit weights and one group code per output channel (``n_groups_q == 1``), on vnni512.  Its
+    """Whether ``spec``'s kernel skips the weight decode on ``isa``: a conv / dense with 4-, 7- or
+    8-bit weights and one group code per output channel (``n_groups_q == 1``, and for a kernel
+    wider than 1x1 the ``cluster`` grouping: the same code at every (r, s)), on vnni512.  Its
     blocked weight words ``v`` (``layout.block_weights``: 4 signed bytes, 16 output lanes) are
     already the ``vpdpbusd`` operand, and ``sum x * q * v = q * sum x * v`` exactly in integers,
     so the kernel multiplies the accumulator by ``q[k]`` before the epilogue instead of decoding
-    K*C/4 words per call (what dominated the batch-1 GEMV of a classifier: every weight is used
-    once)."""
+    K*C*R*S/4 words per call (what dominated the batch-1 GEMV of a classifier: every weight is
+    used once; and :func:`unpacked_spec`'s small maps)."""
     return (isa == "vnni512" and spec.weight_bits != 2 and spec.n_groups_q == 1
-            and spec.kernel == (1, 1) and spec.groups == 1)
+            and (spec.kernel == (1, 1) or spec.grouping == "cluster") and spec.groups == 1)
+
+
+# Most output pixels (OH x OW per image) of a ternary conv whose weights the compiler stores
+# unpacked on vnni512 (unpacked_spec). Zen 4, 1 thread, warm caches, bench_kernels' ResNet-50
+# layers: 3x3 512->512 at 7x7 0.616 -> 0.513 ms unpacked, at 14x14 (256->256) 0.538 -> 0.513.
+UNPACK_MAX_PIXELS = 49
+
+
+def unpacked_spec(spec: ConvSpec, isa: str) -> ConvSpec | None:
+    """The 8-bit spec a ternary ``spec`` runs as on ``isa`` when its packed weights are not worth
+    their per-call decode, else None.
+
+    A kernel decodes its 2-bit codes and group codes into ``q_g * t`` words on every call; on a
+    small map (at most :data:`UNPACK_MAX_PIXELS` output pixels) each decoded word is used by few
+    pixels and the decode is a sixth of the call.  There the compiler stores the words
+    themselves (``IntegerWeights.decode_int8``: int8 ``q_g * t`` in [-127, 127], 4x the packed
+    bytes) as an 8-bit layer with one code of 1 per output channel, which :func:`codes_in_epilogue`
+    runs without a decode. The integers are the same, so the kernel is bit-exact with the packed
+    one. Only 3x3 and wider kernels: a 1x1 layer gains 3-6% standalone and less in the network,
+    where its 4x larger weights come from L3 (docs/KERNELS.md).
+    """
+    if (isa != "vnni512" or spec.weight_bits != 2 or spec.groups != 1 or spec.dense
+            or spec.kernel == (1, 1) or spec.out_height * spec.out_width > UNPACK_MAX_PIXELS):
+        return None
+    return replace(spec, weight_bits=8, group_size=spec.cin_per_group, grouping="cluster")
 
 
 def weight_at(wd, blk: Block, kb, r, s, cb, ki, cl, word=None):
@@ -219,8 +245,8 @@ def conv_compute(spec: ConvSpec, *, isa: str, acc_width: int | None = None) -> C
         def word_at(kb, r, s, cb, ki):
             return wd[kb, r, s, cb, ki]
     else:
-        def word_at(kb, r, s, cb, ki):  # the blocked words [kb, cb, r, s, ki] (lanes == 16)
-            return weights[kb, cb, r, s, ki]
+        def word_at(kb, r, s, cb, ki):  # the blocked words (lanes == 16)
+            return weights[spec.weight_index(kb, cb, r, s, ki)]
     tensorizable = spec.groups == 1 or kg % ob == 0
 
     def group_of(kb, ki):
@@ -303,7 +329,7 @@ def _depthwise_tap(spec: ConvSpec, weights, codes, r, s, k):
     """``q * v`` of tap (r, s) of channel k, int32: the 2-bit code or byte 0 of the block's
     int32 word (input channel 0), sign-extended, times the channel's group code."""
     qv = codes[k, 0, r, s].astype("int32")
-    w = weights[k // 16, 0, r, s, k % 16]
+    w = weights[spec.weight_index(k // 16, 0, r, s, k % 16)]
     if spec.weight_bits == 2:
         return qv * ((w & ta.const(3, "uint8")).astype("int32") - ta.const(1, "int32"))
     return qv * ((w << ta.const(24, "int32")) >> ta.const(24, "int32"))
@@ -448,5 +474,5 @@ def depthwise_pairs_compute(spec: ConvSpec, isa: str) -> ConvParts:
     return ConvParts((x, weights, codes, *args, y), blk, True, True, form=f"depthwise_pairs_{isa}")
 
 
-__all__ = ["ConvParts", "codes_in_epilogue", "conv_compute", "depthwise_compute", "depthwise_pairs_compute",
+__all__ = ["ConvParts", "UNPACK_MAX_PIXELS", "codes_in_epilogue", "unpacked_spec", "conv_compute", "depthwise_compute", "depthwise_pairs_compute",
            "depthwise_pairs_form", "depthwise_vnni_compute", "depthwise_vnni_form", "OUT_DTYPES"]

@@ -136,8 +136,8 @@ def ternary_conv_compute(spec: ConvSpec, *, isa: str, acc_width: int):
         # uint32: TVM marks int32 adds nsw, and 0x02020202 + 0x7f7f7f7f passes 2^31.
         k = kb * ob + ki  # < 16 * ceil(K / 16): padded lanes read code 1 (t = 0)
         if not ternary:  # 4/8-bit: the blocked int32 word already holds the 4 signed bytes
-            return weights[k // 16, cb, r, s, k % 16]
-        b = weights[k // 16, cb, r, s, k % 16].astype("uint32")
+            return weights[spec.weight_index(k // 16, cb, r, s, k % 16)]
+        b = weights[spec.weight_index(k // 16, cb, r, s, k % 16)].astype("uint32")
         x = (b | (b << u32(12))) & u32(0x000F000F)
         x = (x | (x << u32(6))) & u32(0x03030303)
         return ((x + u32(0x7F7F7F7F)) ^ u32(0x80808080)).astype("int32")

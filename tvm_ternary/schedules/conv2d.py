@@ -223,7 +223,7 @@ def _schedule_amx(sch, parts: ConvParts, spec: ConvSpec, *, rows: int, nk: int) 
     _place_decode_and_pad(sch, parts, par, parts.block.lanes)
     _vectorize_epilogue(sch, epi, parts.block.lanes, guarded=True)
     blk = AmxBlock(rows, nk, spec.kernel[0], spec.kernel[1], spec.in_channels // amx.DEPTH,
-                   padded=parts.has_pad, blocked=not parts.decoded, stride=spec.stride[1])
+                   padded=parts.has_pad, stride=spec.stride[1])
     sch.tensorize(owi, amx.intrin_name(blk))
 
 

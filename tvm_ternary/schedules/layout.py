@@ -6,7 +6,7 @@ Example::
     import numpy as np
     from tvm_ternary.schedules import layout
     v = np.ones((20, 6, 3, 3), np.int8)
-    layout.block_weights(v).shape            # (2, 2, 3, 3, 16) int32
+    layout.block_weights(v).shape            # (2, 3, 3, 2, 16) int32
     f = layout.transpose_kernel((1, 3, 8, 8), "float32", to="nhwc")   # a PrimFunc
 """
 
@@ -23,8 +23,9 @@ OUT_BLOCK, IN_BLOCK = 16, 4  # the packed ternary block; 4/8-bit values use the 
 def block_weights(values: np.ndarray) -> np.ndarray:
     """int8 values ``[K, Cg, R, S]`` (or ``[K, C]``) -> zero-padded 16x4 blocks, the 4 input
     channels of a block row viewed as one little-endian int32 word: int32
-    ``[ceil(K/16), ceil(Cg/4), R, S, 16]``, the 4/8-bit weight argument of the kernels (one
-    word is what one vpdpbusd lane consumes, so the decode needs no byte gathers)."""
+    ``[ceil(K/16), R, S, ceil(Cg/4), 16]``, the 4/8-bit weight argument of the kernels (one
+    word is what one vpdpbusd lane consumes, so the decode needs no byte gathers; the words in
+    the order the kernels' reduction reads them, ``ConvSpec.weight_index``)."""
     v = np.asarray(values)
     if v.ndim == 2:
         v = v[:, :, None, None]
@@ -36,17 +37,18 @@ def block_weights(values: np.ndarray) -> np.ndarray:
     kb, cb = -(-k // OUT_BLOCK), -(-c // IN_BLOCK)
     full = np.zeros((kb * OUT_BLOCK, cb * IN_BLOCK, r, s), np.int8)
     full[:k, :c] = v
-    # [kb, ki, cb, j, r, s] -> [kb, cb, r, s, ki, j]
+    # [kb, ki, cb, j, r, s] -> [kb, r, s, cb, ki, j]
     blocks = np.ascontiguousarray(
-        full.reshape(kb, OUT_BLOCK, cb, IN_BLOCK, r, s).transpose(0, 2, 4, 5, 1, 3))
-    return blocks.view("<i4").reshape(kb, cb, r, s, OUT_BLOCK)
+        full.reshape(kb, OUT_BLOCK, cb, IN_BLOCK, r, s).transpose(0, 4, 5, 2, 1, 3))
+    return blocks.view("<i4").reshape(kb, r, s, cb, OUT_BLOCK)
 
 
 def unblock_weights(blocked: np.ndarray, *, shape) -> np.ndarray:
     """Inverse of :func:`block_weights` for a weight of ``shape`` ([K, C, R, S] or [K, C])."""
     b = np.ascontiguousarray(blocked).view(np.int8).reshape(*np.shape(blocked), IN_BLOCK)
-    kb, cb, r, s = b.shape[:4]
-    full = b.transpose(0, 4, 1, 5, 2, 3).reshape(kb * OUT_BLOCK, cb * IN_BLOCK, r, s)
+    kb, r, s, cb = b.shape[:4]
+    # [kb, r, s, cb, ki, j] -> [kb, ki, cb, j, r, s]
+    full = b.transpose(0, 4, 3, 5, 1, 2).reshape(kb * OUT_BLOCK, cb * IN_BLOCK, r, s)
     k, c = shape[:2]
     return full[:k, :c].reshape(shape)
 
