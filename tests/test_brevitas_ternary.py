@@ -5,6 +5,8 @@ ternary kernels."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import onnxruntime as ort
 import pytest
@@ -15,6 +17,7 @@ brevitas_nn = pytest.importorskip("brevitas.nn", reason="brevitas is in the test
 from tvm_ternary import onnx_io  # noqa: E402
 from tvm_ternary.compiler import compile_model  # noqa: E402
 from tvm_ternary.plan import QuantConfig, simulate  # noqa: E402
+from tvm_ternary.schedules.compute import unpacked_spec  # noqa: E402
 
 SIZE, CLASSES = 12, 4
 
@@ -98,7 +101,14 @@ def test_brevitas_ternary_qcdq_compiles_without_calibration_and_matches_ort(expo
         assert coverage[name]["reason"] == "model: ternary N=" + str(
             cm.plan.layers[name].weights.group_size) + ", exact"
         kernel = cm.rewrite.layer_kernels[name]
-        assert cm.rewrite.specs[kernel].weight_bits == 2  # on the ternary (2-bit packed) kernel
+        spec, weights = cm.rewrite.specs[kernel], cm.plan.layers[name].weights
+        if cm.rewrite.forms.get(kernel) == "unpacked":
+            # a 3x3 on a small map on vnni512: the 8-bit words of the same integers
+            packed = replace(spec, weight_bits=2, group_size=weights.group_size,
+                             grouping=weights.layout.grouping)
+            assert unpacked_spec(packed, cm.isa) == spec
+        else:
+            assert spec.weight_bits == 2  # on the ternary (2-bit packed) kernel
     assert [r["weights"] for r in coverage.values()].count("int8") == 2
     assert not cm.rewrite.left_float
 

@@ -157,8 +157,10 @@ def test_integers_between_layers_quantize_only_at_the_edges(conv_head):
     assert report.integer_ops == ["max_pool2d", "concat"]
     if conv_head:  # the model input in; the head dequantizes in its epilogue
         assert counts["tt_quantize"] == 1 and "tt_dequantize" not in counts
-    else:  # the input, and the dense input after the float global average pool
-        assert counts["tt_quantize"] == 2 and counts["tt_dequantize"] == 1 and counts["tt_dense"] == 1
+    else:  # the input, and the dense input after the global average pool, which reads the
+        # depthwise layer's integers and dequantizes them as it sums (nhwc_ops.NHWCGlobalMean)
+        assert counts["tt_quantize"] == 2 and "tt_dequantize" not in counts
+        assert counts["tt_global_mean"] == 1 and counts["tt_dense"] == 1
     assert len(mod["main"].params) == 1  # every weight is a constant again
 
 
