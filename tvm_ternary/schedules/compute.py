@@ -186,7 +186,8 @@ def codes_in_epilogue(spec: ConvSpec, isa: str) -> bool:
 
 # Most output pixels (OH x OW per image) of a ternary conv whose weights the compiler stores
 # unpacked on vnni512 (unpacked_spec). Zen 4, 1 thread, warm caches, bench_kernels' ResNet-50
-# layers: 3x3 512->512 at 7x7 0.616 -> 0.513 ms unpacked, at 14x14 (256->256) 0.538 -> 0.513.
+# layers: 3x3 512->512 at 7x7 0.616 -> 0.513 ms unpacked; at 14x14 (256->256, not unpacked:
+# 4x the library bytes for 5%) 0.538 -> 0.513.
 UNPACK_MAX_PIXELS = 49
 
 
@@ -200,8 +201,9 @@ def unpacked_spec(spec: ConvSpec, isa: str) -> ConvSpec | None:
     themselves (``IntegerWeights.decode_int8``: int8 ``q_g * t`` in [-127, 127], 4x the packed
     bytes) as an 8-bit layer with one code of 1 per output channel, which :func:`codes_in_epilogue`
     runs without a decode. The integers are the same, so the kernel is bit-exact with the packed
-    one. Only 3x3 and wider kernels: a 1x1 layer gains 3-6% standalone and less in the network,
-    where its 4x larger weights come from L3 (docs/KERNELS.md).
+    one. Only 3x3 and wider kernels: a 1x1 layer gained 3-6% standalone on a Zen 4, and nothing
+    measurable end to end on an AMX Xeon, where its 4x larger weights came from L3 on every call
+    (docs/KERNELS.md, stop 26).
     """
     if (isa != "vnni512" or spec.weight_bits != 2 or spec.groups != 1 or spec.dense
             or spec.kernel == (1, 1) or spec.out_height * spec.out_width > UNPACK_MAX_PIXELS):
