@@ -31,7 +31,8 @@ class RegionOp:
 
     kind: str  # "quantize" | "dequantize" | "max_pool" | "concat" | "global_mean" | "kernel"
     # quantize: the format it writes; dequantize (and a global mean of integers): the format it
-    # reads; max pool, concat and kernels: None (a max pool or concat writes the format it reads, whatever it is)
+    # reads; max pool, concat and kernels: None (a max pool or concat writes the format it
+    # reads, whatever it is)
     quant: ActivationQuant | None = None
 
 
@@ -111,12 +112,13 @@ class RegionFuncs:
         out_shape = (*shapes[0][:3], sum(sh[3] for sh in shapes))
         return self.call(gv, values, out_shape, dtype), out_shape
 
-    def global_mean(self, value, *, shape: tuple[int, ...], quant: ActivationQuant | None = None) -> relax.Call:
+    def global_mean(self, value, *, shape: tuple[int, ...],
+                    quant: ActivationQuant | None = None) -> relax.Call:
         """NHWC ``value`` of ``shape`` -> the float32 mean over H and W, ``[N, C, 1, 1]``:
         ``value`` is float32, or integers in ``quant``, dequantized as they are summed."""
-        gv = self.function(("gm", tuple(shape), quant), lambda: global_mean_func(
-            shape=shape, quant=None if quant is None else (quant.dtype.name, quant.scale, quant.zero_point)),
-            "tt_global_mean", RegionOp("global_mean", quant))
+        reads = None if quant is None else (quant.dtype.name, quant.scale, quant.zero_point)
+        gv = self.function(("gm", tuple(shape), quant), lambda: global_mean_func(shape=shape, quant=reads),
+                           "tt_global_mean", RegionOp("global_mean", quant))
         return self.call(gv, [value], (shape[0], shape[3], 1, 1), "float32")
 
     # --- the module -----------------------------------------------------------------------

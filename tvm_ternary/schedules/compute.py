@@ -107,7 +107,7 @@ def _decode_stage(spec: ConvSpec, weights, codes, blk: Block):
 
     ternary = spec.weight_bits == 2
     if ternary and depth == 4 and n_grp % 4 == 0 and cg % 4 == 0:
-        return te.compute((kb_n, r_, s_, cb_n, ob), _ternary_words(weights, codes, ob, n_grp), name="decode")
+        return te.compute((kb_n, r_, s_, cb_n, ob), _ternary_words(spec, weights, codes, ob), name="decode")
 
     def fn(kb, r, s, cb, ki):
         k, c0 = kb * ob + ki, cb * depth
@@ -134,7 +134,7 @@ def _decode_stage(spec: ConvSpec, weights, codes, blk: Block):
     return te.compute((kb_n, r_, s_, cb_n, ob), fn, name="decode")
 
 
-def _ternary_words(weights, codes, lanes: int, group_size: int):
+def _ternary_words(spec: ConvSpec, weights, codes, lanes: int):
     """The decode of :func:`_decode_stage` for 4-byte words whose 4 weights share one group code
     ``q`` (N a multiple of 4, C too): bytes ``q * t_j`` with ``t_j = c_j - 1`` the 2-bit codes
     ``c_j`` of the packed byte. In uint32 words (wrapping, no carry between bytes by the bounds):
@@ -147,10 +147,11 @@ def _ternary_words(weights, codes, lanes: int, group_size: int):
     (the decode is about a sixth of a 7x7 layer's call; docs/KERNELS.md, stop 26)."""
     u32 = lambda v: ta.const(v, "uint32")  # noqa: E731
     low7, top = u32(0x7F7F7F7F), u32(0x80808080)
+    group_size = spec.group_size
 
     def fn(kb, r, s, cb, ki):
         k, c0 = kb * lanes + ki, cb * 4
-        src = weights[k // 16, c0 // 4, r, s, k % 16].astype("uint32")
+        src = weights[spec.weight_index(k // 16, c0 // 4, r, s, k % 16)].astype("uint32")
         spread = ((src & u32(3)) | ((src & u32(0xC)) << u32(6)) | ((src & u32(0x30)) << u32(12))
                   | ((src & u32(0xC0)) << u32(18)))
         q = codes[kb, r, s, c0 // group_size, ki].astype("uint32")
@@ -476,5 +477,6 @@ def depthwise_pairs_compute(spec: ConvSpec, isa: str) -> ConvParts:
     return ConvParts((x, weights, codes, *args, y), blk, True, True, form=f"depthwise_pairs_{isa}")
 
 
-__all__ = ["ConvParts", "UNPACK_MAX_PIXELS", "codes_in_epilogue", "unpacked_spec", "conv_compute", "depthwise_compute", "depthwise_pairs_compute",
-           "depthwise_pairs_form", "depthwise_vnni_compute", "depthwise_vnni_form", "OUT_DTYPES"]
+__all__ = ["ConvParts", "UNPACK_MAX_PIXELS", "codes_in_epilogue", "conv_compute", "depthwise_compute",
+           "depthwise_pairs_compute", "depthwise_pairs_form", "depthwise_vnni_compute",
+           "depthwise_vnni_form", "unpacked_spec", "OUT_DTYPES"]

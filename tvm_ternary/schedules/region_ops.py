@@ -162,20 +162,20 @@ def global_mean_func(*, shape: tuple[int, ...], quant: tuple[str, float, int] | 
     very float ``mean(dequantize(q))`` computes, without writing the float NCHW tensor between
     them (ResNet-50's last 7x7x2048: 0.21 -> 0.02 ms on a Zen 4)."""
     n, h, w, c = (int(v) for v in shape)
-    if quant is None:
-        x = te.placeholder((n, h, w, c), "float32", name="x")
-        value = x.__getitem__
-    else:
-        dtype, scale, zero_point = quant
-        x = te.placeholder((n, h, w, c), dtype, name="x")
-        s, z = ta.const(float(scale), "float32"), ta.const(int(zero_point), "int32")
+    x = te.placeholder((n, h, w, c), "float32" if quant is None else quant[0], name="x")
 
-        def value(idx):
-            q = x[idx]
-            return ((q.astype("int32") - z).astype("float32") if zero_point else q.astype("float32")) * s
+    def value(b, i, j, k):
+        if quant is None:
+            return x[b, i, j, k]
+        _, scale, zero_point = quant
+        v = x[b, i, j, k]
+        if zero_point:  # the difference in int32 is exact; one float rounding, as dequantize_func
+            v = v.astype("int32") - ta.const(int(zero_point), "int32")
+        return v.astype("float32") * ta.const(float(scale), "float32")
+
     rh = te.reduce_axis((0, h), name="rh")
     rw = te.reduce_axis((0, w), name="rw")
-    total = te.compute((n, c), lambda b, k: te.sum(value((b, rh, rw, k)), axis=[rh, rw]), name="sum")
+    total = te.compute((n, c), lambda b, k: te.sum(value(b, rh, rw, k), axis=[rh, rw]), name="sum")
     count = ta.const(float(h * w), "float32")
     y = te.compute((n, c, 1, 1), lambda b, k, i, j: total[b, k] / count, name="y")
     sch = ta.schedule_of(ta.create_prim_func([x, y]))
